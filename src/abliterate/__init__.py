@@ -1,0 +1,51 @@
+"""abliterate: find, remove and induce behaviour directions in Hugging Face causal LMs."""
+
+from . import directions
+from .anatomy import Anatomy, Writer, find_anatomy
+from .capture import Activations, capture
+from .directions import Direction, DirectionSet
+from .errors import (
+    AbliterateError,
+    ArchitectureError,
+    ChatTemplateError,
+    DirectionError,
+    LayerError,
+    ModelLoadError,
+    OutputError,
+    PromptError,
+)
+from .interventions import ablate, add, induce
+from .loading import from_pretrained_objects, load_model
+from .model import LoadedModel
+from .weights import EditReport, bake_induction, orthogonalize, untie_embeddings
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbliterateError",
+    "Activations",
+    "Anatomy",
+    "ArchitectureError",
+    "ChatTemplateError",
+    "Direction",
+    "DirectionError",
+    "DirectionSet",
+    "EditReport",
+    "LayerError",
+    "LoadedModel",
+    "ModelLoadError",
+    "OutputError",
+    "PromptError",
+    "Writer",
+    "ablate",
+    "add",
+    "bake_induction",
+    "capture",
+    "directions",
+    "find_anatomy",
+    "from_pretrained_objects",
+    "induce",
+    "load_model",
+    "orthogonalize",
+    "untie_embeddings",
+]

@@ -1,0 +1,201 @@
+"""Residual-stream capture with forward hooks: before every decoder layer and after the last.
+
+Means are accumulated as float64 running sums, so memory does not grow with the number of
+prompts; per-prompt activations are kept only when asked for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+
+from .errors import PromptError
+from .hooks import HookSet
+from .model import LoadedModel, Progress
+
+Position = int | Literal["gen"]
+MIN_PROMPTS = 2
+
+
+@dataclass
+class Activations:
+    """Mean residual activations of two prompt sets.
+
+    Tensors are indexed ``[point, position, hidden]``: point ``i`` is the residual stream entering
+    decoder layer ``i``, point ``num_layers`` the output of the last layer.
+    """
+
+    harmful_mean: torch.Tensor
+    harmless_mean: torch.Tensor
+    n_harmful: int
+    n_harmless: int
+    positions: list[Position]
+    model: str = ""
+    prompt_hash: str = ""
+    harmful: torch.Tensor | None = None  # [n, point, position, hidden] float32, when kept
+    harmless: torch.Tensor | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_points(self) -> int:
+        return self.harmful_mean.shape[0]
+
+    def position_index(self, position: Position) -> int:
+        if position not in self.positions:
+            raise PromptError(f"position {position!r} was not captured; captured positions are {self.positions}")
+        return self.positions.index(position)
+
+
+def prompt_hash(*sets: Sequence[str], system: str | None = None) -> str:
+    blob = json.dumps({"sets": [list(s) for s in sets], "system": system}, ensure_ascii=False)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_prompts(prompts: Sequence[str], what: str, minimum: int = MIN_PROMPTS) -> list[str]:
+    if isinstance(prompts, str):
+        raise PromptError(f"{what} prompts must be a list of strings, not one string")
+    items = list(prompts)
+    if len(items) < minimum:
+        raise PromptError(f"{what} prompt set has {len(items)} prompt(s); at least {minimum} are needed")
+    for i, p in enumerate(items):
+        if not isinstance(p, str) or not p.strip():
+            raise PromptError(f"{what} prompt #{i} is empty or not a string; remove it")
+    return items
+
+
+def check_positions(positions: Sequence[Position]) -> list[Position]:
+    out = list(positions)
+    if not out:
+        raise PromptError("no token positions given; use e.g. positions=[-1] (last prompt token)")
+    for p in out:
+        if p != "gen" and not (isinstance(p, int) and p < 0):
+            raise PromptError(
+                f"bad position {p!r}: use negative offsets from the prompt end (-1 = last token) or 'gen'"
+            )
+    if len(set(out)) != len(out):
+        raise PromptError(f"positions {out} repeat; list each once")
+    return [p for p in out if p != "gen"] + (["gen"] if "gen" in out else [])  # "gen" goes last
+
+
+def _accepts(model: torch.nn.Module, name: str) -> bool:
+    return name in inspect.signature(model.forward).parameters
+
+
+class _Collector:
+    """Receives [batch, seq, hidden] residuals at each point and keeps selected positions."""
+
+    def __init__(self, points: int, n_pos: int, hidden: int, keep: int | None) -> None:
+        self.sums = torch.zeros(points, n_pos, hidden, dtype=torch.float64)
+        self.kept = torch.zeros(keep, points, n_pos, hidden, dtype=torch.float32) if keep else None
+        self.rows: torch.Tensor | None = None  # original indices of the current batch
+
+    def add(self, point: int, slot: slice, values: torch.Tensor) -> None:
+        vals = values.detach().to("cpu", torch.float64)  # [batch, k, hidden]
+        self.sums[point, slot] += vals.sum(0)
+        if self.kept is not None and self.rows is not None:
+            self.kept[self.rows, point, slot] = vals.float()
+
+
+def _run_set(
+    lm: LoadedModel,
+    prompts: list[str],
+    positions: list[Position],
+    batch_size: int,
+    system: str | None,
+    keep: bool,
+    progress: Progress | None,
+    done: int,
+    total: int,
+) -> _Collector:
+    prompt_pos = [p for p in positions if p != "gen"]
+    gen_slot = positions.index("gen") if "gen" in positions else None
+    idx = torch.tensor(prompt_pos, dtype=torch.long)
+    n_points = lm.num_layers + 1
+    col = _Collector(n_points, len(positions), lm.hidden_size, len(prompts) if keep else None)
+    texts = lm.format(prompts, system=system)
+    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    shortest = min(lengths)
+    if prompt_pos and -min(prompt_pos) > shortest:
+        raise PromptError(f"position {min(prompt_pos)} is before the start of a {shortest}-token prompt; use a smaller offset")
+    order = sorted(range(len(texts)), key=lengths.__getitem__)  # similar lengths batch together
+    stage = {"slot": slice(0, len(prompt_pos)), "select": True}
+
+    def watcher(point: int):
+        def fn(hidden: torch.Tensor) -> None:
+            if stage["select"]:
+                col.add(point, stage["slot"], hidden[:, idx.to(hidden.device), :])
+            else:
+                col.add(point, stage["slot"], hidden[:, -1:, :])
+
+        return fn
+
+    model = lm.model
+    extra: dict[str, Any] = {"use_cache": gen_slot is not None}
+    if _accepts(model, "logits_to_keep"):
+        extra["logits_to_keep"] = 1
+    with HookSet() as hooks, torch.inference_mode():
+        for i, layer in enumerate(lm.anatomy.layers):
+            hooks.watch_input(layer, watcher(i))
+        hooks.watch_output(lm.anatomy.layers[-1], watcher(n_points - 1))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            col.rows = torch.tensor(rows)
+            batch = lm.encode([texts[r] for r in rows])
+            stage.update(slot=slice(0, len(prompt_pos)), select=bool(prompt_pos))
+            if not prompt_pos:  # only the generated position: run the prompt without recording
+                stage["slot"] = slice(0, 0)
+            out = model(**batch, **extra)
+            if gen_slot is not None:
+                next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True).to(lm.device)
+                mask = torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], dim=1)
+                stage.update(slot=slice(gen_slot, gen_slot + 1), select=False)
+                model(input_ids=next_ids, attention_mask=mask, past_key_values=out.past_key_values, **extra)
+            del out
+            if progress:
+                progress(done + start + len(rows), total)
+    return col
+
+
+def capture(
+    lm: LoadedModel,
+    harmful: Sequence[str],
+    harmless: Sequence[str],
+    *,
+    positions: Sequence[Position] = (-1,),
+    batch_size: int = 16,
+    system: str | None = None,
+    keep_per_prompt: bool = False,
+    progress: Progress | None = None,
+) -> Activations:
+    """Capture residual-stream activations for both prompt sets with the chat template applied.
+
+    ``positions`` are negative offsets from the end of the formatted prompt (``-1`` is the last
+    token; ``[-5, ..., -1]`` are post-instruction positions) and/or ``"gen"``, the first generated
+    token (greedy). ``progress(done, total)`` is called after every batch.
+    """
+    harmful = check_prompts(harmful, "harmful")
+    harmless = check_prompts(harmless, "harmless")
+    pos = check_positions(positions)
+    if batch_size < 1:
+        raise PromptError(f"batch_size must be at least 1, got {batch_size}")
+    total = len(harmful) + len(harmless)
+    a = _run_set(lm, harmful, pos, batch_size, system, keep_per_prompt, progress, 0, total)
+    b = _run_set(lm, harmless, pos, batch_size, system, keep_per_prompt, progress, len(harmful), total)
+    return Activations(
+        harmful_mean=a.sums / len(harmful),
+        harmless_mean=b.sums / len(harmless),
+        n_harmful=len(harmful),
+        n_harmless=len(harmless),
+        positions=pos,
+        model=lm.source,
+        prompt_hash=prompt_hash(harmful, harmless, system=system),
+        harmful=a.kept,
+        harmless=b.kept,
+        meta={"system": system},
+    )

@@ -1,0 +1,167 @@
+"""Runtime, reversible interventions as context managers (they work inside ``generate`` with a KV cache).
+
+* :func:`ablate` removes a direction (or a subspace) from every write into the residual stream.
+* :func:`induce` sets the residual's component along a direction to a fixed value at layer inputs:
+  ``a' = a - (a.r)r + c r`` (``c`` defaults to the harmful prompts' mean projection per layer).
+* :func:`add` adds ``coefficient * r`` to layer inputs (activation addition).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping, Sequence
+
+import torch
+
+from .anatomy import Writer
+from .capture import Activations
+from .directions import Direction, as_basis
+from .errors import AbliterateError, DirectionError
+from .hooks import HookSet
+from .model import LoadedModel
+from .projection import Scale, layer_scales, project_out, writer_basis
+
+Coefficient = float | Mapping[int, float] | Activations
+
+
+def _ablate_fn(basis: torch.Tensor, scale: float):
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = basis.to(x.device)
+        return project_out(x, cache[key], scale)
+
+    return fn
+
+
+def _writers(lm: LoadedModel, scales: dict[int, float], embeddings: bool, embedding_scale: float):
+    """(writer, scale) pairs to edit: chosen layers' writers plus, optionally, the embeddings."""
+    pairs: list[tuple[Writer, float]] = []
+    if embeddings and embedding_scale:
+        pairs += [(w, embedding_scale) for w in lm.anatomy.embeddings]
+    for layer, s in sorted(scales.items()):
+        pairs += [(w, s) for w in lm.anatomy.writers[layer]]
+    return pairs
+
+
+def edit_plan(
+    lm: LoadedModel,
+    direction: Direction | torch.Tensor,
+    layers: Sequence[int] | None,
+    scale: Scale,
+    embeddings: bool | None,
+    embedding_scale: float | None,
+) -> list[tuple[Writer, torch.Tensor, float]]:
+    """Shared by runtime ablation and weight orthogonalization: what to project out of which writer."""
+    basis = as_basis(direction, lm.hidden_size)
+    scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
+    use_emb = (layers is None) if embeddings is None else embeddings
+    emb_scale = embedding_scale if embedding_scale is not None else (1.0 if isinstance(scale, Mapping) else scale)
+    if emb_scale < 0:
+        raise AbliterateError(f"embedding_scale is negative ({emb_scale}); use a value >= 0")
+    return [(w, writer_basis(w, basis, lm.hidden_size), s) for w, s in _writers(lm, scales, use_emb, emb_scale)]
+
+
+@contextlib.contextmanager
+def ablate(
+    lm: LoadedModel,
+    direction: Direction | torch.Tensor,
+    *,
+    layers: Sequence[int] | None = None,
+    scale: Scale = 1.0,
+    embeddings: bool | None = None,
+    embedding_scale: float | None = None,
+) -> Iterator[HookSet]:
+    """Remove ``direction`` (a unit vector or a ``[k, hidden]`` set, orthonormalized) from the
+    outputs of the embeddings and of every residual writer of ``layers`` (default: all).
+
+    ``scale`` (a number or ``{layer: scale}``) removes only that fraction of the component.
+    ``embeddings`` defaults to True when all layers are ablated. Equivalent to
+    :func:`abliterate.orthogonalize` with the same arguments, but reversible.
+    """
+    plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
+    with HookSet() as hooks:
+        for writer, basis, s in plan:
+            hooks.on_output(writer.module, _ablate_fn(basis, s))
+        yield hooks
+
+
+def _coefficients(
+    lm: LoadedModel, coefficient: Coefficient, basis: torch.Tensor, layers: list[int], position: object
+) -> dict[int, float]:
+    if isinstance(coefficient, Activations):
+        if basis.shape[0] != 1:
+            raise DirectionError("induction with captured activations needs a single direction, not a subspace")
+        pos = coefficient.position_index(position if position is not None else coefficient.positions[-1])
+        proj = coefficient.harmful_mean[:, pos, :].float() @ basis[0]
+        return {i: float(proj[i]) for i in layers}
+    if isinstance(coefficient, Mapping):
+        missing = [i for i in layers if i not in coefficient]
+        if missing:
+            raise AbliterateError(f"no induction coefficient for layer(s) {missing}; give one per chosen layer")
+        return {i: float(coefficient[i]) for i in layers}
+    return dict.fromkeys(layers, float(coefficient))
+
+
+def _target_layers(lm: LoadedModel, direction: Direction | torch.Tensor, layers: Sequence[int] | None) -> list[int]:
+    """Explicit layers, else the direction's own layer (if it is a layer input), else all layers."""
+    if layers is not None:
+        return [lm.anatomy.check_layer(i) for i in layers]
+    own = direction.layer if isinstance(direction, Direction) else None
+    return [own] if own is not None and own < lm.num_layers else list(range(lm.num_layers))
+
+
+@contextlib.contextmanager
+def induce(
+    lm: LoadedModel,
+    direction: Direction | torch.Tensor,
+    coefficient: Coefficient,
+    *,
+    layers: Sequence[int] | None = None,
+) -> Iterator[HookSet]:
+    """At the input of each chosen layer set the component along ``direction`` to ``coefficient``:
+    ``a' = a - (a.r)r + c r``. Pass the :class:`Activations` of a capture to use the harmful mean's
+    projection at each layer (the same position the direction came from), or a number, or
+    ``{layer: c}``. Default layers: the direction's own layer if it has one, else all.
+    """
+    basis = as_basis(direction, lm.hidden_size)
+    if basis.shape[0] != 1:
+        raise DirectionError("induce takes a single direction; ablate a subspace instead")
+    chosen = _target_layers(lm, direction, layers)
+    position = direction.position if isinstance(direction, Direction) else None
+    coeffs = _coefficients(lm, coefficient, basis, chosen, position)
+    with HookSet() as hooks:
+        for i in chosen:
+            c = coeffs[i]
+
+            def fn(x: torch.Tensor, c: float = c) -> torch.Tensor:
+                u = basis[0].to(x.device, torch.promote_types(x.dtype, torch.float32))
+                return (project_out(x, u[None]).to(u.dtype) + c * u).to(x.dtype)
+
+            hooks.on_input(lm.anatomy.layers[i], fn)
+        yield hooks
+
+
+@contextlib.contextmanager
+def add(
+    lm: LoadedModel,
+    direction: Direction | torch.Tensor,
+    coefficient: float = 1.0,
+    *,
+    layers: Sequence[int] | None = None,
+) -> Iterator[HookSet]:
+    """Activation addition: add ``coefficient * r`` (unit ``r``) to the input of the chosen layers."""
+    basis = as_basis(direction, lm.hidden_size)
+    if basis.shape[0] != 1:
+        raise DirectionError("add takes a single direction")
+    chosen = _target_layers(lm, direction, layers)
+    with HookSet() as hooks:
+        for i in chosen:
+
+            def fn(x: torch.Tensor) -> torch.Tensor:
+                return (x.float() + coefficient * basis[0].to(x.device)).to(x.dtype)
+
+            hooks.on_input(lm.anatomy.layers[i], fn)
+        yield hooks

@@ -1,0 +1,184 @@
+"""Load a causal LM from a hub id, a local directory or a single ``.gguf`` file."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .anatomy import find_anatomy
+from .errors import ChatTemplateError, ModelLoadError
+from .model import LoadedModel
+
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str) -> torch.dtype | str:
+    """``None`` means float32 on CPU (fast and exact there) and the checkpoint's own dtype elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.float32 if device == "cpu" else "auto"
+    if dtype == "auto":
+        return "auto"
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype '{dtype}'; use one of auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _gguf_supported_types() -> set[str]:
+    import gguf.quants
+
+    return {"F32", "F16"} | {t.name for t in gguf.quants._type_traits}
+
+
+def check_gguf(path: Path) -> None:
+    """Fail early, in one line, on a file that is not a GGUF or holds quant types we cannot dequantize."""
+    with open(path, "rb") as fh:
+        if fh.read(4) != b"GGUF":
+            raise ModelLoadError(f"{path} is not a GGUF file (bad magic); pass a .gguf model or a model directory")
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+    except Exception as exc:  # the gguf reader raises bare ValueError/KeyError on corrupt files
+        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); re-download or re-export it") from exc
+    supported = _gguf_supported_types()
+    bad = sorted({t.tensor_type.name for t in reader.tensors if t.tensor_type.name not in supported})
+    if bad:
+        raise ModelLoadError(
+            f"{path.name} uses GGUF quant type(s) {', '.join(bad)} that cannot be dequantized; "
+            "re-export it as F16/Q8_0/Q4_K or load the original safetensors checkpoint"
+        )
+
+
+def _classify(source: str) -> tuple[str, Path | None]:
+    """Return ("gguf"|"dir"|"hub", local path)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        if path.is_file():
+            if path.suffix.lower() != ".gguf":
+                raise ModelLoadError(
+                    f"{source} is a file but not a model: pass a model directory (with config.json) or a .gguf file"
+                )
+            return "gguf", path.resolve()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{source} is a directory without config.json: it is not a transformers model")
+        return "dir", path.resolve()
+    if not HUB_ID.fullmatch(source) or source.startswith(".") or source.endswith(".gguf"):
+        raise ModelLoadError(f"no such file or directory: {source}; check the path")
+    return "hub", None
+
+
+def _prepare_tokenizer(tokenizer: Any, chat_template: str | None, source: str) -> None:
+    tokenizer.padding_side = "left"
+    if chat_template is not None:
+        template_path = Path(chat_template)
+        if len(chat_template) < 256 and template_path.suffix == ".jinja" and template_path.is_file():
+            chat_template = template_path.read_text()
+        tokenizer.chat_template = chat_template
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatTemplateError(
+            f"{source} has no chat template; pass chat_template='<jinja template or path to .jinja>'"
+        )
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ModelLoadError(f"{source}'s tokenizer has neither a pad nor an eos token; set tokenizer.pad_token")
+        tokenizer.pad_token = fallback
+
+
+def clear_gguf_marker(model: torch.nn.Module) -> None:
+    """A GGUF-loaded model is fully dequantized, but transformers still flags it as quantized and
+    refuses ``save_pretrained``; drop the flag and its quantization config."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    for cfg in {model.config, model.config.get_text_config()}:
+        if getattr(cfg, "quantization_config", None) is not None:
+            del cfg.quantization_config
+    if getattr(model, "is_quantized", False):
+        model.is_quantized = False
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    *,
+    dtype: str | torch.dtype | None = None,
+    device: str = "cpu",
+    device_map: str | dict[str, Any] | None = None,
+    max_memory: dict[Any, str] | None = None,
+    trust_remote_code: bool = False,
+    chat_template: str | None = None,
+    layers_path: str | None = None,
+    writer_patterns: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer, and locate its residual writers.
+
+    ``source`` is a hub id, a local model directory or a single ``.gguf`` file (dequantized by
+    transformers). ``device`` places the whole model; ``device_map`` (e.g. ``"auto"``) hands
+    placement to accelerate instead. ``layers_path``/``writer_patterns`` name the modules of an
+    architecture the built-in patterns do not know.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(source)
+    kind, path = _classify(source)
+    torch_dtype = resolve_dtype(dtype, device if device_map is None else "auto")
+    common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if kind == "gguf":
+        assert path is not None
+        check_gguf(path)
+        where, common["gguf_file"] = str(path.parent), path.name
+    else:
+        where = str(path) if path else source
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **common)
+        model = AutoModelForCausalLM.from_pretrained(
+            where,
+            dtype=torch_dtype,
+            device_map=device_map,
+            max_memory=max_memory,
+            **common,
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "check the hub id and your network, or pass a local directory" if kind == "hub" else "check the files"
+        raise ModelLoadError(f"cannot load '{source}': {first}; {hint}") from exc
+    if device_map is None:
+        model.to(device)
+    model.eval()
+    if kind == "gguf":
+        clear_gguf_marker(model)
+    _prepare_tokenizer(tokenizer, chat_template, source)
+    anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
+    return LoadedModel(model, tokenizer, anatomy, source, path)
+
+
+def from_pretrained_objects(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    *,
+    source: str = "<in-memory>",
+    chat_template: str | None = None,
+    layers_path: str | None = None,
+    writer_patterns: Sequence[str] | None = None,
+) -> LoadedModel:
+    """Wrap an already-built transformers model and tokenizer (e.g. one you constructed yourself)."""
+    model.eval()
+    _prepare_tokenizer(tokenizer, chat_template, source)
+    anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
+    return LoadedModel(model, tokenizer, anatomy, source, None)

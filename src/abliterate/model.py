@@ -1,0 +1,101 @@
+"""A loaded model: the transformers model, its tokenizer and its anatomy, with prompt formatting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .anatomy import Anatomy
+from .errors import PromptError
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for capture and editing. ``source`` is what the user named."""
+
+    model: nn.Module
+    tokenizer: Any
+    anatomy: Anatomy
+    source: str
+    local_path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.source
+
+    @property
+    def device(self) -> torch.device:
+        return self.anatomy.embeddings[0].weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.anatomy.embeddings[0].weight.dtype
+
+    @property
+    def num_layers(self) -> int:
+        return self.anatomy.num_layers
+
+    @property
+    def hidden_size(self) -> int:
+        return self.anatomy.hidden_size
+
+    def format(self, prompts: Sequence[str], *, system: str | None = None) -> list[str]:
+        """Apply the chat template to each user prompt, ending where the assistant's reply begins."""
+        texts = []
+        for prompt in prompts:
+            messages = [{"role": "system", "content": system}] if system else []
+            messages.append({"role": "user", "content": prompt})
+            texts.append(
+                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            )
+        return texts
+
+    def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Tokenize already-formatted texts with left padding, on the model's input device."""
+        batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
+        return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        system: str | None = None,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> list[str]:
+        """Greedy responses to ``prompts`` (chat template applied), decoded without special tokens."""
+        if not prompts:
+            raise PromptError("no prompts to generate from; pass at least one prompt")
+        texts = self.format(prompts, system=system)
+        out: list[str] = []
+        for start in range(0, len(texts), batch_size):
+            batch = self.encode(texts[start : start + batch_size])
+            ids = self.model.generate(
+                **batch,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                temperature=None,
+                top_p=None,
+                top_k=None,
+                pad_token_id=self.tokenizer.pad_token_id,
+            )
+            new = ids[:, batch["input_ids"].shape[1] :]
+            out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+            if progress:
+                progress(len(out), len(texts))
+        return out
+
+    def save(self, out: str | Path, *, overwrite: bool = False) -> Path:
+        """Write the (edited) model and tokenizer to ``out`` atomically; see :func:`save_model`."""
+        from .saving import save_model
+
+        return save_model(self, out, overwrite=overwrite)

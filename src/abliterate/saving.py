@@ -1,0 +1,62 @@
+"""Atomic output directories and saving an edited model that plain transformers loads."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import OutputError
+from .model import LoadedModel
+
+
+def check_output(out: str | Path, *, overwrite: bool = False, inputs: tuple[Path | None, ...] = ()) -> Path:
+    """Validate an output directory: never an input or a parent of one; existing only with overwrite."""
+    target = Path(out).expanduser().resolve()
+    for inp in inputs:
+        if inp is None:
+            continue
+        inp = inp.resolve()
+        if target == inp or target in inp.parents or (inp.is_file() and target == inp.parent):
+            raise OutputError(f"output {target} would overwrite the input model {inp}; choose another directory")
+    if target.exists() and not overwrite:
+        raise OutputError(f"output {target} already exists; choose a new directory or ask to overwrite it")
+    if target.exists() and not target.is_dir():
+        raise OutputError(f"output {target} exists and is not a directory; remove it or choose another path")
+    return target
+
+
+@contextlib.contextmanager
+def atomic_directory(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces ``target``, on any error it vanishes."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def save_model(lm: LoadedModel, out: str | Path, *, overwrite: bool = False) -> Path:
+    """Save model weights (safetensors), config, generation config and tokenizer to ``out``.
+
+    The write goes to a temporary directory renamed into place, so an interrupted save leaves
+    nothing behind. Refuses the input directory and any parent of it.
+    """
+    target = check_output(out, overwrite=overwrite, inputs=(lm.local_path,))
+    with atomic_directory(target) as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+    return target
