@@ -19,9 +19,17 @@ SPECIALS = ["<|pad|>", "<|im_start|>", "<|im_end|>"]
 VOCAB = 320
 H, L, HEADS, KV, FF = 64, 3, 4, 2, 96
 
-_base = {"vocab_size": VOCAB, "hidden_size": H, "num_hidden_layers": L, "num_attention_heads": HEADS,
-         "intermediate_size": FF, "max_position_embeddings": 256, "pad_token_id": 0,
-         "bos_token_id": 1, "eos_token_id": 2}
+_base = {
+    "vocab_size": VOCAB,
+    "hidden_size": H,
+    "num_hidden_layers": L,
+    "num_attention_heads": HEADS,
+    "intermediate_size": FF,
+    "max_position_embeddings": 256,
+    "pad_token_id": 0,
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
 _gqa = {**_base, "num_key_value_heads": KV}
 _moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 48}
 
@@ -34,8 +42,19 @@ FAMILIES: dict[str, tuple[type, dict]] = {
     "gemma2": (tf.Gemma2Config, {**_gqa, "head_dim": 16}),
     "gemma3": (tf.Gemma3TextConfig, {**_gqa, "head_dim": 16, "sliding_window": 8}),
     "phi3": (tf.Phi3Config, {**_gqa}),
-    "gpt2": (tf.GPT2Config, {"vocab_size": VOCAB, "n_embd": H, "n_layer": L, "n_head": HEADS, "n_positions": 256,
-             "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}),
+    "gpt2": (
+        tf.GPT2Config,
+        {
+            "vocab_size": VOCAB,
+            "n_embd": H,
+            "n_layer": L,
+            "n_head": HEADS,
+            "n_positions": 256,
+            "bos_token_id": 1,
+            "eos_token_id": 2,
+            "pad_token_id": 0,
+        },
+    ),
     "gpt_neox": (tf.GPTNeoXConfig, {**_base, "rotary_pct": 0.5}),
     "qwen2_moe": (tf.Qwen2MoeConfig, {**_gqa, **_moe, "shared_expert_intermediate_size": 64}),
     "mixtral": (tf.MixtralConfig, {**_gqa, "num_local_experts": 4, "num_experts_per_tok": 2}),

@@ -119,9 +119,7 @@ class Anatomy:
         """Validate a layer index (negative counts from the end) and return it non-negative."""
         top = self.num_layers + (1 if allow_output else 0)
         if not -top <= layer < top:
-            raise LayerError(
-                f"layer {layer} is out of range: this model has layers 0..{top - 1}; pick one of those"
-            )
+            raise LayerError(f"layer {layer} is out of range: this model has layers 0..{top - 1}; pick one of those")
         return layer % top
 
 
@@ -156,9 +154,7 @@ def _post_norm_for(layer: nn.Module, rel: str) -> nn.Module | None:
     return None
 
 
-def _layer_writers(
-    layer: nn.Module, index: int, prefix: str, patterns: Sequence[str], hidden: int
-) -> list[Writer]:
+def _layer_writers(layer: nn.Module, index: int, prefix: str, patterns: Sequence[str], hidden: int) -> list[Writer]:
     compiled = [re.compile(p) for p in patterns]
     found: list[Writer] = []
     for rel, module in layer.named_modules():
@@ -171,8 +167,15 @@ def _layer_writers(
                 continue
             has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
             found.append(
-                Writer(f"{prefix}.{rel}", module, param, axis, "bias" if has_bias else None, index,
-                       _post_norm_for(layer, rel))
+                Writer(
+                    f"{prefix}.{rel}",
+                    module,
+                    param,
+                    axis,
+                    "bias" if has_bias else None,
+                    index,
+                    _post_norm_for(layer, rel),
+                )
             )
             continue
         # Fused experts: a 3-D parameter of this module matches.
@@ -183,8 +186,9 @@ def _layer_writers(
             if p.shape[axis] != hidden:
                 continue
             bias = f"{pname}_bias" if isinstance(getattr(module, f"{pname}_bias", None), torch.Tensor) else None
-            found.append(Writer(f"{prefix}.{rel}.{pname}", module, pname, axis, bias, index,
-                                _post_norm_for(layer, rel)))
+            found.append(
+                Writer(f"{prefix}.{rel}.{pname}", module, pname, axis, bias, index, _post_norm_for(layer, rel))
+            )
     return found
 
 
@@ -214,9 +218,7 @@ def find_anatomy(
         )
     hidden = _hidden_size(model)
     patterns = tuple(writer_patterns) if writer_patterns else WRITER_PATTERNS
-    writers = [
-        _layer_writers(layer, i, f"{found_path}.{i}", patterns, hidden) for i, layer in enumerate(layers)
-    ]
+    writers = [_layer_writers(layer, i, f"{found_path}.{i}", patterns, hidden) for i, layer in enumerate(layers)]
     for i, ws in enumerate(writers):
         if not ws:
             names = sorted({n for n, _ in layers[i].named_modules() if n})
@@ -227,9 +229,12 @@ def find_anatomy(
             )
     embeddings = [_embedding_writer(model.get_input_embeddings(), _module_name(model, model.get_input_embeddings()))]
     for name, module in model.named_modules():
-        if isinstance(module, nn.Embedding) and module is not model.get_input_embeddings() and any(
-            re.fullmatch(p, name) for p in POSITION_EMBEDDING_PATTERNS
-        ) and module.weight.shape[-1] == hidden:
+        if (
+            isinstance(module, nn.Embedding)
+            and module is not model.get_input_embeddings()
+            and any(re.fullmatch(p, name) for p in POSITION_EMBEDDING_PATTERNS)
+            and module.weight.shape[-1] == hidden
+        ):
             embeddings.append(_embedding_writer(module, name))
     return Anatomy(found_path, layers, embeddings, writers, hidden)
 

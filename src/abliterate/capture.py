@@ -122,7 +122,9 @@ def _run_set(
     lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     shortest = min(lengths)
     if prompt_pos and -min(prompt_pos) > shortest:
-        raise PromptError(f"position {min(prompt_pos)} is before the start of a {shortest}-token prompt; use a smaller offset")
+        raise PromptError(
+            f"position {min(prompt_pos)} is before the start of a {shortest}-token prompt; use a smaller offset"
+        )
     order = sorted(range(len(texts)), key=lengths.__getitem__)  # similar lengths batch together
     stage = {"slot": slice(0, len(prompt_pos)), "select": True}
 

@@ -89,7 +89,9 @@ class DirectionSet:
         layer, position = key if isinstance(key, tuple) else (key, None)
         if position is None:
             if len(self.positions) != 1:
-                raise DirectionError(f"several positions were captured ({self.positions}); index as ds[layer, position]")
+                raise DirectionError(
+                    f"several positions were captured ({self.positions}); index as ds[layer, position]"
+                )
             position = self.positions[0]
         if position not in self.positions:
             raise DirectionError(f"position {position!r} not in this direction set ({self.positions})")
@@ -111,7 +113,9 @@ class DirectionSet:
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "method": self.method, "positions": self.positions, **self.meta}
         tmp = path.with_name(f".{path.name}.tmp")
-        save_file({"directions": self.vectors.float().contiguous()}, str(tmp), metadata={"abliterate": json.dumps(meta)})
+        save_file(
+            {"directions": self.vectors.float().contiguous()}, str(tmp), metadata={"abliterate": json.dumps(meta)}
+        )
         tmp.replace(path)
         path.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
         return path
@@ -147,7 +151,9 @@ def _meta(acts: Activations, **extra: Any) -> dict[str, Any]:
 
 def mean_diff(acts: Activations) -> DirectionSet:
     """Difference of means, harmful minus harmless (Arditi et al. 2024)."""
-    return DirectionSet((acts.harmful_mean - acts.harmless_mean).float(), list(acts.positions), "mean_diff", _meta(acts))
+    return DirectionSet(
+        (acts.harmful_mean - acts.harmless_mean).float(), list(acts.positions), "mean_diff", _meta(acts)
+    )
 
 
 def slerp(acts: Activations, t: float = 1.0) -> DirectionSet:

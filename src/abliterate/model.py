@@ -52,9 +52,7 @@ class LoadedModel:
         for prompt in prompts:
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": prompt})
-            texts.append(
-                self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            )
+            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
         return texts
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:

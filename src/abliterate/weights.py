@@ -73,8 +73,10 @@ def project_tensor(
 def _tied(model: nn.Module) -> bool:
     out = model.get_output_embeddings()
     emb = model.get_input_embeddings()
-    return out is not None and out.weight is emb.weight or (
-        out is not None and out.weight.data_ptr() == emb.weight.data_ptr()
+    return (
+        out is not None
+        and out.weight is emb.weight
+        or (out is not None and out.weight.data_ptr() == emb.weight.data_ptr())
     )
 
 
