@@ -141,6 +141,7 @@ def _run_set(
     extra: dict[str, Any] = {"use_cache": gen_slot is not None}
     if _accepts(model, "logits_to_keep"):
         extra["logits_to_keep"] = 1
+    pass_positions = _accepts(model, "position_ids")
     with HookSet() as hooks, torch.inference_mode():
         for i, layer in enumerate(lm.anatomy.layers):
             hooks.watch_input(layer, watcher(i))
@@ -152,12 +153,15 @@ def _run_set(
             stage.update(slot=slice(0, len(prompt_pos)), select=bool(prompt_pos))
             if not prompt_pos:  # only the generated position: run the prompt without recording
                 stage["slot"] = slice(0, 0)
-            out = model(**batch, **extra)
+            # Left padding must not shift absolute position embeddings (GPT-2's wpe): positions count real tokens.
+            pos_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+            out = model(**batch, **({"position_ids": pos_ids} if pass_positions else {}), **extra)
             if gen_slot is not None:
                 next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True).to(lm.device)
                 mask = torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], dim=1)
                 stage.update(slot=slice(gen_slot, gen_slot + 1), select=False)
-                model(input_ids=next_ids, attention_mask=mask, past_key_values=out.past_key_values, **extra)
+                step = {"position_ids": pos_ids[:, -1:] + 1} if pass_positions else {}
+                model(input_ids=next_ids, attention_mask=mask, past_key_values=out.past_key_values, **step, **extra)
             del out
             if progress:
                 progress(done + start + len(rows), total)

@@ -109,7 +109,7 @@ class DirectionSet:
         """Write ``<path>.safetensors`` (tensor + metadata in the header) and a readable ``<path>.json``."""
         path = Path(path)
         if path.suffix != ".safetensors":
-            path = path.with_suffix(".safetensors")
+            path = path.with_name(f"{path.name}.safetensors")  # not with_suffix: keep dots ("llama-3.1")
         path.parent.mkdir(parents=True, exist_ok=True)
         meta = {"format": FORMAT, "method": self.method, "positions": self.positions, **self.meta}
         tmp = path.with_name(f".{path.name}.tmp")
@@ -194,5 +194,7 @@ def combine(directions: Sequence[Direction | torch.Tensor], hidden: int) -> Dire
     vecs = [d.vector if isinstance(d, Direction) else d for d in directions]
     if not vecs:
         raise DirectionError("no directions to combine")
+    if not all(isinstance(v, torch.Tensor) for v in vecs):
+        raise DirectionError("directions to combine must be Direction objects or torch.Tensors")
     stacked = torch.cat([v.reshape(-1, v.shape[-1]) for v in vecs])
     return Direction(as_basis(stacked, hidden), None, None, "subspace")

@@ -107,7 +107,7 @@ def clear_gguf_marker(model: torch.nn.Module) -> None:
     refuses ``save_pretrained``; drop the flag and its quantization config."""
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer = None
-    for cfg in {model.config, model.config.get_text_config()}:
+    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
         if getattr(cfg, "quantization_config", None) is not None:
             del cfg.quantization_config
     if getattr(model, "is_quantized", False):
