@@ -7,7 +7,6 @@ prompts; per-prompt activations are kept only when asked for.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,6 +40,8 @@ class Activations:
     harmful: torch.Tensor | None = None  # [n, point, position, hidden] float32, when kept
     harmless: torch.Tensor | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    harmful_prompts: list[str] = field(default_factory=list)
+    harmless_prompts: list[str] = field(default_factory=list)
 
     @property
     def num_points(self) -> int:
@@ -81,10 +82,6 @@ def check_positions(positions: Sequence[Position]) -> list[Position]:
     if len(set(out)) != len(out):
         raise PromptError(f"positions {out} repeat; list each once")
     return [p for p in out if p != "gen"] + (["gen"] if "gen" in out else [])  # "gen" goes last
-
-
-def _accepts(model: torch.nn.Module, name: str) -> bool:
-    return name in inspect.signature(model.forward).parameters
 
 
 class _Collector:
@@ -137,11 +134,7 @@ def _run_set(
 
         return fn
 
-    model = lm.model
-    extra: dict[str, Any] = {"use_cache": gen_slot is not None}
-    if _accepts(model, "logits_to_keep"):
-        extra["logits_to_keep"] = 1
-    pass_positions = _accepts(model, "position_ids")
+    use_cache = gen_slot is not None
     with HookSet() as hooks, torch.inference_mode():
         for i, layer in enumerate(lm.anatomy.layers):
             hooks.watch_input(layer, watcher(i))
@@ -153,15 +146,16 @@ def _run_set(
             stage.update(slot=slice(0, len(prompt_pos)), select=bool(prompt_pos))
             if not prompt_pos:  # only the generated position: run the prompt without recording
                 stage["slot"] = slice(0, 0)
-            # Left padding must not shift absolute position embeddings (GPT-2's wpe): positions count real tokens.
-            pos_ids = (batch["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
-            out = model(**batch, **({"position_ids": pos_ids} if pass_positions else {}), **extra)
+            out = lm.forward(batch, use_cache=use_cache)
             if gen_slot is not None:
                 next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True).to(lm.device)
-                mask = torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], dim=1)
+                step = {
+                    "input_ids": next_ids,
+                    "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], 1),
+                }
                 stage.update(slot=slice(gen_slot, gen_slot + 1), select=False)
-                step = {"position_ids": pos_ids[:, -1:] + 1} if pass_positions else {}
-                model(input_ids=next_ids, attention_mask=mask, past_key_values=out.past_key_values, **step, **extra)
+                last = batch["attention_mask"].long().sum(-1, keepdim=True) - 1
+                lm.forward(step, use_cache=True, past_key_values=out.past_key_values, position_ids=last + 1)
             del out
             if progress:
                 progress(done + start + len(rows), total)
@@ -204,4 +198,6 @@ def capture(
         harmful=a.kept,
         harmless=b.kept,
         meta={"system": system},
+        harmful_prompts=harmful,
+        harmless_prompts=harmless,
     )

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,13 +19,20 @@ Progress = Callable[[int, int], None]
 
 @dataclass
 class LoadedModel:
-    """A causal LM ready for capture and editing. ``source`` is what the user named."""
+    """A causal LM ready for capture and editing. ``source`` is what the user named.
+
+    ``template_kwargs`` go to the chat template (e.g. ``{"enable_thinking": False}``);
+    ``response_prefix`` is appended after the generation prompt, for models whose replies open
+    with a fixed preamble. Both apply to capture, scoring and generation alike.
+    """
 
     model: nn.Module
     tokenizer: Any
     anatomy: Anatomy
     source: str
     local_path: Path | None = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    response_prefix: str = ""
 
     @property
     def name(self) -> str:
@@ -59,6 +67,21 @@ class LoadedModel:
         """Tokenize already-formatted texts with left padding, on the model's input device."""
         batch = self.tokenizer(list(texts), return_tensors="pt", padding=True, add_special_tokens=False)
         return {k: v.to(self.device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+
+    def _accepts(self, name: str) -> bool:
+        return name in inspect.signature(self.model.forward).parameters
+
+    def forward(self, batch: dict[str, torch.Tensor], *, all_logits: bool = False, **kwargs: Any) -> Any:
+        """One forward pass over a left-padded batch.
+
+        Position ids count real tokens only, so left padding never shifts absolute position
+        embeddings (GPT-2); logits are computed for the last position only unless ``all_logits``.
+        """
+        if self._accepts("position_ids") and "position_ids" not in kwargs:
+            kwargs["position_ids"] = (batch["attention_mask"].long().cumsum(-1) - 1).clamp_min(0)
+        if not all_logits and self._accepts("logits_to_keep"):
+            kwargs.setdefault("logits_to_keep", 1)
+        return self.model(**batch, **kwargs)
 
     @torch.inference_mode()
     def generate(

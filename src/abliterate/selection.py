@@ -1,0 +1,223 @@
+"""Automatic, explainable choice of the direction to ablate (after Arditi et al. 2024).
+
+Every candidate (layer x captured position x method) is scored without generation on validation
+prompts that did not build the direction:
+
+* bypass: mean refusal score on harmful prompts with the candidate ablated everywhere (lower is
+  better);
+* induce: mean refusal score on harmless prompts with the candidate added at its own layer
+  (must rise above ``min_induce`` to show the direction really carries refusal);
+* KL: mean KL(base || ablated) of the first response token on harmless prompts.
+
+Candidates in the last ``skip_last`` fraction of layers, with KL above ``kl_threshold`` or too
+little induction are filtered out; the best bypass among the rest wins. The whole table is kept.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from . import directions as dirs
+from .capture import Activations, Position, check_prompts
+from .directions import Direction, DirectionSet
+from .errors import PromptError
+from .interventions import ablate, add
+from .model import LoadedModel
+from .scoring import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
+
+MIN_VALIDATION = 8
+NO_REFUSAL_LOGODDS = -2.0  # mean refusal log-odds below this: the model does not refuse (p < ~0.12)
+SweepProgress = Callable[[int, int, str], None]
+
+
+@dataclass(frozen=True)
+class Method:
+    """A direction method by name, with its arguments (e.g. ``Method("slerp", {"t": 0.5})``)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items()))
+        return f"{self.name}({args})" if args else self.name
+
+
+@dataclass
+class CandidateScore:
+    layer: int
+    position: Position
+    method: str
+    bypass: float
+    induce: float
+    kl: float
+    passed: bool = False
+    reason: str = ""
+
+
+@dataclass
+class Selection:
+    """The outcome of a sweep: every candidate's scores, the winner (or why there is none)."""
+
+    candidates: list[CandidateScore]
+    chosen: CandidateScore | None
+    base_bypass: float
+    base_induce: float
+    baseline_refuses: bool
+    note: str
+    settings: dict[str, Any]
+    seconds: float
+    direction_sets: dict[str, DirectionSet] = field(default_factory=dict, repr=False)
+
+    def direction(self, candidate: CandidateScore | None = None) -> Direction:
+        """The unit direction of ``candidate`` (default: the chosen one)."""
+        cand = candidate or self.chosen
+        if cand is None:
+            raise PromptError(f"no candidate was selected: {self.note}")
+        return self.direction_sets[cand.method][cand.layer, cand.position]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": asdict(self.chosen) if self.chosen else None,
+            "base_bypass": self.base_bypass,
+            "base_induce": self.base_induce,
+            "baseline_refuses": self.baseline_refuses,
+            "note": self.note,
+            "settings": self.settings,
+            "seconds": self.seconds,
+            "candidates": [asdict(c) for c in self.candidates],
+        }
+
+
+def check_validation(acts: Activations, harmful_val: Sequence[str], harmless_val: Sequence[str]) -> None:
+    """Refuse validation sets that are too small; warn (with a count) on overlap with the training prompts."""
+    for name, prompts in (("harmful validation", harmful_val), ("harmless validation", harmless_val)):
+        check_prompts(prompts, name, minimum=MIN_VALIDATION)
+    overlap = len(set(harmful_val) & set(acts.harmful_prompts)) + len(set(harmless_val) & set(acts.harmless_prompts))
+    if overlap:
+        warnings.warn(
+            f"{overlap} validation prompt(s) also built the direction; scores will be optimistic — "
+            "use disjoint sets (e.g. the bundled 'val' split)",
+            stacklevel=3,
+        )
+
+
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean())
+
+
+def select(
+    lm: LoadedModel,
+    acts: Activations,
+    harmful_val: Sequence[str],
+    harmless_val: Sequence[str],
+    *,
+    methods: Sequence[Method] = (Method("mean_diff"),),
+    layers: Sequence[int] | None = None,
+    skip_last: float = 0.2,
+    kl_threshold: float = 0.1,
+    min_induce: float = 0.0,
+    score_skipped: bool = False,
+    batch_size: int = 16,
+    progress: SweepProgress | None = None,
+) -> Selection:
+    """Score every candidate direction and pick the best bypass that passes the filters.
+
+    Layers in the last ``skip_last`` fraction are not scored at all unless ``score_skipped``.
+    """
+    start = time.perf_counter()
+    harmful_val, harmless_val = list(harmful_val), list(harmless_val)
+    check_validation(acts, harmful_val, harmless_val)
+    system = acts.meta.get("system")
+    ref_ids = refusal_token_ids(lm.tokenizer)
+    n_h = len(harmful_val)
+    both = harmful_val + harmless_val
+
+    base = first_token_logprobs(lm, both, system=system, batch_size=batch_size)
+    base_bypass = _mean(refusal_scores(base[:n_h], ref_ids))
+    base_induce = _mean(refusal_scores(base[n_h:], ref_ids))
+    base_harmless = base[n_h:]
+
+    sets = {m.label: dirs.compute(acts, m.name, **m.kwargs) for m in methods}
+    max_layer = int(lm.num_layers * (1.0 - skip_last))
+    chosen_layers = list(range(lm.num_layers)) if layers is None else [lm.anatomy.check_layer(i) for i in layers]
+    if not score_skipped:
+        chosen_layers = [i for i in chosen_layers if i < max_layer]
+    grid = [(label, layer, pos) for label in sets for layer in chosen_layers for pos in acts.positions]
+    table: list[CandidateScore] = []
+    for i, (label, layer, pos) in enumerate(grid):
+        if progress:
+            progress(i, len(grid), f"{label} layer {layer} pos {pos}")
+        if float(sets[label].norms()[layer, acts.position_index(pos)]) < 1e-6:
+            nan = float("nan")
+            table.append(CandidateScore(layer, pos, label, nan, nan, nan, False, "zero-norm direction (equal means)"))
+            continue
+        direction = sets[label][layer, pos]
+        with ablate(lm, direction):
+            ablated = first_token_logprobs(lm, both, system=system, batch_size=batch_size)
+        p = acts.position_index(pos)
+        coeff = float((acts.harmful_mean[layer, p] - acts.harmless_mean[layer, p]).float() @ direction.vector)
+        with add(lm, direction, coeff, layers=[layer]):
+            induced = first_token_logprobs(lm, harmless_val, system=system, batch_size=batch_size)
+        score = CandidateScore(
+            layer=layer,
+            position=pos,
+            method=label,
+            bypass=_mean(refusal_scores(ablated[:n_h], ref_ids)),
+            induce=_mean(refusal_scores(induced, ref_ids)),
+            kl=_mean(kl_divergence(base_harmless, ablated[n_h:])),
+        )
+        reasons = []
+        if layer >= max_layer:
+            reasons.append(f"in the last {skip_last:.0%} of layers")
+        if score.kl > kl_threshold:
+            reasons.append(f"KL {score.kl:.3f} > {kl_threshold}")
+        if score.induce <= min_induce:
+            reasons.append(f"induce {score.induce:.2f} <= {min_induce}")
+        score.passed, score.reason = not reasons, "; ".join(reasons)
+        table.append(score)
+    if progress:
+        progress(len(grid), len(grid), "done")
+
+    passed = [c for c in table if c.passed]
+    chosen = min(passed, key=lambda c: c.bypass) if passed else None
+    refuses = base_bypass > NO_REFUSAL_LOGODDS
+    if not refuses:
+        note = (
+            f"the model does not refuse these harmful prompts at baseline (mean refusal log-odds "
+            f"{base_bypass:.2f}); there is no refusal to remove"
+        )
+    elif chosen is None:
+        note = f"no candidate passed the filters (KL <= {kl_threshold}, induce > {min_induce}); loosen them"
+    else:
+        note = (
+            f"chose {chosen.method} at layer {chosen.layer}, position {chosen.position}: refusal score "
+            f"{base_bypass:.2f} -> {chosen.bypass:.2f}, KL {chosen.kl:.3f}"
+        )
+    settings = {
+        "methods": [m.label for m in methods],
+        "layers": chosen_layers,
+        "positions": list(acts.positions),
+        "skip_last": skip_last,
+        "kl_threshold": kl_threshold,
+        "min_induce": min_induce,
+        "n_harmful_val": n_h,
+        "n_harmless_val": len(harmless_val),
+    }
+    return Selection(
+        candidates=table,
+        chosen=chosen,
+        base_bypass=base_bypass,
+        base_induce=base_induce,
+        baseline_refuses=refuses,
+        note=note,
+        settings=settings,
+        seconds=time.perf_counter() - start,
+        direction_sets=sets,
+    )
