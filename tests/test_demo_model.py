@@ -45,8 +45,10 @@ def test_ablation_turns_refusals_into_answers(demo):
     with ablate(lm, r):
         ablated = lm.generate(harmful, max_new_tokens=24, batch_size=N_TEST)
         harmless_ablated = lm.generate(harmless, max_new_tokens=24, batch_size=N_TEST)
-    print(f"\nrefused: base {refusals(base)}/{N_TEST}, ablated {refusals(ablated)}/{N_TEST}, "
-          f"harmless under ablation {refusals(harmless_ablated)}/{N_TEST}")
+    print(
+        f"\nrefused: base {refusals(base)}/{N_TEST}, ablated {refusals(ablated)}/{N_TEST}, "
+        f"harmless under ablation {refusals(harmless_ablated)}/{N_TEST}"
+    )
     assert refusals(base) >= N_TEST // 3, "the demo model should refuse a good share of harmful requests"
     assert refusals(ablated) <= 1
     assert refusals(harmless_ablated) <= 1

@@ -118,6 +118,8 @@ class Anatomy:
     def check_layer(self, layer: int, *, allow_output: bool = False) -> int:
         """Validate a layer index (negative counts from the end) and return it non-negative."""
         top = self.num_layers + (1 if allow_output else 0)
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise LayerError(f"layer {layer!r} is not an integer; use one of 0..{top - 1}")
         if not -top <= layer < top:
             raise LayerError(f"layer {layer} is out of range: this model has layers 0..{top - 1}; pick one of those")
         return layer % top

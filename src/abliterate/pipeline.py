@@ -1,0 +1,183 @@
+"""The whole journey as one library call: load, capture, select, evaluate, edit, evaluate, save.
+
+The library never prints: ``progress(stage, done, total)`` reports what is happening, and the
+result object carries every number. Outputs go to a temporary directory renamed into place.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .capture import Activations, capture
+from .config import RunConfig
+from .errors import AbliterateError
+from .evaluation import Evaluator, Metrics, baseline_note
+from .loading import load_model
+from .model import LoadedModel
+from .prompts import PromptSplits, make_splits
+from .saving import atomic_directory, check_output
+from .selection import Method, Selection, select
+from .weights import orthogonalize
+
+StageProgress = Callable[[str, int, int], None]
+
+
+class NoRefusalError(AbliterateError):
+    """The model does not refuse the harmful prompts: there is nothing to abliterate."""
+
+
+@dataclass
+class RunResult:
+    out: Path | None
+    selection: Selection
+    before: Metrics
+    after: Metrics
+    timings: dict[str, float] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    note: str = ""
+
+    def metrics(self) -> dict[str, Any]:
+        chosen = self.selection.chosen
+        return {
+            "abliterate_version": __version__,
+            "model": self.config.get("model"),
+            "chosen": None
+            if chosen is None
+            else {"layer": chosen.layer, "position": chosen.position, "method": chosen.method},
+            "before": self.before.to_dict(),
+            "after": self.after.to_dict(),
+            "selection": self.selection.to_dict(),
+            "timings_s": self.timings,
+            "note": self.note,
+        }
+
+
+def versions() -> dict[str, str]:
+    import torch
+    import transformers
+
+    return {
+        "abliterate": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _methods(cfg: RunConfig) -> list[Method]:
+    return [Method(m, {"t": cfg.slerp_t} if m == "slerp" else {}) for m in cfg.methods]
+
+
+def load_for(cfg: RunConfig) -> LoadedModel:
+    lm = load_model(
+        cfg.model,
+        dtype=cfg.dtype,
+        device=cfg.device,
+        device_map=cfg.device_map,
+        trust_remote_code=cfg.trust_remote_code,
+        chat_template=cfg.chat_template,
+    )
+    if cfg.disable_thinking:
+        lm.template_kwargs["enable_thinking"] = False
+    lm.response_prefix = cfg.response_prefix
+    return lm
+
+
+def splits_for(cfg: RunConfig) -> tuple[PromptSplits, PromptSplits]:
+    common = {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test, "seed": cfg.seed}
+    affix = {"prefix": cfg.prompt_prefix, "suffix": cfg.prompt_suffix}
+    return make_splits("harmful", cfg.harmful, **common, **affix), make_splits(
+        "harmless", cfg.harmless, **common, **affix
+    )
+
+
+def measure(cfg: RunConfig, lm: LoadedModel, progress: StageProgress | None = None) -> tuple[Activations, Selection]:
+    """Capture on the train split and sweep candidates on the validation split."""
+    harmful, harmless = splits_for(cfg)
+    acts = capture(
+        lm,
+        harmful.train,
+        harmless.train,
+        positions=cfg.positions,
+        batch_size=cfg.batch_size,
+        system=cfg.system,
+        progress=(lambda d, t: progress("capture", d, t)) if progress else None,
+    )
+    sel = select(
+        lm,
+        acts,
+        harmful.val,
+        harmless.val,
+        methods=_methods(cfg),
+        layers=cfg.layers,
+        skip_last=cfg.skip_last,
+        kl_threshold=cfg.kl_threshold,
+        min_induce=cfg.min_induce,
+        batch_size=cfg.batch_size,
+        progress=(lambda d, t, _s: progress("sweep", d, t)) if progress else None,
+    )
+    return acts, sel
+
+
+def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
+    """``abliterate run``: writes the edited model, directions, metrics, config and report to ``cfg.out``."""
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
+    lm = load_for(cfg)
+    timings["load"] = time.perf_counter() - t0
+    harmful, harmless = splits_for(cfg)
+    t = time.perf_counter()
+    acts, sel = measure(cfg, lm, progress)
+    timings["capture_and_sweep"] = time.perf_counter() - t
+    if not sel.baseline_refuses:
+        raise NoRefusalError(sel.note)
+    if sel.chosen is None:
+        raise AbliterateError(sel.note)
+    direction = sel.direction()
+    evaluator = Evaluator(
+        lm, harmful.test, harmless.test, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+    )
+    t = time.perf_counter()
+    if progress:
+        progress("evaluate before", 0, 1)
+    before = evaluator.measure("before")
+    timings["evaluate_before"] = time.perf_counter() - t
+    orthogonalize(lm, direction, scale=cfg.scale, norm_preserving=cfg.norm_preserving)
+    t = time.perf_counter()
+    if progress:
+        progress("evaluate after", 0, 1)
+    after = evaluator.measure("after")
+    timings["evaluate_after"] = time.perf_counter() - t
+    result = RunResult(None, sel, before, after, timings, cfg.to_dict(), baseline_note(before))
+    t = time.perf_counter()
+    if progress:
+        progress("save", 0, 1)
+    with atomic_directory(target) as tmp:
+        lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        sel.direction_sets[sel.chosen.method].save(tmp / "directions.safetensors")
+        write_artifacts(tmp, result, acts)
+        timings["save"] = time.perf_counter() - t
+        timings["total"] = time.perf_counter() - t0
+        (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+    result.out = target
+    return result
+
+
+def write_artifacts(folder: Path, result: RunResult, acts: Activations) -> None:
+    """Effective config + versions, model card and HTML report."""
+    from .report import model_card, write_report
+
+    (folder / "abliterate_config.json").write_text(
+        json.dumps({"config": result.config, "versions": versions()}, indent=2) + "\n"
+    )
+    (folder / "README.md").write_text(model_card(result))
+    write_report(folder, result, acts)

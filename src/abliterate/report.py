@@ -1,0 +1,183 @@
+"""Human-readable outputs of a run: PNG plots, a self-contained HTML report and a model card."""
+
+from __future__ import annotations
+
+import base64
+import html
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .capture import Activations
+from .evaluation import Metrics
+
+if TYPE_CHECKING:
+    from .pipeline import RunResult
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def _plots(folder: Path, result: RunResult, acts: Activations) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = result.selection
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for method in sel.settings["methods"]:
+        for pos in sel.settings["positions"]:
+            rows = [c for c in sel.candidates if c.method == method and c.position == pos and not math.isnan(c.bypass)]
+            label = f"{method} pos {pos}"
+            for ax, key in zip(axes, ("bypass", "induce", "kl"), strict=True):
+                ax.plot([c.layer for c in rows], [getattr(c, key) for c in rows], marker="o", ms=3, label=label)
+    titles = (
+        "bypass: refusal score, harmful, ablated (lower = better)",
+        "induce: refusal score, harmless, added",
+        "KL on harmless (ablated)",
+    )
+    for ax, title in zip(axes, titles, strict=True):
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("layer")
+        ax.grid(alpha=0.3)
+    axes[0].axhline(sel.base_bypass, color="grey", ls="--", lw=1, label="unedited")
+    axes[1].axhline(sel.base_induce, color="grey", ls="--", lw=1)
+    axes[2].axhline(sel.settings["kl_threshold"], color="red", ls=":", lw=1, label="KL threshold")
+    if sel.chosen:
+        for ax, key in zip(axes, ("bypass", "induce", "kl"), strict=True):
+            ax.plot([sel.chosen.layer], [getattr(sel.chosen, key)], "r*", ms=12)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(folder / "candidates.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    diff = acts.harmful_mean - acts.harmless_mean
+    norms = diff.norm(dim=-1)[:, -1].tolist()
+    scale = ((acts.harmful_mean.norm(dim=-1) + acts.harmless_mean.norm(dim=-1)) / 2)[:, -1].tolist()
+    cos = [
+        1 - float((a @ b) / (a.norm() * b.norm() + 1e-12))
+        for a, b in zip(acts.harmful_mean[:, -1], acts.harmless_mean[:, -1], strict=True)
+    ]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    axes[0].plot(norms, marker="o", ms=3, label="|mean diff|")
+    axes[0].plot(
+        [n / max(s, 1e-12) for n, s in zip(norms, scale, strict=True)], marker="s", ms=3, label="|mean diff| / |mean|"
+    )
+    axes[0].set_yscale("log")
+    axes[0].set_title("direction norm per layer (last position)", fontsize=9)
+    axes[1].plot(cos, marker="o", ms=3)
+    axes[1].set_title("harmful/harmless separation: 1 - cos(means)", fontsize=9)
+    for ax in axes:
+        ax.set_xlabel("residual point (layer input)")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    paths.append(folder / "directions.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    labels = ["refusal (harmful)", "over-refusal (harmless)"]
+    b, a = result.before, result.after
+    xs = range(len(labels))
+    ax.bar([x - 0.2 for x in xs], [b.refusal_rate, b.over_refusal], width=0.4, label="before")
+    ax.bar([x + 0.2 for x in xs], [a.refusal_rate, a.over_refusal], width=0.4, label="after")
+    ax.set_xticks(list(xs), labels, fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_title(f"refusals on held-out prompts (KL after: {a.kl:.3f})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    paths.append(folder / "refusals.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
+
+
+def _samples(before: Metrics, after: Metrics, limit: int) -> str:
+    rows = []
+    for b, a in (
+        list(zip(before.harmful_samples, after.harmful_samples, strict=True))[:limit]
+        + list(zip(before.harmless_samples, after.harmless_samples, strict=True))[: max(1, limit // 2)]
+    ):
+        cls = lambda s: "refused" if s.refused else "answered"  # noqa: E731
+        rows.append(
+            f"<tr><td>{html.escape(b.prompt)}</td><td class='{cls(b)}'>{html.escape(b.response)}</td>"
+            f"<td class='{cls(a)}'>{html.escape(a.response)}</td></tr>"
+        )
+    return "".join(rows)
+
+
+def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
+    """Write candidates/directions/refusals PNGs and report.html with the plots embedded."""
+    plots = _plots(folder, result, acts)
+    sel, b, a = result.selection, result.before, result.after
+    c = sel.chosen
+    table = "".join(
+        f"<tr class='{'pass' if x.passed else 'fail'}'><td>{x.method}</td><td>{x.layer}</td><td>{x.position}</td>"
+        f"<td>{x.bypass:.3f}</td><td>{x.induce:.3f}</td><td>{x.kl:.4f}</td><td>{html.escape(x.reason)}</td></tr>"
+        for x in sel.candidates
+    )
+    note = f"<p class='note'>{html.escape(result.note)}</p>" if result.note else ""
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>abliterate report</title><style>
+body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+table{{border-collapse:collapse;font-size:13px;width:100%}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
+.refused{{background:#fde2e2}}.answered{{background:#e3f6e3}}.fail{{color:#888}}.pass{{font-weight:600}}
+img{{max-width:100%}}.note{{background:#fff3cd;padding:.6em}}.kpi td{{font-size:15px}}</style></head><body>
+<h1>abliterate report</h1>
+<p>Model <code>{html.escape(str(result.config.get("model")))}</code>; chosen direction:
+<b>{html.escape(c.method) if c else "none"}</b> at layer <b>{c.layer if c else "-"}</b>, position {c.position if c else "-"}.</p>
+{note}
+<table class="kpi"><tr><th></th><th>before</th><th>after</th></tr>
+<tr><td>refusal rate, held-out harmful ({b.n_harmful})</td><td>{_pct(b.refusal_rate)}</td><td>{_pct(a.refusal_rate)}</td></tr>
+<tr><td>over-refusal, held-out harmless ({b.n_harmless})</td><td>{_pct(b.over_refusal)}</td><td>{_pct(a.over_refusal)}</td></tr>
+<tr><td>KL(base || edited), first response token</td><td>0</td><td>{a.kl:.4f}</td></tr></table>
+<h2>Per-layer candidate scores</h2>{_img(plots[0])}
+<h2>Direction norm and separation</h2>{_img(plots[1])}
+<h2>Refusals before / after</h2>{_img(plots[2])}
+<h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
+{_samples(b, a, int(result.config.get("samples", 6)))}</table>
+<h2>Candidate table</h2><p>{html.escape(sel.note)} ({sel.seconds:.0f} s)</p>
+<table><tr><th>method</th><th>layer</th><th>position</th><th>bypass</th><th>induce</th><th>KL</th><th>filtered because</th></tr>
+{table}</table></body></html>
+"""
+    path = folder / "report.html"
+    path.write_text(doc, encoding="utf-8")
+    return path
+
+
+def model_card(result: RunResult) -> str:
+    sel, b, a, cfg = result.selection, result.before, result.after, result.config
+    c = sel.chosen
+    return f"""---
+tags: [abliterate, abliteration, refusal-direction]
+base_model: {cfg.get("model")}
+---
+# Abliterated {cfg.get("model")}
+
+Made with [abliterate](https://pypi.org/project/abliterate/): the refusal direction was found from
+{cfg.get("n_train")} harmful and {cfg.get("n_train")} harmless prompts and removed from every weight that writes
+into the residual stream (`W <- W - s r r^T W`, scale {cfg.get("scale")}, norm-preserving: {cfg.get("norm_preserving")}).
+
+| | value |
+|---|---|
+| method | {c.method if c else "-"} |
+| layer / position | {c.layer if c else "-"} / {c.position if c else "-"} |
+| refusal rate on held-out harmful prompts | {_pct(b.refusal_rate)} -> {_pct(a.refusal_rate)} |
+| over-refusal on held-out harmless prompts | {_pct(b.over_refusal)} -> {_pct(a.over_refusal)} |
+| KL(base, edited), first response token | {a.kl:.4f} |
+
+{result.note}
+
+Loads with plain `transformers` (`AutoModelForCausalLM.from_pretrained`). The direction set is in
+`directions.safetensors`, every number in `metrics.json`, the effective configuration and versions in
+`abliterate_config.json`, plots in `report.html`.
+"""
