@@ -14,6 +14,7 @@ from typing import Any, Literal
 
 import torch
 
+from .batching import BatchRunner
 from .errors import PromptError
 from .hooks import HookSet
 from .model import LoadedModel, Progress
@@ -109,24 +110,32 @@ def _run_set(
     progress: Progress | None,
     done: int,
     total: int,
+    share_prefix: bool = True,
 ) -> _Collector:
     prompt_pos = [p for p in positions if p != "gen"]
     gen_slot = positions.index("gen") if "gen" in positions else None
     idx = torch.tensor(prompt_pos, dtype=torch.long)
     n_points = lm.num_layers + 1
     col = _Collector(n_points, len(positions), lm.hidden_size, len(prompts) if keep else None)
-    texts = lm.format(prompts, system=system)
-    lengths = [len(lm.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-    shortest = min(lengths)
+    runner = BatchRunner(
+        lm,
+        lm.format(prompts, system=system),
+        batch_size,
+        share_prefix=share_prefix,
+        min_suffix=-min(prompt_pos) if prompt_pos else 1,
+        use_cache=gen_slot is not None,
+    )
+    shortest = min(len(ids) for ids in runner.ids)
     if prompt_pos and -min(prompt_pos) > shortest:
         raise PromptError(
             f"position {min(prompt_pos)} is before the start of a {shortest}-token prompt; use a smaller offset"
         )
-    order = sorted(range(len(texts)), key=lengths.__getitem__)  # similar lengths batch together
-    stage = {"slot": slice(0, len(prompt_pos)), "select": True}
+    stage: dict[str, Any] = {"slot": slice(0, 0), "select": True, "on": False}
 
     def watcher(point: int):
         def fn(hidden: torch.Tensor) -> None:
+            if not stage["on"]:
+                return
             if stage["select"]:
                 col.add(point, stage["slot"], hidden[:, idx.to(hidden.device), :])
             else:
@@ -134,32 +143,40 @@ def _run_set(
 
         return fn
 
-    use_cache = gen_slot is not None
     with HookSet() as hooks, torch.inference_mode():
         for i, layer in enumerate(lm.anatomy.layers):
             hooks.watch_input(layer, watcher(i))
         hooks.watch_output(lm.anatomy.layers[-1], watcher(n_points - 1))
-        for start in range(0, len(order), batch_size):
-            rows = order[start : start + batch_size]
-            col.rows = torch.tensor(rows)
-            batch = lm.encode([texts[r] for r in rows])
-            stage.update(slot=slice(0, len(prompt_pos)), select=bool(prompt_pos))
-            if not prompt_pos:  # only the generated position: run the prompt without recording
-                stage["slot"] = slice(0, 0)
-            out = lm.forward(batch, use_cache=use_cache)
+        runner.prefill()  # the shared prefix is run, not recorded
+        finished = 0
+        stage.update(slot=slice(0, len(prompt_pos)), on=True)  # prompt positions, recorded during each batch
+        for batch in _batches_with_rows(runner, col):
+            out = batch.output
             if gen_slot is not None:
                 next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True).to(lm.device)
-                step = {
-                    "input_ids": next_ids,
-                    "attention_mask": torch.cat([batch["attention_mask"], torch.ones_like(next_ids)], 1),
-                }
+                mask = torch.cat([batch.attention_mask, torch.ones_like(next_ids)], 1)
                 stage.update(slot=slice(gen_slot, gen_slot + 1), select=False)
-                last = batch["attention_mask"].long().sum(-1, keepdim=True) - 1
-                lm.forward(step, use_cache=True, past_key_values=out.past_key_values, position_ids=last + 1)
+                lm.forward(
+                    {"input_ids": next_ids, "attention_mask": mask},
+                    use_cache=True,
+                    past_key_values=out.past_key_values,
+                    position_ids=batch.last_position + 1,
+                )
+                stage.update(slot=slice(0, len(prompt_pos)), select=True)
             del out
+            finished += len(batch.rows)
             if progress:
-                progress(done + start + len(rows), total)
+                progress(done + finished, total)
     return col
+
+
+def _batches_with_rows(runner: BatchRunner, col: _Collector):
+    """Set the collector's row indices before each batch's forward pass runs."""
+    order = runner.order
+    runner_iter = iter(runner)
+    for start in range(0, len(order), runner.batch_size):
+        col.rows = torch.tensor(order[start : start + runner.batch_size])
+        yield next(runner_iter)
 
 
 def capture(
@@ -172,6 +189,7 @@ def capture(
     system: str | None = None,
     keep_per_prompt: bool = False,
     progress: Progress | None = None,
+    share_prefix: bool = True,
 ) -> Activations:
     """Capture residual-stream activations for both prompt sets with the chat template applied.
 
@@ -185,8 +203,8 @@ def capture(
     if batch_size < 1:
         raise PromptError(f"batch_size must be at least 1, got {batch_size}")
     total = len(harmful) + len(harmless)
-    a = _run_set(lm, harmful, pos, batch_size, system, keep_per_prompt, progress, 0, total)
-    b = _run_set(lm, harmless, pos, batch_size, system, keep_per_prompt, progress, len(harmful), total)
+    a = _run_set(lm, harmful, pos, batch_size, system, keep_per_prompt, progress, 0, total, share_prefix)
+    b = _run_set(lm, harmless, pos, batch_size, system, keep_per_prompt, progress, len(harmful), total, share_prefix)
     return Activations(
         harmful_mean=a.sums / len(harmful),
         harmless_mean=b.sums / len(harmless),

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from .batching import BatchRunner
 from .model import LoadedModel, Progress
 
 REFUSAL_OPENERS: tuple[str, ...] = (
@@ -50,21 +51,22 @@ def first_token_logprobs(
     system: str | None = None,
     batch_size: int = 16,
     progress: Progress | None = None,
+    share_prefix: bool = True,
 ) -> torch.Tensor:
     """Log-probabilities ``[n, vocab]`` (float32, CPU) of the first response token, under whatever
     hooks are active."""
-    texts = lm.format(prompts, system=system)
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    runner = BatchRunner(lm, lm.format(prompts, system=system), batch_size, share_prefix=share_prefix)
+    runner.prefill()
     out: torch.Tensor | None = None
-    for start in range(0, len(order), batch_size):
-        rows = order[start : start + batch_size]
-        logits = lm.forward(lm.encode([texts[i] for i in rows]), use_cache=False).logits[:, -1, :]
-        logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+    done = 0
+    for batch in runner:
+        logp = torch.log_softmax(batch.output.logits[:, -1, :].float(), dim=-1).cpu()
         if out is None:
-            out = torch.empty(len(texts), logp.shape[-1])
-        out[torch.tensor(rows)] = logp
+            out = torch.empty(len(prompts), logp.shape[-1])
+        out[torch.tensor(batch.rows)] = logp
+        done += len(batch.rows)
         if progress:
-            progress(start + len(rows), len(texts))
+            progress(done, len(prompts))
     assert out is not None
     return out
 
