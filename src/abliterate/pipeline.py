@@ -17,6 +17,7 @@ from typing import Any
 from . import __version__
 from .capture import Activations, capture
 from .config import RunConfig
+from .directions import DirectionSet
 from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
 from .loading import load_model
@@ -163,13 +164,27 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     with atomic_directory(target) as tmp:
         lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
-        sel.direction_sets[sel.chosen.method].save(tmp / "directions.safetensors")
+        annotate(sel, acts, sel.chosen.method).save(tmp / "directions.safetensors")
         write_artifacts(tmp, result, acts)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
     result.out = target
     return result
+
+
+def annotate(sel: Selection, acts: Activations, label: str) -> DirectionSet:
+    """The direction set of method ``label`` with the chosen candidate and, per layer, the harmful
+    prompts' mean projection onto the unit direction (the default induction coefficient)."""
+    ds = sel.direction_sets[label]
+    position = sel.chosen.position if sel.chosen else acts.positions[-1]
+    p = acts.position_index(position)
+    units = ds.vectors[:, ds.positions.index(position)].float()
+    units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ds.meta["harmful_projection"] = [float(x) for x in (acts.harmful_mean[:, p].float() * units).sum(-1)]
+    if sel.chosen:
+        ds.meta["chosen"] = {"layer": sel.chosen.layer, "position": sel.chosen.position, "method": label}
+    return ds
 
 
 def write_artifacts(folder: Path, result: RunResult, acts: Activations) -> None:

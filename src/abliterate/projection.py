@@ -35,6 +35,8 @@ def writer_basis(writer: Writer, basis: torch.Tensor, hidden: int) -> torch.Tens
     removing ``g * r`` from the writer's output makes the normalized output orthogonal to ``r``.
     """
     device = writer.weight.device
+    if device.type == "meta":  # a module tree without weights (streaming edit): the basis lives on the CPU
+        device = torch.device("cpu")
     if writer.post_norm is None:
         return basis.to(device)
     gain = norm_gain(writer.post_norm, hidden).cpu().double()

