@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -107,3 +108,22 @@ def test_eval_json_and_chat_needs_a_tty(measured, tmp_path):
     assert json.loads((tmp_path / "m.json").read_text())["base"]["n_harmful"] == 2
     res = invoke("chat", str(model), str(out / "directions.safetensors"), "--layer", "1")
     assert res.exit_code == 2 and "interactive terminal" in res.output
+
+
+@pytest.mark.parametrize(
+    ("exc", "code", "message"),
+    [(KeyboardInterrupt(), 130, "interrupted"), (OSError(28, "No space left on device"), 2, "No space left")],
+)
+def test_interrupt_or_full_disk_while_saving_leaves_nothing(measured, tmp_path, monkeypatch, exc, code, message):
+    from transformers import PreTrainedModel
+
+    model, out = measured
+
+    def broken_save(self, path, *a, **k):
+        (Path(path) / "model.safetensors").write_bytes(b"partial")
+        raise exc
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", broken_save)
+    res = invoke("apply", str(model), str(out / "directions.safetensors"), "--layer", "1", "--out", str(tmp_path / "o"))
+    assert res.exit_code == code and message in res.output
+    assert list(tmp_path.iterdir()) == []

@@ -44,6 +44,9 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
+    except OSError as exc:  # disk full, permissions...: one clear line, nothing left behind
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise OutputError(f"could not write {target}: {exc.strerror or exc}; nothing was written") from exc
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
