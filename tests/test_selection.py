@@ -80,6 +80,7 @@ def test_selection_table_filters_and_choice(lm_acts):
         skip_last=0.3,
         score_skipped=True,
         kl_threshold=10.0,
+        max_kl=10.0,
         min_induce=-100.0,
         progress=lambda i, n, s: calls.append((i, n)),
     )
@@ -101,7 +102,9 @@ def test_selection_table_filters_and_choice(lm_acts):
 
 def test_selection_filters_reject_everything_with_strict_thresholds(lm_acts):
     lm, acts = lm_acts
-    sel = select(lm, acts, VAL_H, VAL_L, kl_threshold=-1.0, layers=[1])
+    with pytest.raises(PromptError, match="kl_threshold"):
+        select(lm, acts, VAL_H, VAL_L, kl_threshold=-1.0)
+    sel = select(lm, acts, VAL_H, VAL_L, kl_threshold=1e-9, max_kl=1e-9, layers=[1])
     assert sel.chosen is None
     assert all(not c.passed and "KL" in c.reason for c in sel.candidates)
     assert "no candidate passed" in sel.note or "does not refuse" in sel.note
@@ -142,3 +145,13 @@ def test_evaluator_caches_base_and_measures_edits(lm_acts, monkeypatch):
     rate, samples = ev.induced_refusal(lambda: induce(lm, r, acts))
     assert 0.0 <= rate <= 1.0 and len(samples) == 3
     assert json.loads(json.dumps(after.to_dict()))["name"] == "ablated"
+
+
+def test_kl_limit_is_relaxed_step_by_step_when_nothing_passes(lm_acts):
+    lm, acts = lm_acts
+    sel = select(lm, acts, VAL_H, VAL_L, layers=[1, 2], skip_last=0.0, kl_threshold=1e-6, max_kl=100.0, min_induce=-100)
+    used = sel.settings["kl_limit_used"]
+    assert sel.chosen is not None and used > 1e-6
+    assert sel.chosen.kl <= used and all(c.kl > used / 2 for c in sel.candidates), (
+        "stops at the first limit that admits one"
+    )

@@ -6,11 +6,14 @@ prompts that did not build the direction:
 * bypass: mean refusal score on harmful prompts with the candidate ablated everywhere (lower is
   better);
 * induce: mean refusal score on harmless prompts with the candidate added at its own layer
-  (must rise above ``min_induce`` to show the direction really carries refusal);
+  (must rise more than ``min_induce`` above the unedited model's score on the same prompts, to
+  show the direction really carries refusal);
 * KL: mean KL(base || ablated) of the first response token on harmless prompts.
 
 Candidates in the last ``skip_last`` fraction of layers, with KL above ``kl_threshold`` or too
-little induction are filtered out; the best bypass among the rest wins. The whole table is kept.
+little induction are filtered out; the best bypass among the rest wins. If no candidate is under
+the KL threshold, the threshold is doubled (up to ``max_kl``) until one is, and the note says so.
+The whole table is kept.
 """
 
 from __future__ import annotations
@@ -123,6 +126,7 @@ def select(
     skip_last: float = 0.2,
     kl_threshold: float = 0.1,
     min_induce: float = 0.0,
+    max_kl: float = 1.0,
     score_skipped: bool = False,
     batch_size: int = 16,
     progress: SweepProgress | None = None,
@@ -132,6 +136,8 @@ def select(
     Layers in the last ``skip_last`` fraction are not scored at all unless ``score_skipped``.
     """
     start = time.perf_counter()
+    if not 0 < kl_threshold <= max_kl:
+        raise PromptError(f"need 0 < kl_threshold <= max_kl, got {kl_threshold} and {max_kl}")
     harmful_val, harmless_val = list(harmful_val), list(harmless_val)
     check_validation(acts, harmful_val, harmless_val)
     system = acts.meta.get("system")
@@ -173,19 +179,27 @@ def select(
             induce=_mean(refusal_scores(induced, ref_ids)),
             kl=_mean(kl_divergence(base_harmless, ablated[n_h:])),
         )
-        reasons = []
-        if layer >= max_layer:
-            reasons.append(f"in the last {skip_last:.0%} of layers")
-        if score.kl > kl_threshold:
-            reasons.append(f"KL {score.kl:.3f} > {kl_threshold}")
-        if score.induce <= min_induce:
-            reasons.append(f"induce {score.induce:.2f} <= {min_induce}")
-        score.passed, score.reason = not reasons, "; ".join(reasons)
         table.append(score)
     if progress:
         progress(len(grid), len(grid), "done")
 
-    passed = [c for c in table if c.passed]
+    limit = kl_threshold
+    while True:
+        for c in table:
+            if c.reason.startswith("zero-norm"):
+                continue
+            reasons = []
+            if c.layer >= max_layer:
+                reasons.append(f"in the last {skip_last:.0%} of layers")
+            if c.kl > limit:
+                reasons.append(f"KL {c.kl:.3f} > {limit:g}")
+            if c.induce - base_induce <= min_induce:
+                reasons.append(f"induce {c.induce:.2f} does not raise refusal (unedited {base_induce:.2f})")
+            c.passed, c.reason = not reasons, "; ".join(reasons)
+        passed = [c for c in table if c.passed]
+        if passed or limit >= max_kl:
+            break
+        limit = min(limit * 2, max_kl)
     chosen = min(passed, key=lambda c: c.bypass) if passed else None
     refuses = base_bypass > NO_REFUSAL_LOGODDS
     if not refuses:
@@ -194,12 +208,17 @@ def select(
             f"{base_bypass:.2f}); there is no refusal to remove"
         )
     elif chosen is None:
-        note = f"no candidate passed the filters (KL <= {kl_threshold}, induce > {min_induce}); loosen them"
+        note = (
+            f"no candidate passed the filters (KL <= {limit:g}, induce raising refusal by > {min_induce}); "
+            "loosen them (kl_threshold, min_induce, skip_last)"
+        )
     else:
         note = (
             f"chose {chosen.method} at layer {chosen.layer}, position {chosen.position}: refusal score "
             f"{base_bypass:.2f} -> {chosen.bypass:.2f}, KL {chosen.kl:.3f}"
         )
+        if limit != kl_threshold:
+            note += f" (no candidate had KL <= {kl_threshold:g}; the limit was relaxed to {limit:g})"
     settings = {
         "methods": [m.label for m in methods],
         "layers": chosen_layers,
@@ -207,6 +226,7 @@ def select(
         "skip_last": skip_last,
         "kl_threshold": kl_threshold,
         "min_induce": min_induce,
+        "kl_limit_used": limit,
         "n_harmful_val": n_h,
         "n_harmless_val": len(harmless_val),
     }

@@ -1,14 +1,13 @@
-"""Streaming weight edit: orthogonalize a safetensors checkpoint on disk, shard by shard, never loading the model.
+"""Streaming weight edit: orthogonalize a safetensors checkpoint on disk, shard by shard, without loading it.
 
-The module tree is built on the meta device from ``config.json`` and :func:`abliterate.find_anatomy` names the
-residual writers, their residual axis and their post-norms; transformers' own checkpoint conversion mapping
-(the one ``from_pretrained`` applies) ties each writer parameter to its checkpoint tensors, e.g. the fused
-3-D ``mlp.experts.down_proj`` to the per-expert ``mlp.experts.<e>.down_proj.weight`` (or Mixtral's
-``block_sparse_moe.experts.<e>.w2.weight``) tensors of the file. Each output shard is written byte for byte
-from its input: the header and every untouched tensor are copied (``copy_file_range``), and only the writers
-are read, edited in float32 with :func:`abliterate.weights.project_tensor` and cast back to their stored
-dtype, so peak memory is about one writer tensor and the output keeps the input's file names, index and key
-names. The edit equals :func:`abliterate.orthogonalize` with the same arguments followed by ``save``.
+The module tree is built on the meta device from ``config.json``; :func:`abliterate.find_anatomy` names the
+residual writers, and transformers' own checkpoint conversion mapping (the one ``from_pretrained`` applies)
+ties each writer parameter to its checkpoint tensors, e.g. the fused 3-D ``mlp.experts.down_proj`` to the
+per-expert ``mlp.experts.<e>.down_proj.weight`` (Mixtral: ``block_sparse_moe.experts.<e>.w2.weight``).
+Each output shard is its input with the writers' bytes replaced: header and untouched tensors are copied in
+the kernel (``copy_file_range``); writers are read with ``pread``, edited in float32 by
+:func:`abliterate.weights.project_tensor` and cast back to their stored dtype. Peak memory is about the
+largest writer tensor, not a shard; file names, key names and the index stay as they were.
 """
 
 from __future__ import annotations
@@ -21,9 +20,9 @@ import struct
 import time
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -35,16 +34,10 @@ from .interventions import edit_plan
 from .model import LoadedModel, Progress
 from .projection import Scale, project_out
 from .saving import atomic_directory, check_output
-from .weights import project_tensor
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
-FLOAT_DTYPES: dict[str, torch.dtype] = {
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F64": torch.float64,
-}
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Weights in other formats are not copied: an unedited duplicate of the model would be a trap.
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors", ".index.json")
 NO_STREAM = "dequantize first, or load through transformers (abliterate apply without --stream)"
@@ -56,18 +49,18 @@ class StreamReport:
     ``skipped`` weight files in other formats that were left out of the output."""
 
     out_dir: Path
-    edited: list[str] = field(default_factory=list)
-    untied: bool = False
-    shards: list[str] = field(default_factory=list)
-    copied: list[str] = field(default_factory=list)
-    skipped: list[str] = field(default_factory=list)
-    bytes_written: int = 0
+    edited: list[str]
+    untied: bool
+    shards: list[str]
+    copied: list[str]
+    skipped: list[str]
+    bytes_written: int
     seconds: float = 0.0
 
 
 @dataclass(frozen=True)
 class _Entry:
-    """One tensor of a safetensors file: absolute byte range in the file."""
+    """One tensor of a safetensors file; ``start``/``end`` are absolute file offsets."""
 
     dtype: str
     shape: tuple[int, ...]
@@ -80,7 +73,6 @@ class _Shard:
     name: str
     path: Path
     raw_header: bytes  # the 8-byte length and the JSON header, as stored
-    header: dict[str, Any]
     entries: dict[str, _Entry]
     size: int
 
@@ -112,7 +104,7 @@ def _read_shard(path: Path) -> _Shard:
         raise ModelLoadError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from exc
     if any(e.end > size or e.start > e.end for e in entries.values()):
         raise ModelLoadError(f"{path} is truncated (tensor data past the end of the file); re-download it")
-    return _Shard(path.name, path, head + raw, header, entries, size)
+    return _Shard(path.name, path, head + raw, entries, size)
 
 
 def _find_shards(src: Path) -> tuple[list[str], dict[str, Any] | None]:
@@ -122,14 +114,10 @@ def _find_shards(src: Path) -> tuple[list[str], dict[str, Any] | None]:
             index = json.loads((src / INDEX).read_text())
             names = sorted(set(index["weight_map"].values()))
         except (ValueError, KeyError, AttributeError) as exc:
-            raise ModelLoadError(
-                f"{src / INDEX} is not a valid index ({exc}); re-download or re-save the model"
-            ) from exc
+            raise ModelLoadError(f"{src / INDEX} is not a valid index ({exc}); re-download or re-save it") from exc
         missing = [n for n in names if not (src / n).is_file()]
         if missing:
-            raise ModelLoadError(
-                f"{src / INDEX} names shard(s) {', '.join(missing)} that are missing; re-download them"
-            )
+            raise ModelLoadError(f"{src / INDEX} names missing shard(s) {', '.join(missing)}; re-download them")
         return names, index
     if (src / SINGLE).is_file():
         return [SINGLE], None
@@ -213,15 +201,10 @@ def _source_axis(ops: list[Any], axis: int, src: tuple[int, ...], target: tuple[
         elif kind == "Concatenate":
             shape[op.dim] = None
         else:
-            raise ArchitectureError(
-                f"the checkpoint stores {name} through a {kind} conversion that a streaming edit cannot follow; "
-                "load through transformers instead (abliterate apply without --stream)"
-            )
+            raise ArchitectureError(f"{name} is stored through a {kind} conversion; load through transformers")
     found = labels[axis] if len(labels) == len(target) else None
     if found is None:
-        raise ArchitectureError(
-            f"cannot locate the residual axis of {name} in the checkpoint; load through transformers"
-        )
+        raise ArchitectureError(f"cannot find the residual axis of {name}; load through transformers instead")
     return found
 
 
@@ -237,43 +220,84 @@ def _param_names(writer: Writer) -> tuple[str, str | None]:
     return writer.name, f"{owner}.{writer.bias}" if writer.bias else None
 
 
-def _read_tensor(fd: int, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
-    """Read one tensor with plain ``pread`` (no mmap, so nothing lingers in RSS): (bytes, typed view)."""
-    buf = torch.empty(entry.end - entry.start, dtype=torch.uint8)
-    view, done = memoryview(buf.numpy()), 0
-    while done < len(view):
-        n = os.preadv(fd, [view[done:]], entry.start + done)
-        if n <= 0:
-            raise ModelLoadError(f"unexpected end of file reading a tensor (fd {fd}); the shard is truncated")
-        done += n
-    return buf, buf.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+def _read_into(fin: BinaryIO, view: memoryview, offset: int) -> None:
+    fin.seek(offset)
+    while len(view):
+        n = fin.readinto(view)
+        if not n:
+            raise ModelLoadError(f"{fin.name} ends early: the shard is truncated; re-download it")
+        view = view[n:]
 
 
-def _materialize_post_norms(
-    model: nn.Module, writers: list[Writer], sources: Mapping[str, list[tuple[str, list[Any]]]], where: dict
-) -> None:
-    """Give each post-norm (Gemma 2/3, OLMo 2) its real weights, in float32, so its gain can be probed."""
-    done: set[int] = set()
-    for writer in writers:
-        norm = writer.post_norm
-        if norm is None or id(norm) in done:
-            continue
-        done.add(id(norm))
-        prefix = _module_name(model, norm)
-        for pname, param in list(norm.named_parameters()):
-            found = sources.get(f"{prefix}.{pname}", [])
-            if len(found) != 1 or found[0][1] or found[0][0] not in where:
-                raise ArchitectureError(f"the checkpoint has no tensor for {prefix}.{pname}; it does not match config")
-            shard, entry = where[found[0][0]]
-            if entry.dtype not in FLOAT_DTYPES or entry.shape != tuple(param.shape):
-                raise ModelLoadError(f"{found[0][0]} is stored as {entry.dtype} {list(entry.shape)}; {NO_STREAM}")
-            fd = os.open(shard.path, os.O_RDONLY)
-            try:
-                value = _read_tensor(fd, entry)[1].float().clone()
-            finally:
-                os.close(fd)
-            owner = norm.get_submodule(pname.rpartition(".")[0]) if "." in pname else norm
-            setattr(owner, pname.rpartition(".")[2], nn.Parameter(value, requires_grad=False))
+class _Workspace:
+    """Buffers reused from tensor to tensor: page-faulting fresh memory costs more than the arithmetic."""
+
+    def __init__(self, work_elements: int = 1 << 22) -> None:
+        self.raw = torch.empty(0, dtype=torch.uint8)
+        self.work = torch.empty(work_elements)
+
+    def read(self, fin: BinaryIO, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stored tensor, read with plain reads (an mmap would keep the shard in RSS): (bytes, typed view)."""
+        if self.raw.numel() < entry.end - entry.start:
+            self.raw = torch.empty(0, dtype=torch.uint8)  # free the old buffer before allocating the new one
+            self.raw = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        raw = self.raw[: entry.end - entry.start]
+        _read_into(fin, memoryview(raw.numpy()), entry.start)
+        return raw, raw.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+
+    def project(self, t: torch.Tensor, axis: int, u: torch.Tensor, scale: float, norm_preserving: bool) -> None:
+        """:func:`abliterate.weights.project_tensor` (same maths, float32), in place, in row blocks of the reused
+        work buffer: ``t - s (t U^T) U`` along ``axis``, per input unit rescaled to its old norm if asked."""
+        if t.dim() == 3:
+            for e in range(t.shape[0]):
+                self.project(t[e], axis - 1, u, scale, norm_preserving)
+            return
+        rows, cols = t.shape
+        step = max(1, self.work.numel() // cols)
+        blocks = [
+            (i, t[i : i + step], self.work[: min(step, rows - i) * cols].view(-1, cols)) for i in range(0, rows, step)
+        ]
+        if axis == 1:  # the residual is the last axis: rows are independent
+            for _, block, w in blocks:
+                w.copy_(block)
+                old = w.norm(dim=1, keepdim=True) if norm_preserving else None
+                w.addmm_(w @ u.T, u, alpha=-scale)
+                if old is not None:
+                    w.mul_(old / w.norm(dim=1, keepdim=True).clamp_min(1e-12))
+                block.copy_(w)
+            return
+        # the residual is the first axis (nn.Linear): P = U W sums over row blocks, then W -= s U^T P
+        coeff, old, new = torch.zeros(u.shape[0], cols), torch.zeros(cols), torch.zeros(cols)
+        for i, block, w in blocks:
+            coeff.addmm_(u[:, i : i + len(w)], w.copy_(block))
+            if norm_preserving:
+                old += (w * w).sum(0)
+
+        def edited(i: int, block: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+            return w.copy_(block).addmm_(u[:, i : i + len(w)].T, coeff, alpha=-scale)
+
+        if norm_preserving:  # one more pass for the new norms of each column (input unit)
+            for i, block, w in blocks:
+                new += (edited(i, block, w) ** 2).sum(0)
+            gain = old.sqrt() / new.sqrt().clamp_min(1e-12)
+        for i, block, w in blocks:
+            block.copy_(edited(i, block, w).mul_(gain) if norm_preserving else edited(i, block, w))
+
+
+def _materialize_post_norms(model: nn.Module, writers: list[Writer], sources: Mapping, where: Mapping) -> None:
+    """Give each post-norm (Gemma 2/3, OLMo 2) its real weights, in float32, so that its gain can be probed."""
+    for norm in {id(w.post_norm): w.post_norm for w in writers if w.post_norm is not None}.values():
+        prefix, values = _module_name(model, norm), {}
+        for pname, param in norm.named_parameters():
+            found = [key for key, ops in sources.get(f"{prefix}.{pname}", []) if not ops]
+            shard, entry = where[found[0]] if len(found) == 1 else (None, None)
+            if shard is None or entry.dtype not in FLOAT_DTYPES or entry.shape != tuple(param.shape):
+                raise ArchitectureError(
+                    f"no float tensor for {prefix}.{pname} in the checkpoint; config.json disagrees"
+                )
+            with open(shard.path, "rb", buffering=0) as fin:
+                values[pname] = _Workspace(0).read(fin, entry)[1].float().clone()
+        norm.load_state_dict(values, strict=False, assign=True)
 
 
 def _plan_edits(
@@ -308,78 +332,115 @@ def _plan_edits(
     return edits
 
 
-def _copy_range(fd_in: int, fd_out: int, offset: int, count: int) -> None:
-    """Copy ``count`` bytes at ``offset`` of ``fd_in`` to the current position of ``fd_out``, in the kernel."""
+def _write_all(fout: BinaryIO, view: memoryview) -> None:
+    """Write everything, 1 MiB per call: on Linux, writes of several MiB at once are up to 10x slower."""
+    while len(view):
+        view = view[fout.write(view[: 1 << 20]) :]
+
+
+def _copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, count: int) -> None:
+    """Append ``count`` bytes at ``offset`` of ``fin`` to ``fout``: in the kernel where the OS can, else buffered."""
+    kernel = hasattr(os, "copy_file_range")
     while count > 0:
-        try:
-            n = os.copy_file_range(fd_in, fd_out, min(count, 1 << 30), offset)
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            n = _write_all(fd_out, memoryview(os.pread(fd_in, min(count, 64 << 20), offset)))
-        if n <= 0:
-            raise ModelLoadError("unexpected end of file while copying a shard; the input is truncated")
+        if kernel:
+            try:
+                n = os.copy_file_range(fin.fileno(), fout.fileno(), min(count, 1 << 30), offset)
+                if n == 0:
+                    raise ModelLoadError(f"{fin.name} ends early: the shard is truncated; re-download it")
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                    raise
+                kernel = False
+                continue
+        else:
+            n = min(count, 16 << 20)
+            chunk = memoryview(bytearray(n))
+            _read_into(fin, chunk, offset)
+            _write_all(fout, chunk)
         offset, count = offset + n, count - n
 
 
-def _write_all(fd: int, data: memoryview) -> int:
-    done = 0
-    while done < len(data):
-        done += os.write(fd, data[done:])
-    return done
-
-
-def _write_shard(shard: _Shard, dst: Path, edits: Mapping[str, _Edit], extra: Sequence[tuple[str, _Entry]]) -> None:
+def _write_shard(
+    shard: _Shard, dst: Path, edits: Mapping[str, _Edit], extra: Sequence[tuple[str, _Entry]], work: _Workspace
+) -> None:
     """Write ``shard`` to ``dst`` with ``edits`` applied and ``extra`` tensors (copies of stored ones) appended."""
     raw = shard.raw_header
     if extra:
-        header = dict(shard.header)
-        end = shard.size - len(raw)
-        for name, entry in extra:
-            header[name] = {
-                "dtype": entry.dtype,
-                "shape": list(entry.shape),
-                "data_offsets": [end, end + entry.end - entry.start],
-            }
-            end += entry.end - entry.start
+        header, end = json.loads(raw[8:]), shard.size - len(raw)
+        for name, e in extra:
+            header[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [end, end + e.end - e.start]}
+            end += e.end - e.start
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)
         raw = struct.pack("<Q", len(text)) + text
-    fd_in = os.open(shard.path, os.O_RDONLY)
-    fd_out = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-    try:
-        _write_all(fd_out, memoryview(raw))
-        pos = len(shard.raw_header)
-        for key, entry in sorted(
-            ((k, shard.entries[k]) for k in edits if k in shard.entries), key=lambda x: x[1].start
-        ):
-            _copy_range(fd_in, fd_out, pos, entry.start - pos)
-            buf, tensor = _read_tensor(fd_in, entry)
-            edit = edits[key]
+    with open(shard.path, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
+        # one kernel copy of all the data (faster than copying around the writers), then the writers overwritten
+        _write_all(fout, memoryview(raw))
+        _copy_range(fin, fout, len(shard.raw_header), shard.size - len(shard.raw_header))
+        for _, entry in extra:
+            _copy_range(fin, fout, entry.start, entry.end - entry.start)
+        for key in sorted((k for k in edits if k in shard.entries), key=lambda k: shard.entries[k].start):
+            entry, edit = shard.entries[key], edits[key]
+            buf, tensor = work.read(fin, entry)
             with torch.no_grad():
                 if edit.axis is None:
                     tensor.copy_(project_out(tensor, edit.basis, edit.scale))
                 elif tensor.numel():
-                    project_tensor(tensor, edit.axis, edit.basis, edit.scale, edit.norm_preserving)
-            _write_all(fd_out, memoryview(buf.numpy()))
-            del buf, tensor
-            pos = entry.end
-        _copy_range(fd_in, fd_out, pos, shard.size - pos)
-        for _, entry in extra:
-            _copy_range(fd_in, fd_out, entry.start, entry.end - entry.start)
-        os.fsync(fd_out)
-    finally:
-        os.close(fd_in)
-        os.close(fd_out)
+                    work.project(tensor, edit.axis, edit.basis, edit.scale, edit.norm_preserving)
+            fout.seek(entry.start + len(raw) - len(shard.raw_header))
+            _write_all(fout, memoryview(buf.numpy()))
 
 
-def _output_embedding_key(model: nn.Module) -> str:
-    """The checkpoint name ``save_pretrained`` gives the LM head once it is untied."""
+def _untie_extra(model: nn.Module, plan: list, sources: Mapping, where: Mapping) -> tuple[bool, dict[str, list]]:
+    """Whether the LM head must be untied, and the ``lm_head`` copy of the original embedding to append (the
+    name ``save_pretrained`` gives it) unless the checkpoint already stores one."""
     from transformers.core_model_loading import revert_weight_conversion
 
-    name = f"{_module_name(model, model.get_output_embeddings())}.weight"
-    renamed = revert_weight_conversion(model, {name: model.get_output_embeddings().weight})
-    return next(iter(renamed)) if len(renamed) == 1 else name
+    out, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    if out is None or out.weight is not emb.weight or not any(w.layer is None for w, _, _ in plan):
+        return False, {}
+    name = f"{_module_name(model, out)}.weight"
+    renamed = revert_weight_conversion(model, {name: out.weight})
+    key = next(iter(renamed)) if len(renamed) == 1 else name
+    if key in where:
+        return True, {}
+    shard, entry = where[sources[f"{_module_name(model, emb)}.weight"][0][0]]
+    return True, {shard.name: [(key, entry)]}
+
+
+def _other_files(src: Path, shards: Sequence[str]) -> tuple[list[Path], list[str]]:
+    """Non-weight files to copy, and weight files in other formats (or stray safetensors) that are left out."""
+    files = [
+        p for p in sorted(src.rglob("*")) if p.is_file() and not any(x[0] == "." for x in p.relative_to(src).parts)
+    ]
+    skipped = [p for p in files if p.name.endswith(OTHER_WEIGHTS)]
+    ours = {*shards, INDEX}
+    return [p for p in files if p not in skipped], [
+        str(p.relative_to(src)) for p in skipped if str(p.relative_to(src)) not in ours
+    ]
+
+
+def _write_index(index: dict[str, Any], extra: Mapping[str, list[tuple[str, _Entry]]], dst: Path) -> None:
+    index = json.loads(json.dumps(index))
+    for shard_name, items in extra.items():
+        for key, entry in items:
+            index["weight_map"][key] = shard_name
+            meta = index.setdefault("metadata", {})
+            if isinstance(meta.get("total_size"), int):
+                meta["total_size"] += entry.end - entry.start
+    dst.write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _copy_other(path: Path, dst: Path, raw_config: dict[str, Any] | None) -> None:
+    """Copy a non-weight file; ``config.json`` is rewritten with the embeddings untied when ``raw_config`` is given."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if raw_config is None:
+        shutil.copyfile(path, dst)
+        return
+    raw_config["tie_word_embeddings"] = False
+    if isinstance(raw_config.get("text_config"), dict):
+        raw_config["text_config"]["tie_word_embeddings"] = False
+    dst.write_text(json.dumps(raw_config, indent=2) + "\n")
 
 
 def _free_space(path: Path) -> int:
@@ -406,13 +467,14 @@ def stream_orthogonalize(
 ) -> StreamReport:
     """Orthogonalize the safetensors checkpoint in ``src_dir`` against ``direction`` into ``out_dir``.
 
-    Arguments mean what they mean for :func:`abliterate.orthogonalize`; the result equals loading the model,
-    orthogonalizing it and saving it, but peak memory is about one writer tensor and the output keeps the
-    input's shard names and index. Tied embeddings, when the embedding is edited, are untied as
-    :func:`abliterate.untie_embeddings` does: an ``lm_head`` copy of the original embedding is stored next to
-    it and ``tie_word_embeddings`` is set false in ``config.json``. Every non-weight file is copied. The output
-    is written to a temporary sibling directory that is renamed into place at the end, so a failed or killed
-    run never leaves a partial ``out_dir``. ``progress(bytes_done, bytes_total)`` is called after each shard.
+    Arguments mean what they mean for :func:`abliterate.orthogonalize`, and the output equals loading the
+    model (in float32), orthogonalizing it and saving it in the stored dtype; but peak memory is about one
+    writer tensor, and the input's shard names, index and key names are kept. Tied embeddings, when the
+    embedding is edited, are untied as :func:`abliterate.untie_embeddings` does: an ``lm_head`` copy of the
+    original embedding is appended to the embedding's shard and ``tie_word_embeddings`` is set false in
+    ``config.json``. Every non-weight file is copied. The output goes to a temporary sibling directory renamed
+    into place at the end, so a failed or killed run never leaves a partial ``out_dir``.
+    ``progress(bytes_done, bytes_total)`` is called after each shard.
     """
     started = time.perf_counter()
     src = Path(src_dir).expanduser().resolve()
@@ -429,79 +491,40 @@ def stream_orthogonalize(
     model = _meta_model(config, trust_remote_code)
     anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
     sources = _sources(model, list(where))
-    all_writers = anatomy.all_writers() + anatomy.embeddings
-    _materialize_post_norms(model, all_writers, sources, where)
-    lm = LoadedModel(model, None, anatomy, str(src), src)
-    plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
+    _materialize_post_norms(model, anatomy.all_writers(), sources, where)
+    plan = edit_plan(
+        LoadedModel(model, None, anatomy, str(src), src), direction, layers, scale, embeddings, embedding_scale
+    )
     edits = _plan_edits(plan, sources, where, anatomy.hidden_size, norm_preserving)
+    untie, extra = _untie_extra(model, plan, sources, where)
 
-    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
-    tied = out_emb is not None and out_emb.weight is in_emb.weight
-    untie = tied and any(w.layer is None for w, _, _ in plan)
-    extra: dict[str, list[tuple[str, _Entry]]] = defaultdict(list)
-    lm_key = _output_embedding_key(model) if untie else ""
-    if untie and lm_key not in where:
-        emb_key = sources[f"{_module_name(model, in_emb)}.weight"][0][0]
-        extra[where[emb_key][0].name].append((lm_key, where[emb_key][1]))
-
-    others = [
-        p
-        for p in sorted(src.rglob("*"))
-        if p.is_file() and not any(x.startswith(".") for x in p.relative_to(src).parts)
-    ]
-    skipped = [p for p in others if p.name.endswith(OTHER_WEIGHTS)]
-    others = [p for p in others if p not in skipped]
-    total = sum(s.size for s in shards) + sum(e.end - e.start for xs in extra.values() for _, e in xs)
+    others, skipped = _other_files(src, names)
+    sizes = {s.name: s.size + sum(e.end - e.start for _, e in extra.get(s.name, [])) for s in shards}
+    total = sum(sizes.values())
     need = total + sum(p.stat().st_size for p in others)
     if need > _free_space(target.parent):
         raise OutputError(
-            f"not enough disk space at {target.parent}: {need / 2**30:.2f} GiB needed; free some or choose another output"
+            f"not enough disk space for {target}: {need / 2**30:.2f} GiB needed; free some or choose another"
         )
-
     report = StreamReport(
-        target,
-        sorted(edits),
-        untie,
-        names,
-        [],
-        [str(p.relative_to(src)) for p in skipped if p.name not in names and p.name != INDEX],
+        target, sorted(edits), untie, names, [str(p.relative_to(src)) for p in others], skipped, total
     )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the edits are memory-bound: more threads only add stalls when cores are shared
     try:
-        with atomic_directory(target) as tmp:
-            done = 0
-            if progress:
-                progress(0, total)
+        with atomic_directory(target) as tmp:  # an OSError (disk full...) becomes a one-line OutputError there
+            done, work = 0, _Workspace()
             for shard in shards:
-                _write_shard(shard, tmp / shard.name, edits, extra.get(shard.name, []))
-                done += shard.size + sum(e.end - e.start for _, e in extra.get(shard.name, []))
+                _write_shard(shard, tmp / shard.name, edits, extra.get(shard.name, []), work)
+                done += sizes[shard.name]
                 if progress:
                     progress(done, total)
             if index is not None:
-                index = json.loads(json.dumps(index))
-                for shard_name, xs in extra.items():
-                    for key, entry in xs:
-                        index["weight_map"][key] = shard_name
-                        meta = index.setdefault("metadata", {})
-                        if isinstance(meta.get("total_size"), int):
-                            meta["total_size"] += entry.end - entry.start
-                (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+                _write_index(index, extra, tmp / INDEX)
             for path in others:
-                dest = tmp / path.relative_to(src)
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                if untie and path == src / "config.json":
-                    raw_config["tie_word_embeddings"] = False
-                    if isinstance(raw_config.get("text_config"), dict):
-                        raw_config["text_config"]["tie_word_embeddings"] = False
-                    dest.write_text(json.dumps(raw_config, indent=2) + "\n")
-                else:
-                    shutil.copyfile(path, dest)
-                report.copied.append(str(path.relative_to(src)))
-    except OSError as exc:
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise OutputError(
-                f"ran out of disk space writing {target}; nothing was written, free space and retry"
-            ) from exc
-        raise
-    report.bytes_written = total
+                untied_config = raw_config if untie and path == src / "config.json" else None
+                _copy_other(path, tmp / path.relative_to(src), untied_config)
+    finally:
+        torch.set_num_threads(threads)
     report.seconds = time.perf_counter() - started
     return report

@@ -1,0 +1,277 @@
+"""Streaming weight edit == in-memory orthogonalize + save, tensor for tensor, sharded and single-file."""
+
+from __future__ import annotations
+
+import copy
+import errno
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tiny import tiny_lm
+from transformers import AutoModelForCausalLM
+
+from abliterate import DirectionError, LayerError, ModelLoadError, OutputError, orthogonalize
+from abliterate import streaming as st
+from abliterate.loading import from_pretrained_objects
+from abliterate.streaming import stream_orthogonalize
+
+FAMILIES = ["llama", "gpt2", "qwen2_moe", "gemma2", "mixtral"]
+IDS = torch.tensor([[5, 17, 33, 90, 100, 7, 250]])
+
+
+def unit(hidden: int, seed: int = 1, k: int = 1) -> torch.Tensor:
+    v = torch.randn(k, hidden, generator=torch.Generator().manual_seed(seed))
+    return (v / v.norm(dim=-1, keepdim=True)).squeeze(0)
+
+
+def save(lm, path: Path, *, sharded: bool, dtype: torch.dtype = torch.float32) -> Path:
+    model = copy.deepcopy(lm.model).to(dtype)
+    model.save_pretrained(path, max_shard_size="200KB" if sharded else "50GB")
+    lm.tokenizer.save_pretrained(path)
+    return path
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), "pt") as fh:
+            out.update({k: fh.get_tensor(k) for k in fh.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    return out
+
+
+def weight_map(path: Path) -> dict[str, str] | None:
+    index = path / st.INDEX
+    return json.loads(index.read_text())["weight_map"] if index.is_file() else None
+
+
+def reference(lm, tmp: Path, direction, dtype: torch.dtype = torch.float32, **kwargs):
+    """The in-memory edit of ``lm``, saved in ``dtype``: (edited LoadedModel, its tensors, its config)."""
+    edited = from_pretrained_objects(copy.deepcopy(lm.model), lm.tokenizer, source=lm.source)
+    orthogonalize(edited, direction, **kwargs)
+    model = copy.deepcopy(edited.model).to(dtype)
+    model.save_pretrained(tmp / "ref")
+    return edited, tensors(tmp / "ref"), json.loads((tmp / "ref" / "config.json").read_text())
+
+
+def logits(path_or_model) -> torch.Tensor:
+    model = path_or_model
+    if isinstance(path_or_model, Path):
+        model = AutoModelForCausalLM.from_pretrained(path_or_model, dtype=torch.float32).eval()
+    with torch.inference_mode():
+        return model(IDS).logits
+
+
+def assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], atol: float = 1e-6) -> None:
+    assert set(got) == set(want)
+    for key in want:
+        assert got[key].dtype == want[key].dtype and got[key].shape == want[key].shape, key
+        assert (got[key].double() - want[key].double()).abs().max() <= atol, key
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "single"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_stream_equals_in_memory_edit(family, sharded, tmp_path):
+    lm = tiny_lm(family)
+    src = save(lm, tmp_path / "src", sharded=sharded)
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    r = unit(lm.hidden_size)
+    seen: list[tuple[int, int]] = []
+    report = stream_orthogonalize(src, tmp_path / "out", r, progress=lambda a, b: seen.append((a, b)))
+    edited, want, want_config = reference(lm, tmp_path, r)
+
+    out = tmp_path / "out"
+    assert_same(tensors(out), want)
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before, "the input must be untouched"
+    config = json.loads((out / "config.json").read_text())
+    assert config.get("tie_word_embeddings", True) == want_config.get("tie_word_embeddings", True)
+    assert report.untied == (family in ("llama", "gpt2", "gemma2"))
+    assert sorted(p.name for p in out.glob("*.safetensors")) == sorted(p.name for p in src.glob("*.safetensors"))
+    if sharded:
+        old, new = weight_map(src), weight_map(out)
+        assert old is not None and new is not None and len(set(old.values())) > 1
+        added = {k: v for k, v in new.items() if k not in old}
+        assert {k: new[k] for k in old} == old and set(new.values()) == set(old.values())
+        assert set(added) == ({"lm_head.weight"} if report.untied else set())
+        index = json.loads((out / st.INDEX).read_text())
+        assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
+    else:
+        assert weight_map(out) is None
+    assert {"tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json"} <= set(report.copied)
+    assert seen and seen[-1][0] == seen[-1][1] == report.bytes_written
+    assert (logits(out) - logits(edited.model)).abs().max() < 1e-5
+    assert (logits(out) - logits(lm.model)).abs().max() > 1e-3, "the edit must change the model"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe", "gpt2"])
+def test_bf16_checkpoint(family, tmp_path):
+    lm = tiny_lm(family)
+    src = save(lm, tmp_path / "src", sharded=True, dtype=torch.bfloat16)
+    r = unit(lm.hidden_size, seed=3)
+    stream_orthogonalize(src, tmp_path / "out", r)
+    got = tensors(tmp_path / "out")
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    # what `load in float32, orthogonalize, save in bf16` gives: bit for bit the same float32 arithmetic
+    loaded = from_pretrained_objects(
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), lm.tokenizer, source="bf16"
+    )
+    (tmp_path / "exact").mkdir()
+    assert_same(got, reference(loaded, tmp_path / "exact", r, dtype=torch.bfloat16)[1], atol=0.0)
+    # the float32 edit of the float32 original, cast to bf16: equal within bf16 rounding
+    _, want, _ = reference(lm, tmp_path, r, dtype=torch.bfloat16)
+    for key, w in want.items():
+        diff = (got[key].float() - w.float()).abs()
+        assert (diff <= 2**-7 * w.float().abs() + 2**-8 * w.float().abs().max()).all(), key
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt2", "gemma2"])
+def test_norm_preserving_layer_scales_and_subspace(family, tmp_path):
+    lm = tiny_lm(family)
+    src = save(lm, tmp_path / "src", sharded=True)
+    basis = unit(lm.hidden_size, seed=5, k=2)
+    cases = [
+        {"norm_preserving": True},
+        {"scale": {0: 1.0, 2: 0.5}},
+        {"layers": [1, 2], "scale": 0.7, "embeddings": True, "embedding_scale": 0.3},
+        {"layers": [0], "norm_preserving": True},
+    ]
+    for i, kwargs in enumerate(cases):
+        report = stream_orthogonalize(src, tmp_path / f"out{i}", basis, **kwargs)
+        (tmp_path / f"ref{i}").mkdir()
+        edited, want, _ = reference(lm, tmp_path / f"ref{i}", basis, **kwargs)
+        assert_same(tensors(tmp_path / f"out{i}"), want)
+        assert (logits(tmp_path / f"out{i}") - logits(edited.model)).abs().max() < 1e-5
+        assert report.untied == (family != "qwen2_moe" and i != 3)  # tied, and the embedding edited
+
+
+def test_checkpoint_without_base_model_prefix(tmp_path):
+    """Old GPT-2 checkpoints name tensors ``h.0.attn.c_proj.weight``, without ``transformer.``."""
+    lm = tiny_lm("gpt2")
+    src = tmp_path / "src"
+    save(lm, src, sharded=False)
+    stored = tensors(src)
+    save_file({k.removeprefix("transformer."): v for k, v in stored.items()}, src / st.SINGLE, {"format": "pt"})
+    r = unit(lm.hidden_size, seed=7)
+    stream_orthogonalize(src, tmp_path / "out", r)
+    edited, want, _ = reference(lm, tmp_path, r)
+    got = tensors(tmp_path / "out")
+    assert_same({f"transformer.{k}" if k != "lm_head.weight" else k: v for k, v in got.items()}, want)
+    assert (logits(tmp_path / "out") - logits(edited.model)).abs().max() < 1e-5
+
+
+def test_other_files_copied_and_foreign_weights_left_out(tmp_path, monkeypatch):
+    lm = tiny_lm("qwen2")
+    src = save(lm, tmp_path / "src", sharded=True)
+    (src / "pytorch_model.bin").write_bytes(b"old weights")
+    (src / "extra").mkdir()
+    (src / "extra" / "notes.txt").write_text("hello")
+
+    def no_kernel_copy(*args, **kwargs):
+        raise OSError(errno.EXDEV, "cross-device")
+
+    monkeypatch.setattr(os, "copy_file_range", no_kernel_copy)  # the buffered fallback gives the same bytes
+    report = stream_orthogonalize(src, tmp_path / "out", unit(lm.hidden_size))
+    assert report.skipped == ["pytorch_model.bin"]
+    assert (tmp_path / "out" / "extra" / "notes.txt").read_text() == "hello"
+    assert not (tmp_path / "out" / "pytorch_model.bin").exists()
+    assert_same(tensors(tmp_path / "out"), reference(lm, tmp_path, unit(lm.hidden_size))[1])
+
+
+def test_overwrite_replaces_output(tmp_path):
+    lm = tiny_lm("llama")
+    src = save(lm, tmp_path / "src", sharded=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "stale.txt").write_text("x")
+    with pytest.raises(OutputError, match="already exists"):
+        stream_orthogonalize(src, tmp_path / "out", unit(lm.hidden_size))
+    stream_orthogonalize(src, tmp_path / "out", unit(lm.hidden_size), overwrite=True)
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / st.SINGLE).is_file()
+
+
+# --- bad input: one-line errors, nothing written -------------------------------------------------------------
+
+
+@pytest.fixture
+def llama_src(tmp_path):
+    lm = tiny_lm("llama")
+    return lm, save(lm, tmp_path / "src", sharded=True)
+
+
+def fails(exc_type, match, src, out, direction, **kwargs):
+    with pytest.raises(exc_type, match=match) as info:
+        stream_orthogonalize(src, out, direction, **kwargs)
+    assert "\n" not in str(info.value)
+    assert not out.exists() and not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+    return info.value
+
+
+def test_shards_without_index(llama_src, tmp_path):
+    lm, src = llama_src
+    (src / st.INDEX).unlink()
+    fails(
+        ModelLoadError, r"3 \.safetensors shards but no model\.safetensors\.index\.json", src, tmp_path / "o", unit(64)
+    )
+
+
+def test_missing_shard_and_no_weights(llama_src, tmp_path):
+    lm, src = llama_src
+    next(src.glob("model-00002-*.safetensors")).unlink()
+    fails(ModelLoadError, "missing shard", src, tmp_path / "o", unit(64))
+    for p in src.glob("*.safetensors*"):
+        p.unlink()
+    fails(ModelLoadError, "no .safetensors weights", src, tmp_path / "o", unit(64))
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.uint8, torch.float8_e4m3fn])
+def test_quantized_writer_dtype(dtype, tmp_path):
+    lm = tiny_lm("llama")
+    src = save(lm, tmp_path / "src", sharded=False)
+    stored = tensors(src)
+    stored["model.layers.1.mlp.down_proj.weight"] = stored["model.layers.1.mlp.down_proj.weight"].to(dtype)
+    save_file(stored, src / st.SINGLE, {"format": "pt"})
+    fails(ModelLoadError, "down_proj.weight is stored as .*dequantize first", src, tmp_path / "o", unit(64))
+
+
+def test_quantization_config(llama_src, tmp_path):
+    lm, src = llama_src
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    (src / "config.json").write_text(json.dumps(config))
+    fails(ModelLoadError, r"quantized checkpoint \(bitsandbytes\).*dequantize first", src, tmp_path / "o", unit(64))
+
+
+def test_direction_and_layers_must_fit(llama_src, tmp_path):
+    lm, src = llama_src
+    fails(DirectionError, "hidden size is 64", src, tmp_path / "o", unit(32))
+    fails(LayerError, "out of range", src, tmp_path / "o", unit(64), scale={0: 1.0, 7: 1.0})
+    fails(LayerError, "out of range", src, tmp_path / "o", unit(64), layers=[3])
+
+
+def test_output_must_not_be_the_input(llama_src, tmp_path):
+    lm, src = llama_src
+    with pytest.raises(OutputError, match="overwrite the input"):
+        stream_orthogonalize(src, src, unit(64), overwrite=True)
+    with pytest.raises(OutputError, match="inside the input"):
+        stream_orthogonalize(src, src / "edited", unit(64))
+
+
+def test_out_of_disk_space_leaves_nothing(llama_src, tmp_path, monkeypatch):
+    lm, src = llama_src
+    real, calls = st._write_shard, []
+
+    def full_disk(shard, dst, *args):
+        calls.append(dst)
+        if len(calls) == 2:  # one shard written, the second half-written
+            dst.write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(shard, dst, *args)
+
+    monkeypatch.setattr(st, "_write_shard", full_disk)
+    fails(OutputError, "No space left on device; nothing was written", src, tmp_path / "o", unit(64))
+    monkeypatch.setattr(st, "_free_space", lambda path: 1000)
+    fails(OutputError, "not enough disk space", src, tmp_path / "o", unit(64))
