@@ -82,6 +82,7 @@ def test_selection_table_filters_and_choice(lm_acts):
         kl_threshold=10.0,
         max_kl=10.0,
         min_induce=-100.0,
+        min_bypass_drop=-100.0,
         progress=lambda i, n, s: calls.append((i, n)),
     )
     assert len(sel.candidates) == 2 * lm.num_layers * 2  # methods x layers x positions
@@ -149,7 +150,18 @@ def test_evaluator_caches_base_and_measures_edits(lm_acts, monkeypatch):
 
 def test_kl_limit_is_relaxed_step_by_step_when_nothing_passes(lm_acts):
     lm, acts = lm_acts
-    sel = select(lm, acts, VAL_H, VAL_L, layers=[1, 2], skip_last=0.0, kl_threshold=1e-6, max_kl=100.0, min_induce=-100)
+    sel = select(
+        lm,
+        acts,
+        VAL_H,
+        VAL_L,
+        layers=[1, 2],
+        skip_last=0.0,
+        kl_threshold=1e-6,
+        max_kl=100.0,
+        min_induce=-100,
+        min_bypass_drop=-100,
+    )
     used = sel.settings["kl_limit_used"]
     assert sel.chosen is not None and used > 1e-6
     assert sel.chosen.kl <= used and all(c.kl > used / 2 for c in sel.candidates), (

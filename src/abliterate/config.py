@@ -46,7 +46,8 @@ class RunConfig:
     layers: list[int] | None = None
     skip_last: float = 0.2
     kl_threshold: float = 0.1
-    min_induce: float = 0.0
+    min_induce: float = 0.5
+    min_bypass_drop: float = 1.0
     scale: float = 1.0
     norm_preserving: bool = False
     batch_size: int = 16

@@ -121,6 +121,7 @@ def measure(cfg: RunConfig, lm: LoadedModel, progress: StageProgress | None = No
         skip_last=cfg.skip_last,
         kl_threshold=cfg.kl_threshold,
         min_induce=cfg.min_induce,
+        min_bypass_drop=cfg.min_bypass_drop,
         batch_size=cfg.batch_size,
         progress=(lambda d, t, _s: progress("sweep", d, t)) if progress else None,
     )
@@ -150,12 +151,16 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     if progress:
         progress("evaluate before", 0, 1)
     before = evaluator.measure("before")
+    if progress:
+        progress("evaluate before", 1, 1)
     timings["evaluate_before"] = time.perf_counter() - t
     orthogonalize(lm, direction, scale=cfg.scale, norm_preserving=cfg.norm_preserving)
     t = time.perf_counter()
     if progress:
         progress("evaluate after", 0, 1)
     after = evaluator.measure("after")
+    if progress:
+        progress("evaluate after", 1, 1)
     timings["evaluate_after"] = time.perf_counter() - t
     result = RunResult(None, sel, before, after, timings, cfg.to_dict(), baseline_note(before))
     t = time.perf_counter()
@@ -169,6 +174,8 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+    if progress:
+        progress("save", 1, 1)
     result.out = target
     return result
 

@@ -10,8 +10,9 @@ prompts that did not build the direction:
   show the direction really carries refusal);
 * KL: mean KL(base || ablated) of the first response token on harmless prompts.
 
-Candidates in the last ``skip_last`` fraction of layers, with KL above ``kl_threshold`` or too
-little induction are filtered out; the best bypass among the rest wins. If no candidate is under
+Candidates in the last ``skip_last`` fraction of layers, that lower the harmful refusal score by
+less than ``min_bypass_drop``, that raise the harmless one by less than ``min_induce``, or with KL
+above ``kl_threshold`` are filtered out; the best bypass among the rest wins. If no candidate is under
 the KL threshold, the threshold is doubled (up to ``max_kl``) until one is, and the note says so.
 The whole table is kept.
 """
@@ -125,7 +126,8 @@ def select(
     layers: Sequence[int] | None = None,
     skip_last: float = 0.2,
     kl_threshold: float = 0.1,
-    min_induce: float = 0.0,
+    min_induce: float = 0.5,
+    min_bypass_drop: float = 1.0,
     max_kl: float = 1.0,
     score_skipped: bool = False,
     batch_size: int = 16,
@@ -194,7 +196,13 @@ def select(
             if c.kl > limit:
                 reasons.append(f"KL {c.kl:.3f} > {limit:g}")
             if c.induce - base_induce <= min_induce:
-                reasons.append(f"induce {c.induce:.2f} does not raise refusal (unedited {base_induce:.2f})")
+                reasons.append(
+                    f"induce {c.induce:.2f} raises refusal by <= {min_induce:g} (unedited {base_induce:.2f})"
+                )
+            if base_bypass - c.bypass <= min_bypass_drop:
+                reasons.append(
+                    f"bypass {c.bypass:.2f} lowers refusal by <= {min_bypass_drop:g} (unedited {base_bypass:.2f})"
+                )
             c.passed, c.reason = not reasons, "; ".join(reasons)
         passed = [c for c in table if c.passed]
         if passed or limit >= max_kl:
@@ -209,8 +217,8 @@ def select(
         )
     elif chosen is None:
         note = (
-            f"no candidate passed the filters (KL <= {limit:g}, induce raising refusal by > {min_induce}); "
-            "loosen them (kl_threshold, min_induce, skip_last)"
+            f"no candidate passed the filters (KL <= {limit:g}, refusal score lowered by > {min_bypass_drop:g} "
+            f"and raised by > {min_induce:g}); loosen them (kl_threshold, min_bypass_drop, min_induce, skip_last)"
         )
     else:
         note = (
@@ -226,6 +234,7 @@ def select(
         "skip_last": skip_last,
         "kl_threshold": kl_threshold,
         "min_induce": min_induce,
+        "min_bypass_drop": min_bypass_drop,
         "kl_limit_used": limit,
         "n_harmful_val": n_h,
         "n_harmless_val": len(harmless_val),
