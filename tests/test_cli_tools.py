@@ -127,3 +127,30 @@ def test_interrupt_or_full_disk_while_saving_leaves_nothing(measured, tmp_path, 
     res = invoke("apply", str(model), str(out / "directions.safetensors"), "--layer", "1", "--out", str(tmp_path / "o"))
     assert res.exit_code == code and message in res.output
     assert list(tmp_path.iterdir()) == []
+
+
+def test_apply_stream_equals_in_memory_apply(measured, tmp_path):
+    model, out = measured
+    d = str(out / "directions.safetensors")
+    assert invoke("apply", str(model), d, "--layer", "2", "--out", str(tmp_path / "mem")).exit_code == 0
+    res = invoke("apply", str(model), d, "--layer", "2", "--stream", "--out", str(tmp_path / "stream"))
+    assert res.exit_code == 0, res.output
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "mem", dtype=torch.float32)
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "stream", dtype=torch.float32)
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert (x - y).abs().max() < 1e-6, name
+    res = invoke("apply", str(model), d, "--layer", "2", "--stream", "--mode", "induce", "--out", str(tmp_path / "x"))
+    assert res.exit_code == 2 and "--stream edits weights only" in res.output
+
+
+def test_export_control_vector(measured, tmp_path):
+    import gguf
+
+    model, out = measured
+    d = str(out / "directions.safetensors")
+    res = invoke("export", d, "--model", str(model), "--out", str(tmp_path / "cv.gguf"), "--layer", "2", "--layer", "3")
+    assert res.exit_code == 0, res.output
+    reader = gguf.GGUFReader(str(tmp_path / "cv.gguf"))
+    assert sorted(t.name for t in reader.tensors) == ["direction.1", "direction.2"]
+    assert "already exists" in invoke("export", d, "--model-hint", "llama", "--out", str(tmp_path / "cv.gguf")).output
+    assert "exactly one of" in invoke("export", d, "--out", str(tmp_path / "cv2.gguf")).output

@@ -66,3 +66,56 @@ def test_weights_match_runtime_on_real_model(demo):
         base = lm.model(**batch).logits[:, -1]
     assert (weights - runtime).abs().max() < 1e-3
     assert (base - runtime).abs().max() > 1e-2
+
+
+def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
+    """`abliterate run` on the real model: selection, before/after evaluation, all artifacts, plain reload."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+    from typer.testing import CliRunner
+
+    from abliterate.cli import app
+
+    out = tmp_path / "run"
+    args = [
+        "--json",
+        "run",
+        str(demo_model_path()),
+        "--out",
+        str(out),
+        "--n-train",
+        "48",
+        "--n-val",
+        "12",
+        "--n-test",
+        "8",
+        "--layer",
+        "13",
+        "--layer",
+        "15",
+        "--max-new-tokens",
+        "24",
+    ]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads(res.stdout)["chosen"] == metrics["chosen"]
+    assert metrics["chosen"]["layer"] in (13, 15)
+    assert metrics["after"]["refusal_rate"] < metrics["before"]["refusal_rate"]
+    assert metrics["after"]["over_refusal"] <= metrics["before"]["over_refusal"] + 0.125
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "tokenizer.json",
+        "directions.safetensors",
+        "directions.json",
+        "report.html",
+        "candidates.png",
+        "README.md",
+        "abliterate_config.json",
+    ):
+        assert (out / name).is_file(), name
+    assert "data:image/png;base64" in (out / "report.html").read_text()
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 24

