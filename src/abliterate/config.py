@@ -60,6 +60,7 @@ class RunConfig:
 
 
 KEYS = {f.name for f in fields(RunConfig)}
+NON_CONFIG_ENV = frozenset({"ABLITERATE_CACHE", "ABLITERATE_TEST_CACHE"})  # cache locations, not run settings
 HINTS = get_type_hints(RunConfig)
 
 
@@ -140,7 +141,7 @@ def load(
         values.update({k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in data.items()})
     environ = os.environ if env is None else env
     for name, raw in environ.items():
-        if name.startswith("ABLITERATE_") and name not in ("ABLITERATE_CACHE",):
+        if name.startswith("ABLITERATE_") and name not in NON_CONFIG_ENV:
             key = name[len("ABLITERATE_") :].lower()
             values[key] = coerce(key, raw)
     for key, value in (flags or {}).items():
