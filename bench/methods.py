@@ -68,7 +68,7 @@ def main() -> None:
             "select_s": 0.0,
         }
     ]
-    chosen_layer = None
+    chosen_layer, kl_limit = None, 0.1
     for method in METHODS:
         t = time.perf_counter()
         sel = select(lm, acts, val_h, val_l, methods=[method])
@@ -79,7 +79,8 @@ def main() -> None:
             continue
         d = sel.direction()
         m = ev.measure(method.label, lambda d=d: ablate(lm, d))
-        chosen_layer = sel.chosen.layer if method.name == "mean_diff" else chosen_layer
+        if method.name == "mean_diff":
+            chosen_layer, kl_limit = sel.chosen.layer, sel.settings["kl_limit_used"]
         rows.append(
             {
                 "method": method.label,
@@ -96,9 +97,22 @@ def main() -> None:
         print(json.dumps(rows[-1]), flush=True)
     if chosen_layer is not None:
         t = time.perf_counter()
-        choice = choose_k(lm, acts, val_h, val_l, layer=chosen_layer, kind="pca", ks=(1, 2, 3, 4))
+        choice = choose_k(
+            lm, acts, val_h, val_l, layer=chosen_layer, kind="pca", ks=(1, 2, 3, 4), kl_threshold=kl_limit
+        )
         select_s = time.perf_counter() - t
-        if choice.direction is not None:
+        if choice.direction is None:
+            print(f"pca subspace: no k passed (KL limit {kl_limit}): {choice.to_dict()['scores']}", flush=True)
+            rows.append(
+                {
+                    "method": "pca subspace",
+                    "layer": chosen_layer,
+                    "k": None,
+                    "select_s": select_s,
+                    "note": f"no k with validation KL <= {kl_limit}",
+                }
+            )
+        else:
             m = ev.measure("pca-subspace", lambda: ablate(lm, choice.direction))
             rows.append(
                 {
