@@ -147,21 +147,20 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     evaluator = Evaluator(
         lm, harmful.test, harmless.test, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
     )
-    t = time.perf_counter()
-    if progress:
-        progress("evaluate before", 0, 1)
-    before = evaluator.measure("before")
-    if progress:
-        progress("evaluate before", 1, 1)
-    timings["evaluate_before"] = time.perf_counter() - t
+
+    def evaluate(name: str) -> Metrics:
+        start = time.perf_counter()
+        if progress:
+            progress(f"evaluate {name}", 0, 1)
+        metrics = evaluator.measure(name)
+        if progress:
+            progress(f"evaluate {name}", 1, 1)
+        timings[f"evaluate_{name}"] = time.perf_counter() - start
+        return metrics
+
+    before = evaluate("before")
     orthogonalize(lm, direction, scale=cfg.scale, norm_preserving=cfg.norm_preserving)
-    t = time.perf_counter()
-    if progress:
-        progress("evaluate after", 0, 1)
-    after = evaluator.measure("after")
-    if progress:
-        progress("evaluate after", 1, 1)
-    timings["evaluate_after"] = time.perf_counter() - t
+    after = evaluate("after")
     result = RunResult(None, sel, before, after, timings, cfg.to_dict(), baseline_note(before))
     t = time.perf_counter()
     if progress:
