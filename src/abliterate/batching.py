@@ -10,7 +10,7 @@ it is skipped where the prefix is short or the model's cache cannot be repeated.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +50,7 @@ class BatchRunner:
         self.order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
         self.prefix_len = self._shared(min_suffix) if share_prefix and lm._accepts("past_key_values") else 0
         self.cache: Any = None
+        self.before_batch: Callable[[list[int]], None] | None = None  # called with the rows before each forward
 
     def _shared(self, min_suffix: int) -> int:
         first = self.ids[0]
@@ -81,6 +82,8 @@ class BatchRunner:
     def __iter__(self) -> Iterator[Batch]:
         for start in range(0, len(self.order), self.batch_size):
             rows = self.order[start : start + self.batch_size]
+            if self.before_batch:
+                self.before_batch(rows)
             ids, mask = self._pad(rows)
             if self.prefix_len:
                 if self.cache is None:

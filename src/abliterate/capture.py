@@ -150,7 +150,8 @@ def _run_set(
         runner.prefill()  # the shared prefix is run, not recorded
         finished = 0
         stage.update(slot=slice(0, len(prompt_pos)), on=True)  # prompt positions, recorded during each batch
-        for batch in _batches_with_rows(runner, col):
+        runner.before_batch = lambda rows: setattr(col, "rows", torch.tensor(rows))
+        for batch in runner:
             out = batch.output
             if gen_slot is not None:
                 next_ids = out.logits[:, -1, :].argmax(-1, keepdim=True).to(lm.device)
@@ -168,15 +169,6 @@ def _run_set(
             if progress:
                 progress(done + finished, total)
     return col
-
-
-def _batches_with_rows(runner: BatchRunner, col: _Collector):
-    """Set the collector's row indices before each batch's forward pass runs."""
-    order = runner.order
-    runner_iter = iter(runner)
-    for start in range(0, len(order), runner.batch_size):
-        col.rows = torch.tensor(order[start : start + runner.batch_size])
-        yield next(runner_iter)
 
 
 def capture(
