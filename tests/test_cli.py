@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import subprocess
 import sys
 
@@ -10,6 +12,7 @@ import pytest
 from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
+from abliterate import cli_common
 from abliterate import config as config_mod
 from abliterate.cli import app
 
@@ -125,3 +128,54 @@ def test_run_bad_prompt_files(tiny_dir, tmp_path):
     res = invoke(*run_args(tiny_dir, tmp_path / "o", "--harmful", str(small)))
     assert res.exit_code == 2 and "after deduplication but 14 are needed" in res.output
     assert not (tmp_path / "o").exists()
+
+
+STAGE_LINE = re.compile(r"^(capture|sweep): (\d+)/(\d+)( \(\d+%\) (elapsed \S+ eta \S+|done in \S+))?$")
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny_dir, tmp_path, monkeypatch):
+    """CI logs, ssh, ``2> log``: a rich bar would only render at the end, so each stage logs plain lines as it goes."""
+    ticks = itertools.count(0, 7)  # a fake clock: 7 s pass between two progress reports
+    monkeypatch.setattr(cli_common, "_clock", lambda: next(ticks))
+    args = ["measure", str(tiny_dir), "--out", str(tmp_path / "o"), "--n-train", "6", "--n-val", "8"]
+    env = {"ABLITERATE_BATCH_SIZE": "2", "FORCE_COLOR": None, "TTY_COMPATIBLE": None}
+    res = runner.invoke(app, [*args, "--position", "-1", "--position", "-2"], env=env)
+    assert res.exit_code == 0, res.output
+    assert "━" not in res.stderr  # no rich bar
+    lines = [line for line in res.stderr.splitlines() if STAGE_LINE.match(line)]
+    capture, sweep = lines[:7], lines[7:]
+    assert capture == [
+        "capture: 0/12",
+        "capture: 2/12 (17%) elapsed 7s eta 35s",
+        "capture: 4/12 (33%) elapsed 14s eta 28s",
+        "capture: 6/12 (50%) elapsed 21s eta 21s",
+        "capture: 8/12 (67%) elapsed 28s eta 14s",
+        "capture: 10/12 (83%) elapsed 35s eta 7s",
+        "capture: 12/12 (100%) done in 42s",
+    ]
+    assert sweep[0] == "sweep: 0/4" and sweep[-1].startswith("sweep: 4/4 (100%) done in ")
+    assert len(sweep) == 5 and all(" eta " in line for line in sweep[1:-1])
+    # the log lines come before the summary, in the order the user sees them
+    assert res.output.index(sweep[-1]) < res.output.index("candidates (") < res.output.index("wrote ")
+    quiet = runner.invoke(app, ["-q", *args[:3], str(tmp_path / "q"), *args[4:]], env=env)
+    assert quiet.exit_code == 0 and not [line for line in quiet.stderr.splitlines() if STAGE_LINE.match(line)]
+
+
+def test_plain_progress_logs_every_tenth_or_ten_seconds(monkeypatch):
+    now = [0.0]
+    monkeypatch.setattr(cli_common, "_clock", lambda: now[0])
+    lines: list[str] = []
+    progress = cli_common.PlainProgress(lines.append)
+    for done in range(1001):  # fast: one line per tenth, not one per call
+        progress("fast", done, 1000)
+    assert len(lines) == 11 and lines[0] == "fast: 0/1000" and lines[5] == "fast: 500/1000 (50%) elapsed 0s eta 0s"
+    lines.clear()
+    for done in range(13):  # slow (3 s per item): a line every 10 s although no tenth is done
+        progress("slow", done, 1000)
+        now[0] += 3
+    assert lines == [
+        "slow: 0/1000",
+        "slow: 4/1000 (0%) elapsed 12s eta 49m48s",
+        "slow: 8/1000 (1%) elapsed 24s eta 49m36s",
+        "slow: 12/1000 (1%) elapsed 36s eta 49m24s",
+    ]

@@ -2,7 +2,8 @@
 
 import contextlib
 import functools
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -39,11 +40,61 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def _duration(seconds: float) -> str:
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
+_clock = time.monotonic  # tests swap it for a fake clock
+
+
+class PlainProgress:
+    """``progress(stage, done, total)`` as plain stderr lines for logs (stderr not a terminal).
+
+    One line when a stage starts, then one whenever another 1/``steps`` of it is done or ``every_s``
+    seconds have passed since the last line (with elapsed time and ETA), and one when it completes.
+    """
+
+    def __init__(self, write: Callable[[str], None], steps: int = 10, every_s: float = 10.0) -> None:
+        self.write, self.steps, self.every_s = write, steps, every_s
+        self.stages: dict[str, dict[str, float]] = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now, total = _clock(), max(total, 1)
+        st = self.stages.get(stage)
+        if st is None:
+            st = self.stages[stage] = {"start": now, "last": now, "bucket": done * self.steps // total, "ended": 0}
+            self.write(f"{stage}: {done}/{total}")
+            if done < total:
+                return
+        if st["ended"]:
+            return
+        elapsed = now - st["start"]
+        if done >= total:
+            st["ended"] = 1
+            self.write(f"{stage}: {total}/{total} (100%) done in {_duration(elapsed)}")
+            return
+        bucket = done * self.steps // total
+        if bucket > st["bucket"] or now - st["last"] >= self.every_s:
+            eta = _duration(elapsed / done * (total - done)) if done else "?"
+            self.write(f"{stage}: {done}/{total} ({done / total:.0%}) elapsed {_duration(elapsed)} eta {eta}")
+            st.update(last=now, bucket=bucket)
+
+
 @contextlib.contextmanager
 def progress_bars() -> Iterator[Any]:
-    """A ``progress(stage, done, total)`` callback drawing one rich bar per stage (stderr)."""
+    """A ``progress(stage, done, total)`` callback on stderr: one rich bar per stage on a terminal,
+    plain log lines (:class:`PlainProgress`) otherwise; None when quiet or printing JSON."""
     if STATE["quiet"] or STATE["json"]:
         yield None
+        return
+    console = err()
+    if not console.is_terminal:
+        yield PlainProgress(lambda line: console.print(line, markup=False, highlight=False, soft_wrap=True))
         return
     bars = Progress(
         TextColumn("{task.description:<16}"),
@@ -52,7 +103,7 @@ def progress_bars() -> Iterator[Any]:
         TimeElapsedColumn(),
         TextColumn("eta"),
         TimeRemainingColumn(),
-        console=err(),
+        console=console,
         transient=False,
     )
     tasks: dict[str, Any] = {}

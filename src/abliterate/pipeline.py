@@ -102,6 +102,8 @@ def splits_for(cfg: RunConfig) -> tuple[PromptSplits, PromptSplits]:
 def measure(cfg: RunConfig, lm: LoadedModel, progress: StageProgress | None = None) -> tuple[Activations, Selection]:
     """Capture on the train split and sweep candidates on the validation split."""
     harmful, harmless = splits_for(cfg)
+    if progress:
+        progress("capture", 0, len(harmful.train) + len(harmless.train))
     acts = capture(
         lm,
         harmful.train,
