@@ -121,6 +121,7 @@ def load_model(
     device: str = "cpu",
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, str] | None = None,
+    offload_folder: str | os.PathLike[str] | None = None,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     layers_path: str | None = None,
@@ -130,8 +131,14 @@ def load_model(
 
     ``source`` is a hub id, a local model directory or a single ``.gguf`` file (dequantized by
     transformers). ``device`` places the whole model; ``device_map`` (e.g. ``"auto"``) hands
-    placement to accelerate instead. ``layers_path``/``writer_patterns`` name the modules of an
-    architecture the built-in patterns do not know.
+    placement to accelerate instead, with ``max_memory`` (e.g. ``{0: "20GiB", "cpu": "60GiB"}``)
+    capping each device; what does not fit is offloaded to the CPU or to disk (``offload_folder``, or the
+    checkpoint's own safetensors files) and streamed in layer by layer during each forward pass. Capture,
+    runtime edits and evaluation work on such a model; an in-memory weight edit does not (use
+    :func:`abliterate.stream_orthogonalize` to write the edited checkpoint).
+
+    ``layers_path``/``writer_patterns`` name the modules of an architecture the built-in patterns do
+    not know.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -152,6 +159,7 @@ def load_model(
             dtype=torch_dtype,
             device_map=device_map,
             max_memory=max_memory,
+            **({"offload_folder": str(offload_folder)} if offload_folder is not None else {}),
             **common,
         )
     except (OSError, ValueError, KeyError) as exc:

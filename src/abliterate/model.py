@@ -13,6 +13,7 @@ from torch import nn
 
 from .anatomy import Anatomy
 from .errors import PromptError
+from .placement import execution_device, flat_hooks
 
 Progress = Callable[[int, int], None]
 
@@ -40,7 +41,18 @@ class LoadedModel:
 
     @property
     def device(self) -> torch.device:
-        return self.anatomy.embeddings[0].weight.device
+        """Where inputs go: the embedding's execution device. With accelerate offload (``device_map``
+        with ``"cpu"``/``"disk"`` entries) the weight sits on the meta device or the CPU while the module
+        runs on the main device; its dispatch hook knows which."""
+        return execution_device(self.model, self.anatomy.embeddings[0].module)
+
+    @property
+    def offloaded(self) -> bool:
+        """True when some weights live off the execution devices (accelerate CPU/disk offload), so they
+        cannot be edited in place; write an edited copy with :func:`abliterate.stream_orthogonalize`."""
+        return any(p.device.type == "meta" for p in self.model.parameters()) or any(
+            getattr(h, "offload", False) for m in self.model.modules() for h in flat_hooks(m)
+        )
 
     @property
     def dtype(self) -> torch.dtype:

@@ -9,6 +9,7 @@ from torch import nn
 
 from .anatomy import Anatomy, Writer
 from .errors import AbliterateError, DirectionError
+from .placement import hook_device
 
 Scale = float | Mapping[int, float]
 
@@ -24,7 +25,8 @@ def project_out(x: torch.Tensor, basis: torch.Tensor, scale: float = 1.0) -> tor
 def norm_gain(norm: nn.Module, hidden: int) -> torch.Tensor:
     """Elementwise gain of an RMSNorm, read off by normalizing a vector of ones (whose RMS is 1)."""
     param = next(norm.parameters())
-    gain = norm(torch.ones(1, hidden, device=param.device, dtype=torch.float32).to(param.dtype))
+    device = hook_device(norm) or param.device  # an offloaded norm computes where its hook says
+    gain = norm(torch.ones(1, hidden, device=device, dtype=param.dtype))
     return gain.reshape(-1).float()
 
 

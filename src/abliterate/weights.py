@@ -14,9 +14,10 @@ from torch import nn
 
 from .anatomy import Writer
 from .directions import Direction, as_basis
-from .errors import DirectionError
+from .errors import AbliterateError, DirectionError
 from .interventions import edit_plan
 from .model import LoadedModel
+from .placement import flat_hooks
 from .projection import Scale, project_out
 
 CHUNK = 8192
@@ -103,6 +104,21 @@ def _edit(writer: Writer, basis: torch.Tensor, scale: float, norm_preserving: bo
     return names
 
 
+def _check_in_memory(lm: LoadedModel, writers: list[Writer]) -> None:
+    """An offloaded weight lives in accelerate's weights map (often the checkpoint file itself), not in the
+    parameter: editing the parameter would change nothing, or fail half-way."""
+    off = [
+        w.name
+        for w in writers
+        if w.weight.device.type == "meta" or any(getattr(h, "offload", False) for h in flat_hooks(w.module))
+    ]
+    if off:
+        raise AbliterateError(
+            f"{off[0]} (and {len(off) - 1} more) are offloaded by device_map, so they cannot be edited in memory; "
+            "write the edited checkpoint with stream_orthogonalize (abliterate apply --stream), or load without offload"
+        )
+
+
 def orthogonalize(
     lm: LoadedModel,
     direction: Direction | torch.Tensor,
@@ -120,6 +136,7 @@ def orthogonalize(
     output norm (an exact, weight-only variant with no runtime twin). Save with ``lm.save(dir)``.
     """
     plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
+    _check_in_memory(lm, [w for w, _, _ in plan])
     report = EditReport()
     if any(w.layer is None for w, _, _ in plan):
         report.untied = untie_embeddings(lm.model)

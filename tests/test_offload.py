@@ -1,0 +1,126 @@
+"""Big-model capture on CPU: accelerate ``device_map`` / ``max_memory`` with CPU and disk offload.
+
+A tiny checkpoint is loaded twice, plainly and dispatched by accelerate with some (or all) decoder
+layers offloaded to disk (weights on the meta device, streamed in by accelerate's hooks). Capture,
+runtime ablation and induction, generation and evaluation must give the plain model's numbers, and an
+in-memory weight edit must refuse with a pointer to the streaming edit, which must then produce the
+same model as editing the plain one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from test_loading import write_model
+from tiny import HARMFUL, HARMLESS
+
+from abliterate import ablate, capture, induce, load_model, orthogonalize
+from abliterate.directions import mean_diff
+from abliterate.errors import AbliterateError
+from abliterate.evaluation import Evaluator
+from abliterate.streaming import stream_orthogonalize
+
+FAMILIES = ["llama", "gemma2", "gpt2", "qwen2_moe"]
+
+
+def split_map(lm_plain, disk_layers: set[int]) -> dict[str, str]:
+    """A device map with the named decoder layers on disk and every other module on the CPU."""
+    names = {m: n for n, m in lm_plain.model.named_modules()}
+    layers = [names[layer] for layer in lm_plain.anatomy.layers]
+    dm = {name: "disk" if i in disk_layers else "cpu" for i, name in enumerate(layers)}
+    for name, module in lm_plain.model.named_modules():
+        own = list(module.parameters(recurse=False)) + list(module.buffers(recurse=False))
+        if own and not any(name.startswith(layer + ".") for layer in layers):
+            dm[name] = "cpu"
+    return dm
+
+
+@pytest.fixture(params=FAMILIES)
+def pair(request, tmp_path):
+    src = tmp_path / "model"
+    write_model(src, request.param)
+    plain = load_model(src)
+    offloaded = load_model(src, device_map=split_map(plain, {1, 2}), offload_folder=tmp_path / "offload")
+    return src, plain, offloaded
+
+
+def logits(lm, prompts):
+    batch = lm.encode(lm.format(prompts))
+    with torch.inference_mode():
+        return lm.forward(batch).logits[:, -1].float()
+
+
+def test_offloaded_layers_are_on_disk(pair):
+    _, plain, lm = pair
+    assert lm.offloaded and not plain.offloaded
+    assert lm.device == torch.device("cpu")
+    assert any(p.device.type == "meta" for p in lm.anatomy.layers[1].parameters())
+    assert all(p.device.type == "cpu" for p in lm.anatomy.layers[0].parameters())
+
+
+def test_capture_ablate_induce_match_plain_model(pair):
+    _, plain, lm = pair
+    acts_plain = capture(plain, HARMFUL, HARMLESS, positions=[-2, -1, "gen"], batch_size=4)
+    acts = capture(lm, HARMFUL, HARMLESS, positions=[-2, -1, "gen"], batch_size=4)
+    torch.testing.assert_close(acts.harmful_mean, acts_plain.harmful_mean, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(acts.harmless_mean, acts_plain.harmless_mean, atol=1e-5, rtol=1e-5)
+    r = mean_diff(acts)[1, -1]
+    with ablate(plain, r):
+        want = logits(plain, HARMLESS[:3])
+    with ablate(lm, r):
+        got = logits(lm, HARMLESS[:3])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(got, logits(lm, HARMLESS[:3]), atol=1e-3)  # the ablation did something
+    with induce(plain, r, acts):
+        want = logits(plain, HARMLESS[:3])
+    with induce(lm, r, acts):
+        got = logits(lm, HARMLESS[:3])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_generation_and_evaluation_match_plain_model(pair):
+    _, plain, lm = pair
+    r = mean_diff(capture(plain, HARMFUL, HARMLESS))[2, -1]
+    m_plain = Evaluator(plain, HARMFUL[:3], HARMLESS[:3], max_new_tokens=6).measure("after", lambda: ablate(plain, r))
+    m = Evaluator(lm, HARMFUL[:3], HARMLESS[:3], max_new_tokens=6).measure("after", lambda: ablate(lm, r))
+    assert [s.response for s in m.harmful_samples] == [s.response for s in m_plain.harmful_samples]
+    assert [s.response for s in m.harmless_samples] == [s.response for s in m_plain.harmless_samples]
+    assert m.kl == pytest.approx(m_plain.kl, abs=1e-5)
+
+
+def test_weight_edit_of_offloaded_model_points_to_streaming(pair, tmp_path):
+    src, plain, lm = pair
+    r = mean_diff(capture(lm, HARMFUL, HARMLESS))[1, -1]
+    before = {n: p.clone() for n, p in lm.model.named_parameters() if p.device.type != "meta"}
+    with pytest.raises(AbliterateError, match="offloaded.*stream"):
+        orthogonalize(lm, r)
+    for n, p in lm.model.named_parameters():  # nothing was half-edited
+        if n in before:
+            assert torch.equal(p, before[n]), n
+    # the streaming edit of the checkpoint is the edit the offloaded model could not make in place
+    stream_orthogonalize(src, tmp_path / "edited", r)
+    orthogonalize(plain, r)
+    edited = load_model(tmp_path / "edited")
+    torch.testing.assert_close(logits(edited, HARMLESS[:3]), logits(plain, HARMLESS[:3]), atol=1e-4, rtol=1e-4)
+
+
+def test_auto_device_map_with_max_memory_offloads_to_disk(tmp_path):
+    src = tmp_path / "model"
+    write_model(src, "llama")
+    plain = load_model(src)
+    lm = load_model(src, device_map="auto", max_memory={"cpu": "120KB"}, offload_folder=tmp_path / "off")
+    assert "disk" in set(lm.model.hf_device_map.values())
+    assert lm.offloaded
+    a, b = capture(plain, HARMFUL, HARMLESS), capture(lm, HARMFUL, HARMLESS)
+    torch.testing.assert_close(a.harmful_mean, b.harmful_mean, atol=1e-5, rtol=1e-5)
+
+
+def test_offload_folder_is_not_left_in_the_model_directory(tmp_path):
+    src = tmp_path / "model"
+    write_model(src, "llama")
+    before = sorted(p.name for p in Path(src).iterdir())
+    lm = load_model(src, device_map="auto", max_memory={"cpu": "120KB"})
+    capture(lm, HARMFUL, HARMLESS)
+    assert sorted(p.name for p in Path(src).iterdir()) == before
