@@ -214,26 +214,6 @@ def test_overwrite_replaces_output(tmp_path):
     assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / st.SINGLE).is_file()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-@pytest.mark.parametrize("norm_preserving", [False, True])
-def test_blocked_kernel_equals_project_tensor(dtype, norm_preserving):
-    """The streaming kernel works in row blocks of a reused buffer; with a 300-element buffer every tensor
-    spans many blocks. Same result as weights.project_tensor, up to float32 rounding."""
-    from abliterate.weights import project_tensor
-
-    basis = unit(64, seed=9, k=2)
-    basis = torch.linalg.qr(basis.T)[0].T.contiguous()
-    g = torch.Generator().manual_seed(4)
-    cases = [((64, 50), 0), ((70, 64), 1), ((3, 64, 20), 1), ((3, 20, 64), 2)]  # Linear, rows, fused experts
-    for shape, axis in cases:
-        weight = (0.1 * torch.randn(shape, generator=g)).to(dtype)
-        want, got = weight.clone(), weight.clone()
-        project_tensor(want, axis, basis, 0.8, norm_preserving)
-        st._Workspace(300).project(got, axis, basis, 0.8, norm_preserving)
-        ulp = 2**-7 if dtype == torch.bfloat16 else 1e-6
-        assert ((got.double() - want.double()).abs() <= ulp * want.double().abs() + 1e-7).all(), (shape, axis)
-
-
 # --- bad input: one-line errors, nothing written -------------------------------------------------------------
 
 

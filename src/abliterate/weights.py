@@ -20,7 +20,7 @@ from .model import LoadedModel
 from .placement import flat_hooks
 from .projection import Scale, project_out
 
-CHUNK = 8192
+WORK_ELEMENTS = 1 << 22  # 16 MiB of float32: large enough for fast matmuls, small next to any real weight
 
 
 @dataclass
@@ -31,44 +31,79 @@ class EditReport:
     untied: bool = False
 
 
-def _rows(weight: torch.Tensor, basis: torch.Tensor, scale: float, norm_preserving: bool) -> None:
-    """Edit a 2-D tensor whose last axis is the residual axis, in place, CHUNK rows at a time."""
-    for start in range(0, weight.shape[0], CHUNK):
-        block = weight[start : start + CHUNK]
-        work = block.to(torch.promote_types(block.dtype, torch.float32))
-        new = project_out(work, basis, scale)
+def work_buffer(weight: torch.Tensor, elements: int = WORK_ELEMENTS) -> torch.Tensor:
+    """A reusable scratch buffer for :func:`project_tensor` in the compute dtype of ``weight``."""
+    return torch.empty(elements, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+
+
+def _blocks(t: torch.Tensor, work: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(first row, row block of ``t``, float view of the work buffer of the same shape)."""
+    rows, cols = t.shape
+    step = max(1, work.numel() // cols)
+    if step < min(rows, 16):  # a buffer too small for this tensor: grow it for this call only
+        work, step = torch.empty(16 * cols, device=work.device, dtype=work.dtype), 16
+    return [(i, t[i : i + step], work[: min(step, rows - i) * cols].view(-1, cols)) for i in range(0, rows, step)]
+
+
+def _project_rows(t: torch.Tensor, u: torch.Tensor, scale: float, norm_preserving: bool, work: torch.Tensor) -> None:
+    """The residual is the last axis: each row loses ``s (row U^T) U`` independently."""
+    for _, block, w in _blocks(t, work):
+        w.copy_(block)
+        old = w.norm(dim=1, keepdim=True) if norm_preserving else None
+        w.addmm_(w @ u.T, u, alpha=-scale)
+        block.copy_(w if old is None else w.mul_(old / w.norm(dim=1, keepdim=True).clamp_min(1e-12)))
+
+
+def _project_columns(t: torch.Tensor, u: torch.Tensor, scale: float, norm_preserving: bool, work: torch.Tensor) -> None:
+    """The residual is the first axis (``nn.Linear``): ``C = U W`` summed over row blocks, then ``W -= s U^T C``."""
+    blocks = _blocks(t, work)
+    cols = t.shape[1]
+    coeff = torch.zeros(u.shape[0], cols, device=t.device, dtype=u.dtype)
+    old, new = (torch.zeros(cols, device=t.device, dtype=u.dtype) for _ in range(2))
+    for i, block, w in blocks:
+        coeff.addmm_(u[:, i : i + len(w)], w.copy_(block))
         if norm_preserving:
-            new = new * (work.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        block.copy_(new.to(block.dtype))
+            old += (w * w).sum(0)
+
+    def edited(i: int, block: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return w.copy_(block).addmm_(u[:, i : i + len(w)].T, coeff, alpha=-scale)
+
+    for i, block, w in blocks if norm_preserving else ():  # one more pass: each column's new norm
+        new += (edited(i, block, w) ** 2).sum(0)
+    gain = old.sqrt() / new.sqrt().clamp_min(1e-12) if norm_preserving else None
+    for i, block, w in blocks:
+        block.copy_(edited(i, block, w) if gain is None else edited(i, block, w).mul_(gain))
 
 
-def _columns(weight: torch.Tensor, basis: torch.Tensor, scale: float, norm_preserving: bool) -> None:
-    """Edit a 2-D tensor whose first axis is the residual axis (``nn.Linear``), CHUNK columns at a time."""
-    for start in range(0, weight.shape[1], CHUNK):
-        block = weight[:, start : start + CHUNK]
-        work = block.T.to(torch.promote_types(block.dtype, torch.float32))
-        new = project_out(work, basis, scale)
-        if norm_preserving:
-            new = new * (work.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))
-        block.copy_(new.T.to(block.dtype))
-
-
+@torch.no_grad()
 def project_tensor(
-    weight: torch.Tensor, out_axis: int, basis: torch.Tensor, scale: float = 1.0, norm_preserving: bool = False
+    weight: torch.Tensor,
+    out_axis: int,
+    basis: torch.Tensor,
+    scale: float = 1.0,
+    norm_preserving: bool = False,
+    *,
+    work: torch.Tensor | None = None,
 ) -> None:
-    """Project ``basis`` out of ``weight`` along ``out_axis`` in place (2-D, or 3-D fused experts).
+    """Project ``basis`` (orthonormal rows) out of ``weight`` along ``out_axis``, in place: 2-D, 3-D fused
+    experts (edited expert by expert) or 1-D.
 
-    With ``norm_preserving`` every input unit's output vector keeps its original norm.
+    The maths runs in float32 (float64 for float64 weights) in row blocks of one reused buffer (``work``,
+    from :func:`work_buffer`; allocated here when not given) and each block is cast back once, so a bf16
+    weight is rounded exactly once. With ``norm_preserving`` every input unit's output vector keeps its norm.
     """
-    basis = basis.to(weight.device)
-    if weight.dim() == 3:  # [experts, ., .]: edit expert by expert
-        for e in range(weight.shape[0]):
-            project_tensor(weight[e], out_axis - 1, basis, scale, norm_preserving)
-        return
     if weight.dim() == 1:
         weight.copy_(project_out(weight[None], basis, scale)[0])
         return
-    (_columns if out_axis == 0 else _rows)(weight, basis, scale, norm_preserving)
+    if work is None:
+        per = weight.shape[-1] * (weight.shape[-2] if weight.dim() == 3 else weight.shape[0])
+        work = work_buffer(weight, min(WORK_ELEMENTS, per))
+    u = basis.to(work.device, work.dtype)
+    if weight.dim() == 3:
+        for e in range(weight.shape[0]):
+            project_tensor(weight[e], out_axis - 1, u, scale, norm_preserving, work=work)
+        return
+    (_project_columns if out_axis == 0 else _project_rows)(weight, u, scale, norm_preserving, work)
 
 
 def _tied(model: nn.Module) -> bool:
