@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import math
+from collections.abc import Iterator
 from functools import cache
 
+import pytest
 import torch
 import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
@@ -124,3 +128,23 @@ HARMLESS = [
     "Describe how to save money.",
     "Give me a plan to learn piano.",
 ]
+
+
+@contextlib.contextmanager
+def pretend_refusal() -> Iterator[None]:
+    """Random tiny models never refuse, so ``run`` would stop after the sweep: make the pipeline's sweep
+    report a refusing baseline and choose the lowest-bypass candidate, to reach evaluation, edit and save."""
+    from abliterate import pipeline
+
+    real = pipeline.select
+
+    def select(*args, **kwargs):
+        sel = real(*args, **kwargs)
+        sel.baseline_refuses = True
+        sel.chosen = min((c for c in sel.candidates if not math.isnan(c.bypass)), key=lambda c: c.bypass)
+        sel.chosen.passed, sel.note = True, "chose the lowest bypass (test: pretend the model refuses)"
+        return sel
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(pipeline, "select", select)
+        yield

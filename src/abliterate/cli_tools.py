@@ -51,13 +51,14 @@ def measure(
 ) -> None:
     """Compute directions and the candidate table only (no edit, no generation).
 
-    Writes directions.safetensors (+ .json, with the chosen candidate), candidates.json and candidates.png.
+    Writes directions.safetensors (+ .json, with the chosen candidate), candidates.json, abliterate_config.json
+    and report.html (candidate and direction plots, also as candidates.png and directions.png).
 
     Example: abliterate measure Qwen/Qwen2.5-0.5B-Instruct --out qwen-directions --position -1 --position -2
     """
-    from .pipeline import annotate, load_for, versions
+    from .pipeline import load_for, write_measurement
     from .pipeline import measure as run_measure
-    from .saving import atomic_directory, check_output
+    from .saving import check_output
 
     cfg = _cfg(
         config,
@@ -74,13 +75,7 @@ def measure(
     lm = load_for(cfg)
     with progress_bars() as progress:
         acts, sel = run_measure(cfg, lm, progress)
-    with atomic_directory(target) as tmp:
-        label = sel.chosen.method if sel.chosen else next(iter(sel.direction_sets))
-        annotate(sel, acts, label).save(tmp / "directions.safetensors")
-        (tmp / "candidates.json").write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
-        (tmp / "abliterate_config.json").write_text(
-            json.dumps({"config": cfg.to_dict(), "versions": versions()}, indent=2)
-        )
+    write_measurement(target, cfg, acts, sel)
     if STATE["json"]:
         out().print_json(json.dumps(sel.to_dict()))
         return

@@ -181,6 +181,22 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     return result
 
 
+def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Selection) -> Path:
+    """``abliterate measure``'s outputs, written atomically to ``target``: the direction set (with the chosen
+    candidate), candidates.json, the effective config + versions and report.html with its PNG plots."""
+    from .report import write_measure_report
+
+    with atomic_directory(target) as tmp:
+        label = sel.chosen.method if sel.chosen else next(iter(sel.direction_sets))
+        annotate(sel, acts, label).save(tmp / "directions.safetensors")
+        (tmp / "candidates.json").write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
+        (tmp / "abliterate_config.json").write_text(
+            json.dumps({"config": cfg.to_dict(), "versions": versions()}, indent=2) + "\n"
+        )
+        write_measure_report(tmp, sel, acts, cfg.to_dict())
+    return target
+
+
 def annotate(sel: Selection, acts: Activations, label: str) -> DirectionSet:
     """The direction set of method ``label`` with the chosen candidate and, per layer, the harmful
     prompts' mean projection onto the unit direction (the default induction coefficient)."""

@@ -1,4 +1,4 @@
-"""Human-readable outputs of a run: PNG plots, a self-contained HTML report and a model card."""
+"""Human-readable outputs of ``run`` and ``measure``: PNG plots, a self-contained HTML report and a model card."""
 
 from __future__ import annotations
 
@@ -6,28 +6,39 @@ import base64
 import html
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .capture import Activations
 from .evaluation import Metrics
 
 if TYPE_CHECKING:
     from .pipeline import RunResult
+    from .selection import Selection
 
 
 def _pct(x: float) -> str:
     return f"{100 * x:.0f}%"
 
 
-def _plots(folder: Path, result: RunResult, acts: Activations) -> list[Path]:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sel = result.selection
-    paths = []
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    return plt
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    _pyplot().close(fig)
+    return path
+
+
+def candidates_plot(folder: Path, sel: Selection) -> Path:
+    """candidates.png: bypass, induce and KL of every candidate per layer, the chosen one starred."""
+    fig, axes = _pyplot().subplots(1, 3, figsize=(13, 3.6))
     for method in sel.settings["methods"]:
         for pos in sel.settings["positions"]:
             rows = [c for c in sel.candidates if c.method == method and c.position == pos and not math.isnan(c.bypass)]
@@ -50,11 +61,11 @@ def _plots(folder: Path, result: RunResult, acts: Activations) -> list[Path]:
         for ax, key in zip(axes, ("bypass", "induce", "kl"), strict=True):
             ax.plot([sel.chosen.layer], [getattr(sel.chosen, key)], "r*", ms=12)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(folder / "candidates.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(fig, folder / "candidates.png")
 
+
+def directions_plot(folder: Path, acts: Activations) -> Path:
+    """directions.png: norm of the mean difference and harmful/harmless separation per residual point."""
     diff = acts.harmful_mean - acts.harmless_mean
     norms = diff.norm(dim=-1)[:, -1].tolist()
     scale = ((acts.harmful_mean.norm(dim=-1) + acts.harmless_mean.norm(dim=-1)) / 2)[:, -1].tolist()
@@ -62,7 +73,7 @@ def _plots(folder: Path, result: RunResult, acts: Activations) -> list[Path]:
         1 - float((a @ b) / (a.norm() * b.norm() + 1e-12))
         for a, b in zip(acts.harmful_mean[:, -1], acts.harmless_mean[:, -1], strict=True)
     ]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 3.4))
     axes[0].plot(norms, marker="o", ms=3, label="|mean diff|")
     axes[0].plot(
         [n / max(s, 1e-12) for n, s in zip(norms, scale, strict=True)], marker="s", ms=3, label="|mean diff| / |mean|"
@@ -75,26 +86,21 @@ def _plots(folder: Path, result: RunResult, acts: Activations) -> list[Path]:
         ax.set_xlabel("residual point (layer input)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    paths.append(folder / "directions.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
+    return _save(fig, folder / "directions.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.2))
+
+def refusals_plot(folder: Path, before: Metrics, after: Metrics) -> Path:
+    """refusals.png: refusal and over-refusal rates before and after the edit."""
+    fig, ax = _pyplot().subplots(figsize=(5, 3.2))
     labels = ["refusal (harmful)", "over-refusal (harmless)"]
-    b, a = result.before, result.after
     xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [b.refusal_rate, b.over_refusal], width=0.4, label="before")
-    ax.bar([x + 0.2 for x in xs], [a.refusal_rate, a.over_refusal], width=0.4, label="after")
+    ax.bar([x - 0.2 for x in xs], [before.refusal_rate, before.over_refusal], width=0.4, label="before")
+    ax.bar([x + 0.2 for x in xs], [after.refusal_rate, after.over_refusal], width=0.4, label="after")
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_title(f"refusals on held-out prompts (KL after: {a.kl:.3f})", fontsize=9)
+    ax.set_title(f"refusals on held-out prompts (KL after: {after.kl:.3f})", fontsize=9)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    paths.append(folder / "refusals.png")
-    fig.savefig(paths[-1], dpi=110)
-    plt.close(fig)
-    return paths
+    return _save(fig, folder / "refusals.png")
 
 
 def _img(path: Path) -> str:
@@ -116,42 +122,67 @@ def _samples(before: Metrics, after: Metrics, limit: int) -> str:
     return "".join(rows)
 
 
-def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
-    """Write candidates/directions/refusals PNGs and report.html with the plots embedded."""
-    plots = _plots(folder, result, acts)
-    sel, b, a = result.selection, result.before, result.after
+def _header(title: str, model: object, sel: Selection, note: str) -> str:
     c = sel.chosen
+    note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
+    return f"""<h1>{title}</h1>
+<p>Model <code>{html.escape(str(model))}</code>; chosen direction:
+<b>{html.escape(c.method) if c else "none"}</b> at layer <b>{c.layer if c else "-"}</b>, position {c.position if c else "-"}.</p>
+{note_html}"""
+
+
+def _selection_sections(sel: Selection, candidates: Path, directions: Path) -> tuple[str, str]:
+    """(plots, table): the per-layer plots and the candidate table, shared by both reports."""
     table = "".join(
         f"<tr class='{'pass' if x.passed else 'fail'}'><td>{x.method}</td><td>{x.layer}</td><td>{x.position}</td>"
         f"<td>{x.bypass:.3f}</td><td>{x.induce:.3f}</td><td>{x.kl:.4f}</td><td>{html.escape(x.reason)}</td></tr>"
         for x in sel.candidates
     )
-    note = f"<p class='note'>{html.escape(result.note)}</p>" if result.note else ""
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>abliterate report</title><style>
+    plots = (
+        f"<h2>Per-layer candidate scores</h2>{_img(candidates)}\n"
+        f"<h2>Direction norm and separation</h2>{_img(directions)}\n"
+    )
+    return plots, (
+        f"<h2>Candidate table</h2><p>{html.escape(sel.note)} ({sel.seconds:.0f} s)</p>\n"
+        "<table><tr><th>method</th><th>layer</th><th>position</th><th>bypass</th><th>induce</th><th>KL</th>"
+        f"<th>filtered because</th></tr>\n{table}</table>"
+    )
+
+
+def _page(folder: Path, title: str, body: str) -> Path:
+    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:13px;width:100%}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 .refused{{background:#fde2e2}}.answered{{background:#e3f6e3}}.fail{{color:#888}}.pass{{font-weight:600}}
 img{{max-width:100%}}.note{{background:#fff3cd;padding:.6em}}.kpi td{{font-size:15px}}</style></head><body>
-<h1>abliterate report</h1>
-<p>Model <code>{html.escape(str(result.config.get("model")))}</code>; chosen direction:
-<b>{html.escape(c.method) if c else "none"}</b> at layer <b>{c.layer if c else "-"}</b>, position {c.position if c else "-"}.</p>
-{note}
-<table class="kpi"><tr><th></th><th>before</th><th>after</th></tr>
-<tr><td>refusal rate, held-out harmful ({b.n_harmful})</td><td>{_pct(b.refusal_rate)}</td><td>{_pct(a.refusal_rate)}</td></tr>
-<tr><td>over-refusal, held-out harmless ({b.n_harmless})</td><td>{_pct(b.over_refusal)}</td><td>{_pct(a.over_refusal)}</td></tr>
-<tr><td>KL(base || edited), first response token</td><td>0</td><td>{a.kl:.4f}</td></tr></table>
-<h2>Per-layer candidate scores</h2>{_img(plots[0])}
-<h2>Direction norm and separation</h2>{_img(plots[1])}
-<h2>Refusals before / after</h2>{_img(plots[2])}
-<h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
-{_samples(b, a, int(result.config.get("samples", 6)))}</table>
-<h2>Candidate table</h2><p>{html.escape(sel.note)} ({sel.seconds:.0f} s)</p>
-<table><tr><th>method</th><th>layer</th><th>position</th><th>bypass</th><th>induce</th><th>KL</th><th>filtered because</th></tr>
-{table}</table></body></html>
+{body}</body></html>
 """
     path = folder / "report.html"
     path.write_text(doc, encoding="utf-8")
     return path
+
+
+def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
+    """``run``'s report: candidates/directions/refusals PNGs and report.html with the plots embedded."""
+    sel, b, a = result.selection, result.before, result.after
+    plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
+    body = f"""{_header("abliterate report", result.config.get("model"), sel, result.note)}
+<table class="kpi"><tr><th></th><th>before</th><th>after</th></tr>
+<tr><td>refusal rate, held-out harmful ({b.n_harmful})</td><td>{_pct(b.refusal_rate)}</td><td>{_pct(a.refusal_rate)}</td></tr>
+<tr><td>over-refusal, held-out harmless ({b.n_harmless})</td><td>{_pct(b.over_refusal)}</td><td>{_pct(a.over_refusal)}</td></tr>
+<tr><td>KL(base || edited), first response token</td><td>0</td><td>{a.kl:.4f}</td></tr></table>
+{plots}<h2>Refusals before / after</h2>{_img(refusals_plot(folder, b, a))}
+<h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
+{_samples(b, a, int(result.config.get("samples", 6)))}</table>
+{table}"""
+    return _page(folder, "abliterate report", body)
+
+
+def write_measure_report(folder: Path, sel: Selection, acts: Activations, config: dict[str, Any]) -> Path:
+    """``measure``'s report: what a sweep knows (candidates and directions; no edit, so no before/after)."""
+    plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
+    header = _header("abliterate measure report", config.get("model"), sel, "" if sel.chosen else sel.note)
+    return _page(folder, "abliterate measure report", f"{header}\n{plots}{table}")
 
 
 def model_card(result: RunResult) -> str:

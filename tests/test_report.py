@@ -1,0 +1,66 @@
+"""report.html of ``run`` and ``measure``, made through the CLI."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+
+import pytest
+from test_cli import invoke
+from tiny import pretend_refusal, tiny_model, tiny_tokenizer
+
+SMALL = ("--n-train", "6", "--n-val", "8")
+PLOTS = {"measure": ["candidates", "directions"], "run": ["candidates", "directions", "refusals"]}
+
+
+@pytest.fixture(scope="module")
+def outputs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("report")
+    model = root / "model"
+    tiny_model("qwen2").save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    res = invoke("measure", str(model), "--out", str(root / "measure"), *SMALL, "--position", "-1", "--position", "-2")
+    assert res.exit_code == 0, res.output
+    with pretend_refusal():
+        res = invoke("run", str(model), "--out", str(root / "run"), *SMALL, "--n-test", "2", "--max-new-tokens", "4")
+    assert res.exit_code == 0, res.output
+    return {"measure": root / "measure", "run": root / "run"}
+
+
+def embeds(page: str, png) -> bool:
+    data = png.read_bytes()
+    assert data.startswith(b"\x89PNG\r\n\x1a\n"), png
+    return f'<img alt="{png.stem}" src="data:image/png;base64,{base64.b64encode(data).decode()}">' in page
+
+
+def test_measure_writes_a_report_of_what_it_knows(outputs):
+    out = outputs["measure"]
+    page = (out / "report.html").read_text()
+    assert all(embeds(page, out / f"{name}.png") for name in PLOTS["measure"])
+    assert sorted(p.name for p in out.iterdir()) == [
+        "abliterate_config.json",
+        "candidates.json",
+        "candidates.png",
+        "directions.json",
+        "directions.png",
+        "directions.safetensors",
+        "report.html",
+    ]
+    table = json.loads((out / "candidates.json").read_text())
+    assert page.count("<tr class='") == len(table["candidates"]) == 4
+    assert "<h2>Candidate table</h2>" in page and html.escape(table["note"]) in page
+    for before_after in ('class="kpi"', "Refusals before / after", "Sample generations", "<th>after</th>"):
+        assert before_after not in page
+
+
+def test_run_report_has_every_section(outputs):
+    out = outputs["run"]
+    page = (out / "report.html").read_text()
+    assert all(embeds(page, out / f"{name}.png") for name in PLOTS["run"])
+    for section in ('class="kpi"', "Refusals before / after", "Sample generations", "<h2>Candidate table</h2>"):
+        assert section in page
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert page.count("<tr class='") == len(metrics["selection"]["candidates"])
+    assert page.count("class='refused'") + page.count("class='answered'") == 2 * 4  # 2 harmful + 2 harmless rows
+    assert f"<b>{metrics['chosen']['method']}</b> at layer <b>{metrics['chosen']['layer']}</b>" in page
