@@ -1,10 +1,13 @@
-"""report.html of ``run`` and ``measure``, made through the CLI."""
+"""report.html of ``run`` and ``measure``, made through the CLI, and rendered in a headless browser where one exists."""
 
 from __future__ import annotations
 
 import base64
 import html
 import json
+import re
+import shutil
+import subprocess
 
 import pytest
 from test_cli import invoke
@@ -64,3 +67,37 @@ def test_run_report_has_every_section(outputs):
     assert page.count("<tr class='") == len(metrics["selection"]["candidates"])
     assert page.count("class='refused'") + page.count("class='answered'") == 2 * 4  # 2 harmful + 2 harmless rows
     assert f"<b>{metrics['chosen']['method']}</b> at layer <b>{metrics['chosen']['layer']}</b>" in page
+
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium or chromium-browser on PATH")
+@pytest.mark.parametrize("kind", ["measure", "run"])
+def test_report_renders_in_a_headless_browser(outputs, kind, tmp_path):
+    from PIL import Image
+
+    url = (outputs[kind] / "report.html").as_uri()
+    browser = [
+        str(CHROMIUM),
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ]
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [*browser, f"--screenshot={shot}", "--window-size=1200,3000", url], capture_output=True, timeout=120, check=True
+    )
+    dom = subprocess.run([*browser, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
+    assert re.findall(r'<img alt="(\w+)" src="data:image/png;base64,', dom) == PLOTS[kind]
+    with Image.open(shot) as image:
+        image.verify()  # a complete, valid PNG
+    with Image.open(shot) as image:
+        assert image.format == "PNG" and image.width == 1200
+        colors = image.convert("RGB").getcolors(maxcolors=1 << 24)
+    assert len(colors) > 100, "blank screenshot"
+    # matplotlib's first line colour (#1f77b4) is on the page only if the embedded plots were decoded and drawn
+    blue = sum(n for n, (r, g, b) in colors if abs(r - 0x1F) < 16 and abs(g - 0x77) < 16 and abs(b - 0xB4) < 16)
+    assert blue > 500
