@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from tiny import tiny_lm
 from transformers import AutoModelForCausalLM
 
-from abliterate import DirectionError, LayerError, ModelLoadError, OutputError, orthogonalize
+from abliterate import DirectionError, LayerError, ModelLoadError, OutputError, orthogonalize, shards
 from abliterate import streaming as st
 from abliterate.loading import from_pretrained_objects
 from abliterate.streaming import stream_orthogonalize
@@ -45,7 +45,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def weight_map(path: Path) -> dict[str, str] | None:
-    index = path / st.INDEX
+    index = path / shards.INDEX
     return json.loads(index.read_text())["weight_map"] if index.is_file() else None
 
 
@@ -97,7 +97,7 @@ def test_stream_equals_in_memory_edit(family, sharded, tmp_path):
         added = {k: v for k, v in new.items() if k not in old}
         assert {k: new[k] for k in old} == old and set(new.values()) == set(old.values())
         assert set(added) == ({"lm_head.weight"} if report.untied else set())
-        index = json.loads((out / st.INDEX).read_text())
+        index = json.loads((out / shards.INDEX).read_text())
         assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in want.values())
     else:
         assert weight_map(out) is None
@@ -161,7 +161,7 @@ def test_checkpoint_without_base_model_prefix(tmp_path):
     src = tmp_path / "src"
     save(lm, src, sharded=False)
     stored = tensors(src)
-    save_file({k.removeprefix("transformer."): v for k, v in stored.items()}, src / st.SINGLE, {"format": "pt"})
+    save_file({k.removeprefix("transformer."): v for k, v in stored.items()}, src / shards.SINGLE, {"format": "pt"})
     r = unit(lm.hidden_size, seed=7)
     stream_orthogonalize(src, tmp_path / "out", r)
     edited, want, _ = reference(lm, tmp_path, r)
@@ -175,11 +175,11 @@ def test_tied_checkpoint_that_stores_the_lm_head(tmp_path):
     lm = tiny_lm("qwen2")
     src = save(lm, tmp_path / "src", sharded=False)
     stored = tensors(src)
-    save_file({**stored, "lm_head.weight": stored["model.embed_tokens.weight"].clone()}, src / st.SINGLE)
+    save_file({**stored, "lm_head.weight": stored["model.embed_tokens.weight"].clone()}, src / shards.SINGLE)
     r = unit(lm.hidden_size, seed=11)
     report = stream_orthogonalize(src, tmp_path / "out", r)
     edited, want, _ = reference(lm, tmp_path, r)
-    assert report.untied and report.bytes_written == (src / st.SINGLE).stat().st_size
+    assert report.untied and report.bytes_written == (src / shards.SINGLE).stat().st_size
     assert_same(tensors(tmp_path / "out"), want)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["tie_word_embeddings"] is False
     assert (logits(tmp_path / "out") - logits(edited.model)).abs().max() < 1e-5
@@ -211,7 +211,7 @@ def test_overwrite_replaces_output(tmp_path):
     with pytest.raises(OutputError, match="already exists"):
         stream_orthogonalize(src, tmp_path / "out", unit(lm.hidden_size))
     stream_orthogonalize(src, tmp_path / "out", unit(lm.hidden_size), overwrite=True)
-    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / st.SINGLE).is_file()
+    assert not (tmp_path / "out" / "stale.txt").exists() and (tmp_path / "out" / shards.SINGLE).is_file()
 
 
 # --- bad input: one-line errors, nothing written -------------------------------------------------------------
@@ -233,7 +233,7 @@ def fails(exc_type, match, src, out, direction, **kwargs):
 
 def test_shards_without_index(llama_src, tmp_path):
     lm, src = llama_src
-    (src / st.INDEX).unlink()
+    (src / shards.INDEX).unlink()
     fails(
         ModelLoadError, r"3 \.safetensors shards but no model\.safetensors\.index\.json", src, tmp_path / "o", unit(64)
     )
@@ -254,7 +254,7 @@ def test_quantized_writer_dtype(dtype, tmp_path):
     src = save(lm, tmp_path / "src", sharded=False)
     stored = tensors(src)
     stored["model.layers.1.mlp.down_proj.weight"] = stored["model.layers.1.mlp.down_proj.weight"].to(dtype)
-    save_file(stored, src / st.SINGLE, {"format": "pt"})
+    save_file(stored, src / shards.SINGLE, {"format": "pt"})
     fails(ModelLoadError, "down_proj.weight is stored as .*dequantize first", src, tmp_path / "o", unit(64))
 
 
@@ -294,5 +294,5 @@ def test_out_of_disk_space_leaves_nothing(llama_src, tmp_path, monkeypatch):
 
     monkeypatch.setattr(st, "_write_shard", full_disk)
     fails(OutputError, "No space left on device; nothing was written", src, tmp_path / "o", unit(64))
-    monkeypatch.setattr(st, "_free_space", lambda path: 1000)
+    monkeypatch.setattr(st, "free_space", lambda path: 1000)
     fails(OutputError, "not enough disk space", src, tmp_path / "o", unit(64))

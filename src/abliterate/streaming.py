@@ -12,7 +12,6 @@ shard; file names, key names and the index stay as they were.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -34,11 +33,19 @@ from .interventions import edit_plan
 from .model import LoadedModel, Progress
 from .projection import Scale, project_out
 from .saving import atomic_directory, check_output
-from .weights import WORK_ELEMENTS, project_tensor
+from .shards import (
+    FLOAT_DTYPES,
+    INDEX,
+    Shard,
+    Workspace,
+    copy_range,
+    find_shards,
+    free_space,
+    read_shard,
+    write_all,
+)
+from .weights import project_tensor
 
-INDEX = "model.safetensors.index.json"
-SINGLE = "model.safetensors"
-FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Weights in other formats are not copied: an unedited duplicate of the model would be a trap.
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors", ".index.json")
 NO_STREAM = "dequantize first, or load through transformers (abliterate apply without --stream)"
@@ -60,71 +67,11 @@ class StreamReport:
     seconds: float = 0.0
 
 
-class _Entry(NamedTuple):
-    """One stored tensor; ``start``/``end`` are absolute offsets in its file."""
-
-    dtype: str
-    shape: tuple[int, ...]
-    start: int
-    end: int
-
-
-class _Shard(NamedTuple):
-    path: Path
-    raw_header: bytes  # the 8-byte length and the JSON header, as stored
-    entries: dict[str, _Entry]
-    size: int
-
-
 class _Edit(NamedTuple):
     axis: int | None  # residual axis of the stored tensor; None for a bias (its last axis)
     basis: torch.Tensor
     scale: float
     norm_preserving: bool
-
-
-def _read_shard(path: Path) -> _Shard:
-    size = path.stat().st_size
-    with open(path, "rb") as fh:
-        head = fh.read(8)
-        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-        if not 0 < n <= min(size - 8, 100 << 20):
-            raise ModelLoadError(f"{path} is not a safetensors file (bad header length); re-download or re-save it")
-        raw = fh.read(n)
-    try:
-        entries = {
-            k: _Entry(v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
-            for k, v in json.loads(raw).items()
-            if k != "__metadata__"
-        }
-    except (ValueError, KeyError, TypeError, IndexError) as exc:
-        raise ModelLoadError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from exc
-    if any(e.end > size or e.start > e.end for e in entries.values()):
-        raise ModelLoadError(f"{path} is truncated (tensor data past the end of the file); re-download it")
-    return _Shard(path, head + raw, entries, size)
-
-
-def _find_shards(src: Path) -> tuple[list[str], dict[str, Any] | None]:
-    """Shard file names (from the index, or the single file) and the index itself."""
-    if (src / INDEX).is_file():
-        try:
-            index = json.loads((src / INDEX).read_text())
-            names = sorted(set(index["weight_map"].values()))
-        except (ValueError, KeyError, AttributeError) as exc:
-            raise ModelLoadError(f"{src / INDEX} is not a valid index ({exc}); re-download or re-save it") from exc
-        if missing := [n for n in names if not (src / n).is_file()]:
-            raise ModelLoadError(f"{src / INDEX} names missing shard(s) {', '.join(missing)}; re-download them")
-        return names, index
-    if (src / SINGLE).is_file():
-        return [SINGLE], None
-    found = sorted(p.name for p in src.glob("*.safetensors"))
-    if len(found) > 1:
-        raise ModelLoadError(
-            f"{src} has {len(found)} .safetensors shards but no {INDEX}; restore the index file "
-            "(it says which tensor lives in which shard) or re-save the model with save_pretrained"
-        )
-    hint = f"only {found[0]}" if found else "no .safetensors weights"
-    raise ModelLoadError(f"{src} has {hint}, not {SINGLE} or {INDEX}; convert it with save_pretrained first")
 
 
 def _meta_model(src: Path, trust_remote_code: bool) -> tuple[nn.Module, dict[str, Any]]:
@@ -197,31 +144,6 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
     return next(name for name, module in model.named_modules() if module is target)
 
 
-def _read_into(fin: BinaryIO, view: memoryview, offset: int) -> None:
-    fin.seek(offset)
-    while len(view):
-        if not (n := fin.readinto(view)):
-            raise ModelLoadError(f"{fin.name} ends early: the shard is truncated; re-download it")
-        view = view[n:]
-
-
-class _Workspace:
-    """Buffers reused from tensor to tensor: page-faulting fresh memory costs more than the arithmetic."""
-
-    def __init__(self, work_elements: int = WORK_ELEMENTS) -> None:
-        self.raw = torch.empty(0, dtype=torch.uint8)
-        self.work = torch.empty(work_elements)
-
-    def read(self, fin: BinaryIO, entry: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
-        """A stored tensor, read with plain reads (an mmap would keep the shard in RSS): (bytes, typed view)."""
-        if self.raw.numel() < entry.end - entry.start:
-            self.raw = torch.empty(0, dtype=torch.uint8)  # free the old buffer before allocating the new one
-            self.raw = torch.empty(entry.end - entry.start, dtype=torch.uint8)
-        raw = self.raw[: entry.end - entry.start]
-        _read_into(fin, memoryview(raw.numpy()), entry.start)
-        return raw, raw.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
-
-
 def _materialize_post_norms(model: nn.Module, writers: list[Writer], sources: Sources, where: Mapping) -> None:
     """Give each post-norm (Gemma 2/3, OLMo 2) its real weights, in float32, so that its gain can be probed."""
     for norm in {id(w.post_norm): w.post_norm for w in writers if w.post_norm is not None}.values():
@@ -234,7 +156,7 @@ def _materialize_post_norms(model: nn.Module, writers: list[Writer], sources: So
                     f"no float tensor for {prefix}.{pname} in the checkpoint; config.json disagrees"
                 )
             with open(shard.path, "rb", buffering=0) as fin:
-                values[pname] = _Workspace(0).read(fin, entry)[1].float().clone()
+                values[pname] = Workspace(0).read(fin, entry)[1].float().clone()
         norm.load_state_dict(values, strict=False, assign=True)
 
 
@@ -263,30 +185,7 @@ def _plan_edits(plan: list, sources: Sources, where: Mapping, hidden: int, norm_
     return edits
 
 
-def _write_all(fout: BinaryIO, view: memoryview) -> None:
-    """Write everything, 1 MiB per call: on Linux, writes of several MiB at once are up to 10x slower."""
-    while len(view):
-        view = view[fout.write(view[: 1 << 20]) :]
-
-
-def _copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, count: int) -> None:
-    """Append ``count`` bytes at ``offset`` of ``fin`` to ``fout``: in the kernel where the OS can, else buffered."""
-    kernel = hasattr(os, "copy_file_range")
-    while count > 0:
-        try:
-            n = os.copy_file_range(fin.fileno(), fout.fileno(), min(count, 1 << 30), offset) if kernel else 0
-        except OSError as exc:
-            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
-                raise
-            kernel, n = False, 0
-        if not n:  # no kernel copy here, or the input ended early (then _read_into says so)
-            chunk = memoryview(bytearray(n := min(count, 16 << 20)))
-            _read_into(fin, chunk, offset)
-            _write_all(fout, chunk)
-        offset, count = offset + n, count - n
-
-
-def _write_shard(shard: _Shard, dst: Path, edits: Mapping[str, _Edit], extra: list, work: _Workspace) -> None:
+def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: list, work: Workspace) -> None:
     """Write ``shard`` to ``dst`` with ``edits`` applied and ``extra`` [(name, stored entry)] copies appended."""
     raw = shard.raw_header
     if extra:
@@ -297,11 +196,11 @@ def _write_shard(shard: _Shard, dst: Path, edits: Mapping[str, _Edit], extra: li
         text = json.dumps(header, separators=(",", ":")).encode()
         raw = struct.pack("<Q", len(text) + -len(text) % 8) + text + b" " * (-len(text) % 8)
     with open(shard.path, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
-        _write_all(fout, memoryview(raw))
+        write_all(fout, memoryview(raw))
         pos = len(shard.raw_header)
         for key in sorted((k for k in edits if k in shard.entries), key=lambda k: shard.entries[k].start):
             entry, edit = shard.entries[key], edits[key]
-            _copy_range(fin, fout, pos, entry.start - pos)
+            copy_range(fin, fout, pos, entry.start - pos)
             buf, tensor = work.read(fin, entry)
             with torch.no_grad():
                 if edit.axis is None:
@@ -309,11 +208,11 @@ def _write_shard(shard: _Shard, dst: Path, edits: Mapping[str, _Edit], extra: li
                 elif tensor.numel():
                     buffer = work.work if tensor.dtype != torch.float64 else None  # float64 allocates its own
                     project_tensor(tensor, edit.axis, edit.basis, edit.scale, edit.norm_preserving, work=buffer)
-            _write_all(fout, memoryview(buf.numpy()))
+            write_all(fout, memoryview(buf.numpy()))
             pos = entry.end
-        _copy_range(fin, fout, pos, shard.size - pos)
+        copy_range(fin, fout, pos, shard.size - pos)
         for _, entry in extra:
-            _copy_range(fin, fout, entry.start, entry.end - entry.start)
+            copy_range(fin, fout, entry.start, entry.end - entry.start)
 
 
 def _untie(model: nn.Module, plan: list, sources: Sources, where: Mapping) -> tuple[bool, dict[str, list]]:
@@ -363,12 +262,6 @@ def _write_rest(src: Path, tmp: Path, index: dict | None, extra: dict, config: d
     return copied, skipped
 
 
-def _free_space(path: Path) -> int:
-    while not path.exists():
-        path = path.parent
-    return shutil.disk_usage(path).free
-
-
 def stream_orthogonalize(
     src_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
@@ -404,8 +297,8 @@ def stream_orthogonalize(
     if src in target.parents:
         raise OutputError(f"output {target} is inside the input model {src}; choose a directory outside it")
     model, raw_config = _meta_model(src, trust_remote_code)
-    names, index = _find_shards(src)
-    shards = [_read_shard(src / n) for n in names]
+    names, index = find_shards(src)
+    shards = [read_shard(src / n) for n in names]
     where = {k: (s, e) for s in shards for k, e in s.entries.items()}
     anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
     sources = _sources(model, list(where))
@@ -417,13 +310,13 @@ def stream_orthogonalize(
 
     sizes = {s.path.name: s.size + sum(e.end - e.start for _, e in extra.get(s.path.name, [])) for s in shards}
     total = sum(sizes.values())
-    if total > _free_space(target.parent):
+    if total > free_space(target.parent):
         raise OutputError(f"not enough disk space for {target}: {total / 2**30:.2f} GiB needed; free some first")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the edits are memory-bound: more threads only add stalls when cores are shared
     try:
         with atomic_directory(target) as tmp:  # an OSError (disk full...) becomes a one-line OutputError there
-            done, work = 0, _Workspace()
+            done, work = 0, Workspace()
             for shard in shards:
                 _write_shard(shard, tmp / shard.path.name, edits, extra.get(shard.path.name, []), work)
                 done += sizes[shard.path.name]

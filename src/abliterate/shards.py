@@ -1,0 +1,136 @@
+"""Safetensors files read and written as bytes: headers parsed by hand, tensors read with plain reads into a
+reused buffer, untouched byte ranges copied in the kernel. Used by the streaming edit, which must never hold
+a whole shard in memory (an mmap would keep it in RSS)."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+from typing import Any, BinaryIO, NamedTuple
+
+import torch
+
+from .errors import ModelLoadError
+from .weights import WORK_ELEMENTS
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+FLOAT_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+class Entry(NamedTuple):
+    """One stored tensor; ``start``/``end`` are absolute offsets in its file."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    start: int
+    end: int
+
+
+class Shard(NamedTuple):
+    path: Path
+    raw_header: bytes  # the 8-byte length and the JSON header, as stored
+    entries: dict[str, Entry]
+    size: int
+
+
+def read_shard(path: Path) -> Shard:
+    size = path.stat().st_size
+    with open(path, "rb") as fh:
+        head = fh.read(8)
+        n = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+        if not 0 < n <= min(size - 8, 100 << 20):
+            raise ModelLoadError(f"{path} is not a safetensors file (bad header length); re-download or re-save it")
+        raw = fh.read(n)
+    try:
+        entries = {
+            k: Entry(v["dtype"], tuple(v["shape"]), 8 + n + v["data_offsets"][0], 8 + n + v["data_offsets"][1])
+            for k, v in json.loads(raw).items()
+            if k != "__metadata__"
+        }
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ModelLoadError(f"{path} has a corrupt safetensors header ({exc}); re-download or re-save it") from exc
+    if any(e.end > size or e.start > e.end for e in entries.values()):
+        raise ModelLoadError(f"{path} is truncated (tensor data past the end of the file); re-download it")
+    return Shard(path, head + raw, entries, size)
+
+
+def find_shards(src: Path) -> tuple[list[str], dict[str, Any] | None]:
+    """Shard file names (from the index, or the single file) and the index itself."""
+    if (src / INDEX).is_file():
+        try:
+            index = json.loads((src / INDEX).read_text())
+            names = sorted(set(index["weight_map"].values()))
+        except (ValueError, KeyError, AttributeError) as exc:
+            raise ModelLoadError(f"{src / INDEX} is not a valid index ({exc}); re-download or re-save it") from exc
+        if missing := [n for n in names if not (src / n).is_file()]:
+            raise ModelLoadError(f"{src / INDEX} names missing shard(s) {', '.join(missing)}; re-download them")
+        return names, index
+    if (src / SINGLE).is_file():
+        return [SINGLE], None
+    found = sorted(p.name for p in src.glob("*.safetensors"))
+    if len(found) > 1:
+        raise ModelLoadError(
+            f"{src} has {len(found)} .safetensors shards but no {INDEX}; restore the index file "
+            "(it says which tensor lives in which shard) or re-save the model with save_pretrained"
+        )
+    hint = f"only {found[0]}" if found else "no .safetensors weights"
+    raise ModelLoadError(f"{src} has {hint}, not {SINGLE} or {INDEX}; convert it with save_pretrained first")
+
+
+def read_into(fin: BinaryIO, view: memoryview, offset: int) -> None:
+    fin.seek(offset)
+    while len(view):
+        if not (n := fin.readinto(view)):
+            raise ModelLoadError(f"{fin.name} ends early: the shard is truncated; re-download it")
+        view = view[n:]
+
+
+class Workspace:
+    """Buffers reused from tensor to tensor: page-faulting fresh memory costs more than the arithmetic."""
+
+    def __init__(self, work_elements: int = WORK_ELEMENTS) -> None:
+        self.raw = torch.empty(0, dtype=torch.uint8)
+        self.work = torch.empty(work_elements)
+
+    def read(self, fin: BinaryIO, entry: Entry) -> tuple[torch.Tensor, torch.Tensor]:
+        """A stored tensor, read with plain reads (an mmap would keep the shard in RSS): (bytes, typed view)."""
+        if self.raw.numel() < entry.end - entry.start:
+            self.raw = torch.empty(0, dtype=torch.uint8)  # free the old buffer before allocating the new one
+            self.raw = torch.empty(entry.end - entry.start, dtype=torch.uint8)
+        raw = self.raw[: entry.end - entry.start]
+        read_into(fin, memoryview(raw.numpy()), entry.start)
+        return raw, raw.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+def write_all(fout: BinaryIO, view: memoryview) -> None:
+    """Write everything, 1 MiB per call: on Linux, writes of several MiB at once are up to 10x slower."""
+    while len(view):
+        view = view[fout.write(view[: 1 << 20]) :]
+
+
+def copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, count: int) -> None:
+    """Append ``count`` bytes at ``offset`` of ``fin`` to ``fout``: in the kernel where the OS can, else buffered."""
+    kernel = hasattr(os, "copy_file_range")
+    while count > 0:
+        try:
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), min(count, 1 << 30), offset) if kernel else 0
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
+                raise
+            kernel, n = False, 0
+        if not n:  # no kernel copy here, or the input ended early (then read_into says so)
+            chunk = memoryview(bytearray(n := min(count, 16 << 20)))
+            read_into(fin, chunk, offset)
+            write_all(fout, chunk)
+        offset, count = offset + n, count - n
+
+
+def free_space(path: Path) -> int:
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
