@@ -9,6 +9,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from . import config as config_mod
@@ -117,16 +118,23 @@ def progress_bars() -> Iterator[Any]:
         yield update
 
 
+def wrote(path: Any) -> None:
+    """Record that a command's output is complete, so a later Ctrl-C does not claim nothing was written."""
+    STATE["wrote"] = path
+
+
 def guarded(fn: Any) -> Any:
     """Turn library errors into one clear line and a non-zero exit; Ctrl-C exits 130."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        STATE["wrote"] = None
         try:
             return fn(*args, **kwargs)
         except AbliterateError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
-            err().print("[yellow]interrupted; nothing was written[/]")
+            what = f"{escape(str(STATE['wrote']))} was already written" if STATE["wrote"] else "nothing was written"
+            err().print(f"[yellow]interrupted; {what}[/]", highlight=False, soft_wrap=True)
             raise typer.Exit(130) from None
 
     return functools.wraps(fn)(wrapper)

@@ -7,7 +7,7 @@ import typer
 from rich.table import Table
 
 from . import config as config_mod
-from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, config_app, err, fail, guarded, out, progress_bars
+from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, config_app, err, fail, guarded, out, progress_bars, wrote
 
 
 def _summary(result: Any) -> None:
@@ -32,6 +32,7 @@ def _execute(cfg: config_mod.RunConfig) -> None:
 
     with progress_bars() as progress:
         result = run_pipeline(cfg, progress)
+    wrote(result.out)
     if STATE["json"]:
         out().print_json(json.dumps(result.metrics()))
     else:

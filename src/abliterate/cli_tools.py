@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, err, fail, guarded, out, progress_bars
+from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, err, fail, guarded, out, progress_bars, wrote
 from .errors import AbliterateError
 
 
@@ -75,7 +75,7 @@ def measure(
     lm = load_for(cfg)
     with progress_bars() as progress:
         acts, sel = run_measure(cfg, lm, progress)
-    write_measurement(target, cfg, acts, sel)
+    wrote(write_measurement(target, cfg, acts, sel))
     if STATE["json"]:
         out().print_json(json.dumps(sel.to_dict()))
         return
@@ -154,6 +154,7 @@ def apply(
                 overwrite=force,
                 progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
             )
+        wrote(report.out_dir)
         out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
         return
     target = (
@@ -188,7 +189,7 @@ def apply(
             through_layer=direction.layer if direction.layer < lm.num_layers else lm.num_layers - 1,
         )
     assert target is not None
-    lm.save(target, overwrite=force)
+    wrote(lm.save(target, overwrite=force))
     out().print(f"wrote [bold]{target}[/]")
 
 

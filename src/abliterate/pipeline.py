@@ -175,8 +175,8 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
-    if progress:
-        progress("save", 1, 1)
+        if progress:  # before the rename, so that nothing runs between the rename and the return
+            progress("save", 1, 1)
     result.out = target
     return result
 

@@ -31,25 +31,36 @@ def check_output(out: str | Path, *, overwrite: bool = False, inputs: tuple[Path
 
 @contextlib.contextmanager
 def atomic_directory(target: Path) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``target``, on any error it vanishes."""
+    """Yield a temporary sibling directory; on success it replaces ``target``.
+
+    On any error or interrupt (Ctrl-C), even one that lands between or just after the final renames,
+    the temporary directory vanishes and ``target`` is left as it was (absent, or the old directory).
+    """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tag = uuid.uuid4().hex[:8]
+    tmp = target.parent / f".{target.name}.tmp-{tag}"
+    old = target.parent / f".{target.name}.old-{tag}"
     tmp.mkdir()
     try:
         yield tmp
         if target.exists():
-            old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(target, old)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except OSError as exc:  # disk full, permissions...: one clear line, nothing left behind
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise OutputError(f"could not write {target}: {exc.strerror or exc}; nothing was written") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        os.replace(tmp, target)
+    except BaseException as exc:
+        _roll_back(target, tmp, old)
+        if isinstance(exc, OSError):  # disk full, permissions...: one clear line, nothing left behind
+            raise OutputError(f"could not write {target}: {exc.strerror or exc}; nothing was written") from exc
         raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _roll_back(target: Path, tmp: Path, old: Path) -> None:
+    """Undo whatever part of :func:`atomic_directory`'s write and renames happened."""
+    if not tmp.exists() and target.exists():  # the new directory was already renamed into place
+        os.replace(target, tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    if old.exists() and not target.exists():
+        os.replace(old, target)
 
 
 def save_model(lm: LoadedModel, out: str | Path, *, overwrite: bool = False) -> Path:
