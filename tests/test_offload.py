@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from test_loading import write_model
-from tiny import HARMFUL, HARMLESS
+from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_tokenizer
+from transformers import AutoModelForCausalLM
 
 from abliterate import ablate, capture, induce, load_model, orthogonalize
 from abliterate.directions import mean_diff
@@ -22,7 +23,7 @@ from abliterate.errors import AbliterateError
 from abliterate.evaluation import Evaluator
 from abliterate.streaming import stream_orthogonalize
 
-FAMILIES = ["llama", "gemma2", "gpt2", "qwen2_moe"]
+OFFLOAD_FAMILIES = ["llama", "gemma2", "gpt2", "qwen2_moe"]
 
 
 def split_map(lm_plain, disk_layers: set[int]) -> dict[str, str]:
@@ -37,7 +38,7 @@ def split_map(lm_plain, disk_layers: set[int]) -> dict[str, str]:
     return dm
 
 
-@pytest.fixture(params=FAMILIES)
+@pytest.fixture(params=OFFLOAD_FAMILIES)
 def pair(request, tmp_path):
     src = tmp_path / "model"
     write_model(src, request.param)
@@ -124,3 +125,57 @@ def test_offload_folder_is_not_left_in_the_model_directory(tmp_path):
     lm = load_model(src, device_map="auto", max_memory={"cpu": "120KB"})
     capture(lm, HARMFUL, HARMLESS)
     assert sorted(p.name for p in Path(src).iterdir()) == before
+
+
+# --- 4-bit / 8-bit loading through bitsandbytes (runs where bitsandbytes is installed; it has a CPU backend) ----
+
+
+def write_quantizable(directory: Path) -> None:
+    """The tiny llama with an MLP width of 128: bitsandbytes' CPU 4-bit kernels need multiples of 64."""
+    cls, kwargs = FAMILIES["llama"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cls(**{**kwargs, "intermediate_size": 128}))
+    model.save_pretrained(directory)
+    tiny_tokenizer().save_pretrained(directory)
+
+
+@pytest.mark.parametrize("quantize", ["8bit", "4bit"])
+def test_quantized_capture_and_runtime_edits(tmp_path, quantize):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
+    src = tmp_path / "model"
+    write_quantizable(src)
+    plain = load_model(src)
+    lm = load_model(src, quantize=quantize)
+    assert lm.quantized and not plain.quantized
+    assert type(lm.anatomy.writers[0][0].module).__name__ in {"Linear8bitLt", "Linear4bit"}
+    a, b = capture(plain, HARMFUL, HARMLESS), capture(lm, HARMFUL, HARMLESS)
+    # quantization error, not a bug: the means agree closely (cosine) and the direction survives
+    cos = torch.nn.functional.cosine_similarity(a.harmful_mean.flatten(), b.harmful_mean.flatten(), dim=0)
+    assert cos > 0.95
+    r, r_q = mean_diff(a)[2, -1], mean_diff(b)[2, -1]
+    assert torch.nn.functional.cosine_similarity(r.vector, r_q.vector, dim=0) > 0.8
+    base = logits(lm, HARMLESS[:3])
+    with ablate(lm, r_q), torch.inference_mode():
+        edited = logits(lm, HARMLESS[:3])
+        hidden = lm.forward(lm.encode(lm.format(HARMLESS[:3])), output_hidden_states=True).hidden_states
+    assert not torch.allclose(base, edited, atol=1e-3)
+    u = r_q.vector / r_q.vector.norm()
+    for h in hidden[:-1]:  # every layer input is orthogonal to the direction (the last one is normed)
+        assert (h.float() @ u).abs().max() < 1e-3 * h.float().norm(dim=-1).max()
+    with pytest.raises(AbliterateError, match="quantized.*stream_orthogonalize"):
+        orthogonalize(lm, r_q)
+
+
+def test_quantize_errors_are_one_line(tmp_path, monkeypatch):
+    src = tmp_path / "model"
+    write_model(src, "llama")
+    with pytest.raises(AbliterateError, match="unknown quantize '3bit'"):
+        load_model(src, quantize="3bit")
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a)
+    )
+    with pytest.raises(AbliterateError, match="needs bitsandbytes: pip install bitsandbytes"):
+        load_model(src, quantize="4bit")

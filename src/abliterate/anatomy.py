@@ -165,7 +165,9 @@ def _layer_writers(layer: nn.Module, index: int, prefix: str, patterns: Sequence
         # 2-D writers: the module itself matches.
         if any(c.fullmatch(rel) for c in compiled) and (spec := _linear_axis(module)):
             param, axis = spec
-            if module.weight.shape[axis] != hidden:
+            # a quantized Linear (bitsandbytes) stores packed bytes; out_features is its real output size
+            out_size = module.out_features if isinstance(module, nn.Linear) else module.weight.shape[axis]
+            if out_size != hidden:
                 continue
             has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
             found.append(

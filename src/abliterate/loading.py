@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from collections.abc import Sequence
@@ -102,6 +103,23 @@ def _prepare_tokenizer(tokenizer: Any, chat_template: str | None, source: str) -
         tokenizer.pad_token = fallback
 
 
+QUANTIZE = ("4bit", "8bit")
+
+
+def bnb_config(quantize: str, dtype: torch.dtype | str) -> Any:
+    """A bitsandbytes config for ``"4bit"`` (NF4, computing in ``dtype``) or ``"8bit"`` (LLM.int8)."""
+    if quantize not in QUANTIZE:
+        raise ModelLoadError(f"unknown quantize '{quantize}'; use 4bit or 8bit (or leave it unset)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise ModelLoadError(f"{quantize} loading needs bitsandbytes: pip install bitsandbytes (or drop quantize)")
+    from transformers import BitsAndBytesConfig
+
+    if quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    compute = dtype if isinstance(dtype, torch.dtype) else torch.bfloat16
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+
+
 def clear_gguf_marker(model: torch.nn.Module) -> None:
     """A GGUF-loaded model is fully dequantized, but transformers still flags it as quantized and
     refuses ``save_pretrained``; drop the flag and its quantization config."""
@@ -122,6 +140,7 @@ def load_model(
     device_map: str | dict[str, Any] | None = None,
     max_memory: dict[Any, str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
+    quantize: str | None = None,
     trust_remote_code: bool = False,
     chat_template: str | None = None,
     layers_path: str | None = None,
@@ -136,6 +155,10 @@ def load_model(
     checkpoint's own safetensors files) and streamed in layer by layer during each forward pass. Capture,
     runtime edits and evaluation work on such a model; an in-memory weight edit does not (use
     :func:`abliterate.stream_orthogonalize` to write the edited checkpoint).
+
+    ``quantize="4bit"`` or ``"8bit"`` loads the linear layers through bitsandbytes (to fit a big model on
+    a GPU for capture and evaluation); residual writers are then not editable in place either, so the
+    edited model is written from the original checkpoint by the streaming edit.
 
     ``layers_path``/``writer_patterns`` name the modules of an architecture the built-in patterns do
     not know.
@@ -152,6 +175,11 @@ def load_model(
         where, common["gguf_file"] = str(path.parent), path.name
     else:
         where = str(path) if path else source
+    if quantize is not None:
+        if kind == "gguf":
+            raise ModelLoadError(f"{source} is a GGUF file; quantize= applies to safetensors checkpoints only")
+        common["quantization_config"] = bnb_config(quantize, torch_dtype)
+        device_map = device_map if device_map is not None else {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
         model = AutoModelForCausalLM.from_pretrained(

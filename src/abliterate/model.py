@@ -47,6 +47,11 @@ class LoadedModel:
         return execution_device(self.model, self.anatomy.embeddings[0].module)
 
     @property
+    def quantized(self) -> bool:
+        """True when some residual writer is stored quantized (bitsandbytes 4/8-bit): not editable in place."""
+        return any(not w.weight.dtype.is_floating_point for w in self.anatomy.all_writers())
+
+    @property
     def offloaded(self) -> bool:
         """True when some weights live off the execution devices (accelerate CPU/disk offload), so they
         cannot be edited in place; write an edited copy with :func:`abliterate.stream_orthogonalize`."""

@@ -147,6 +147,13 @@ def _check_in_memory(lm: LoadedModel, writers: list[Writer]) -> None:
         for w in writers
         if w.weight.device.type == "meta" or any(getattr(h, "offload", False) for h in flat_hooks(w.module))
     ]
+    quantized = [w for w in writers if not w.weight.dtype.is_floating_point]
+    if quantized:
+        raise AbliterateError(
+            f"{quantized[0].name} is quantized ({type(quantized[0].module).__name__}), so it cannot be edited in "
+            "place; write the edited checkpoint from the original weights with stream_orthogonalize "
+            "(abliterate apply --stream)"
+        )
     if off:
         raise AbliterateError(
             f"{off[0]} (and {len(off) - 1} more) are offloaded by device_map, so they cannot be edited in memory; "
