@@ -9,6 +9,7 @@ same model as editing the plain one.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -179,3 +180,84 @@ def test_quantize_errors_are_one_line(tmp_path, monkeypatch):
     )
     with pytest.raises(AbliterateError, match="needs bitsandbytes: pip install bitsandbytes"):
         load_model(src, quantize="4bit")
+
+
+# --- the whole journey on a model that does not fit: `abliterate run --device-map ... / --quantize` ------------
+
+
+def _run_cli(model: Path, out: Path, *flags: str):
+    from test_cli import invoke
+    from tiny import pretend_refusal
+
+    small = ("--n-train", "6", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "4")
+    with pretend_refusal():
+        res = invoke("--json", "run", str(model), "--out", str(out), *small, *flags)
+    assert res.exit_code == 0, res.output
+    return json.loads((out / "metrics.json").read_text())
+
+
+def _weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    return {
+        k: v
+        for f in sorted(folder.glob("*.safetensors"))
+        if f.name != "directions.safetensors"
+        for k, v in load_file(f).items()
+    }
+
+
+def test_run_with_disk_offload_writes_the_same_model_as_in_memory(tmp_path):
+    src = tmp_path / "model"
+    write_model(src, "qwen2")
+    files = {p.name: p.read_bytes() for p in src.iterdir()}
+    plain = _run_cli(src, tmp_path / "plain")
+    off = _run_cli(src, tmp_path / "off", "--device-map", "auto", "--max-memory", "cpu=100KB")
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == files  # the input is untouched
+    assert off["chosen"] == plain["chosen"]
+    for key in ("refusal_rate", "over_refusal", "kl"):
+        assert off["after"][key] == pytest.approx(plain["after"][key], abs=1e-5), key
+    assert "runtime ablation hooks" in off["note"] and "shard by shard" in off["note"]
+    a, b = _weights(tmp_path / "plain"), _weights(tmp_path / "off")
+    assert a.keys() == b.keys()  # tied embeddings untied in both
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-6, rtol=1e-5, msg=k)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "off")  # plain transformers loads it
+    assert not reloaded.config.tie_word_embeddings
+    for name in ("README.md", "report.html", "directions.safetensors", "tokenizer_config.json", "config.json"):
+        assert (tmp_path / "off" / name).is_file(), name
+
+
+def test_run_quantized_writes_the_edit_of_the_full_precision_checkpoint(tmp_path):
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
+    from abliterate.directions import DirectionSet
+
+    src = tmp_path / "model"
+    write_quantizable(src)
+    metrics = _run_cli(src, tmp_path / "q8", "--quantize", "8bit")
+    chosen = metrics["chosen"]
+    ds = DirectionSet.load(tmp_path / "q8" / "directions.safetensors")
+    stream_orthogonalize(src, tmp_path / "want", ds[chosen["layer"], chosen["position"]])
+    got, want = _weights(tmp_path / "q8"), _weights(tmp_path / "want")
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+    assert "quantized" in metrics["note"]
+
+
+def test_bad_placement_flags_are_one_line_errors(tmp_path):
+    from test_cli import invoke
+
+    src = tmp_path / "model"
+    write_model(src, "qwen2")
+    cases = [
+        (["--max-memory", "cpu=1GiB"], "max_memory needs device_map"),
+        (["--device-map", "auto", "--max-memory", "cpu:1GiB"], "bad max_memory entry 'cpu:1GiB'"),
+        (["--quantize", "2bit"], "quantize must be 4bit or 8bit"),
+    ]
+    for flags, message in cases:
+        res = invoke("run", str(src), "--out", str(tmp_path / "o"), *flags)
+        assert res.exit_code != 0 and message in res.output, (flags, res.output)
+        assert not (tmp_path / "o").exists()
+    res = invoke("eval", str(src), "--max-memory", "cpu=1GiB")
+    assert res.exit_code != 0 and "max_memory needs a device_map" in res.output

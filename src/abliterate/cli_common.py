@@ -156,6 +156,40 @@ def _global(
 
 Opt = typer.Option
 CONFIG_OPT = Annotated[Path | None, Opt("--config", "-c", help="TOML file; keys mirror the flags.")]
+# Where and how the model is loaded: shared by every command that loads one.
+DTYPE_OPT = Annotated[str | None, Opt("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU).")]
+DEVICE_OPT = Annotated[str | None, Opt("--device", help="cpu, cuda, cuda:1, mps ... (the whole model on one device).")]
+DEVICE_MAP_OPT = Annotated[
+    str | None,
+    Opt("--device-map", help="auto, balanced or sequential: spread the model over GPUs, CPU and disk (accelerate)."),
+]
+MAX_MEMORY_OPT = Annotated[
+    str | None, Opt("--max-memory", help="Per-device cap with --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB.")
+]
+OFFLOAD_OPT = Annotated[str | None, Opt("--offload-folder", help="Folder for weights offloaded to disk.")]
+QUANTIZE_OPT = Annotated[
+    str | None, Opt("--quantize", help="4bit or 8bit: load linear layers through bitsandbytes (capture, eval).")
+]
+
+
+def placement(
+    dtype: str | None,
+    device: str | None,
+    device_map: str | None,
+    max_memory: str | None,
+    offload_folder: str | None,
+    quantize: str | None,
+) -> dict[str, Any]:
+    """Keyword arguments for :func:`abliterate.load_model` from the placement flags (unset ones left out)."""
+    given = {
+        "dtype": dtype,
+        "device": device,
+        "device_map": device_map,
+        "max_memory": max_memory,
+        "offload_folder": offload_folder,
+        "quantize": quantize,
+    }
+    return {k: v for k, v in given.items() if v is not None}
 
 
 def _flags(**given: Any) -> dict[str, Any]:

@@ -7,7 +7,26 @@ import typer
 from rich.table import Table
 
 from . import config as config_mod
-from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, config_app, err, fail, guarded, out, progress_bars, wrote
+from .cli_common import (
+    CONFIG_OPT,
+    DEVICE_MAP_OPT,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    MAX_MEMORY_OPT,
+    OFFLOAD_OPT,
+    QUANTIZE_OPT,
+    STATE,
+    Opt,
+    _cfg,
+    app,
+    config_app,
+    err,
+    fail,
+    guarded,
+    out,
+    progress_bars,
+    wrote,
+)
 
 
 def _summary(result: Any) -> None:
@@ -45,8 +64,12 @@ def run(
     model: Annotated[str, typer.Argument(help="Hub id, local model directory or .gguf file.")],
     out_dir: Annotated[str | None, Opt("--out", "-o", help="Output directory (must not exist unless --force).")] = None,
     config: CONFIG_OPT = None,
-    dtype: Annotated[str | None, Opt(help="float32, bfloat16, float16 or auto.")] = None,
-    device: Annotated[str | None, Opt(help="cpu, cuda, cuda:1, mps ...")] = None,
+    dtype: DTYPE_OPT = None,
+    device: DEVICE_OPT = None,
+    device_map: DEVICE_MAP_OPT = None,
+    max_memory: MAX_MEMORY_OPT = None,
+    offload_folder: OFFLOAD_OPT = None,
+    quantize: QUANTIZE_OPT = None,
     harmful: Annotated[
         list[str] | None,
         Opt(help="Prompt source(s): bundled, FILE.txt/.jsonl/.csv/.parquet[:COL], hf:ID[:SPLIT[:COL]]."),
@@ -70,7 +93,13 @@ def run(
 ) -> None:
     """Load -> capture -> choose a direction -> evaluate -> edit weights -> evaluate -> save.
 
-    Example: abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-abliterated
+    With --device-map (and --max-memory) or --quantize the model may not fit in memory as plain weights;
+    capture and evaluation then run on the dispatched or quantized model, and the edited weights are written
+    shard by shard from the original safetensors checkpoint.
+
+    Examples:
+      abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-abliterated
+      abliterate run meta-llama/Llama-3.1-70B-Instruct --device-map auto --max-memory 0=70GiB,cpu=100GiB --out l70
     """
     cfg = _cfg(
         config,
@@ -78,6 +107,10 @@ def run(
         out=out_dir,
         dtype=dtype,
         device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        quantize=quantize,
         harmful=harmful,
         harmless=harmless,
         n_train=n_train,

@@ -1,16 +1,32 @@
 """``abliterate measure``, ``apply``, ``eval`` and ``chat``."""
 
-import contextlib
 import json
-import sys
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
-from .cli_common import CONFIG_OPT, STATE, Opt, _cfg, app, err, fail, guarded, out, progress_bars, wrote
-from .errors import AbliterateError
+from .cli_common import (
+    CONFIG_OPT,
+    DEVICE_MAP_OPT,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    MAX_MEMORY_OPT,
+    OFFLOAD_OPT,
+    QUANTIZE_OPT,
+    STATE,
+    Opt,
+    _cfg,
+    app,
+    err,
+    fail,
+    guarded,
+    out,
+    placement,
+    progress_bars,
+    wrote,
+)
 
 
 def _direction(path: Path, layer: int | None, position: int | None) -> tuple[Any, float | None]:
@@ -47,6 +63,12 @@ def measure(
     ] = None,
     n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
     n_val: Annotated[int | None, Opt(help="Validation prompts per side.")] = None,
+    dtype: DTYPE_OPT = None,
+    device: DEVICE_OPT = None,
+    device_map: DEVICE_MAP_OPT = None,
+    max_memory: MAX_MEMORY_OPT = None,
+    offload_folder: OFFLOAD_OPT = None,
+    quantize: QUANTIZE_OPT = None,
     force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
 ) -> None:
     """Compute directions and the candidate table only (no edit, no generation).
@@ -70,6 +92,12 @@ def measure(
         n_train=n_train,
         n_val=n_val,
         force=force,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        quantize=quantize,
     )
     target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
     lm = load_for(cfg)
@@ -118,6 +146,12 @@ def apply(
     stream: Annotated[
         bool, Opt("--stream", help="Edit a local safetensors checkpoint shard by shard (peak RSS ~ one shard).")
     ] = False,
+    dtype: DTYPE_OPT = None,
+    device: DEVICE_OPT = None,
+    device_map: DEVICE_MAP_OPT = None,
+    max_memory: MAX_MEMORY_OPT = None,
+    offload_folder: OFFLOAD_OPT = None,
+    quantize: QUANTIZE_OPT = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing output directory.")] = False,
 ) -> None:
     """Apply a saved direction to a model: at run time (--runtime-check) or to the weights (--out).
@@ -165,7 +199,7 @@ def apply(
     direction, recorded = _direction(directions_file, layer, position)
     if mode == "induce" and coefficient is None and recorded is None:
         fail(f"{directions_file} records no harmful projection; pass --coefficient C for induce")
-    lm = load_model(model)
+    lm = load_model(model, **placement(dtype, device, device_map, max_memory, offload_folder, quantize))
     _check_hidden(direction, lm, model)
     coeff = scale * (coefficient if coefficient is not None else (recorded or 0.0))
     if runtime_check:
@@ -201,6 +235,12 @@ def evaluate(
     n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = 16,
     max_new_tokens: Annotated[int, Opt(help="Tokens generated per prompt.")] = 48,
     out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
+    dtype: DTYPE_OPT = None,
+    device: DEVICE_OPT = None,
+    device_map: DEVICE_MAP_OPT = None,
+    max_memory: MAX_MEMORY_OPT = None,
+    offload_folder: OFFLOAD_OPT = None,
+    quantize: QUANTIZE_OPT = None,
 ) -> None:
     """Refusal rate, over-refusal and KL of a model against its base, on held-out bundled prompts.
 
@@ -212,8 +252,9 @@ def evaluate(
 
     if out_file is not None and out_file.exists():
         fail(f"{out_file} already exists; choose another path")
-    reference = load_model(base or model)
-    target = load_model(model) if base else reference
+    where = placement(dtype, device, device_map, max_memory, offload_folder, quantize)
+    reference = load_model(base or model, **where)
+    target = load_model(model, **where) if base else reference
     if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
         fail("the model and --base use different tokenizers; KL needs the same vocabulary")
     ev = Evaluator(
@@ -228,7 +269,13 @@ def evaluate(
     if base:
         payload["note"] = baseline_note(rows["base"])
     if out_file is not None:
-        out_file.write_text(json.dumps(payload, indent=2) + "\n")
+        partial = out_file.with_name(f".{out_file.name}.tmp")
+        try:  # a Ctrl-C or a full disk never leaves half a file behind
+            partial.write_text(json.dumps(payload, indent=2) + "\n")
+            partial.replace(out_file)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
     if STATE["json"]:
         out().print_json(json.dumps(payload))
         return
@@ -240,58 +287,6 @@ def evaluate(
     out().print(table)
     if base and payload["note"]:
         err().print(f"[yellow]note:[/] {payload['note']}")
-
-
-@app.command()
-@guarded
-def chat(
-    model: Annotated[str, typer.Argument(help="Model to chat with.")],
-    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
-    layer: Annotated[int | None, Opt(help="Direction layer (default: the chosen one recorded in the file).")] = None,
-    max_new_tokens: Annotated[int, Opt(help="Tokens per reply.")] = 256,
-) -> None:
-    """Interactive chat with a live toggle: type /base, /ablate or /induce to switch, /quit to leave.
-
-    Example: abliterate chat Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors
-    """
-    from .interventions import ablate, induce
-    from .loading import load_model
-
-    if not sys.stdin.isatty():
-        fail("chat needs an interactive terminal; use 'abliterate apply --runtime-check PROMPT' in scripts")
-    direction, recorded = _direction(directions_file, layer, None)
-    lm = load_model(model)
-    _check_hidden(direction, lm, model)
-    mode = "ablate"
-    modes = {
-        "base": contextlib.nullcontext,
-        "ablate": lambda: ablate(lm, direction),
-        "induce": lambda: induce(lm, direction, recorded if recorded is not None else 8.0, layers=range(lm.num_layers)),
-    }
-    err().print("[bold]/base /ablate /induce[/] switch mode, [bold]/quit[/] leaves. Mode: ablate")
-    while True:
-        try:
-            line = input(f"[{mode}] you> ").strip()
-        except EOFError:
-            break
-        if line in ("/quit", "/exit"):
-            break
-        if line.startswith("/"):
-            if line[1:] in modes:
-                mode = line[1:]
-                err().print(f"mode: {mode}")
-            else:
-                err().print(f"unknown command {line}; use /base /ablate /induce /quit")
-            continue
-        if not line:
-            continue
-        try:
-            with modes[mode]():
-                reply = lm.generate([line], max_new_tokens=max_new_tokens)[0]
-        except AbliterateError as exc:
-            err().print(f"[red]{exc}[/]")
-            continue
-        out().print(reply)
 
 
 @app.command()

@@ -27,6 +27,9 @@ class RunConfig:
     dtype: str | None = None
     device: str = "cpu"
     device_map: str | None = None
+    max_memory: str | None = None
+    offload_folder: str | None = None
+    quantize: str | None = None
     trust_remote_code: bool = False
     chat_template: str | None = None
     system: str | None = None
@@ -120,6 +123,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"skip_last must be in [0, 1), got {cfg.skip_last}")
     if not 0 < cfg.slerp_t <= 1:
         raise ConfigError(f"slerp_t must be in (0, 1], got {cfg.slerp_t}")
+    if cfg.quantize is not None and cfg.quantize not in ("4bit", "8bit"):
+        raise ConfigError(f"quantize must be 4bit or 8bit, got {cfg.quantize!r}")
+    if cfg.max_memory is not None and cfg.device_map is None:
+        raise ConfigError("max_memory needs device_map (e.g. --device-map auto)")
     if any(p >= 0 for p in cfg.positions):
         raise ConfigError(f"positions must be negative offsets from the prompt end (e.g. -1), got {cfg.positions}")
     return cfg

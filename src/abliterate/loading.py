@@ -106,6 +106,22 @@ def _prepare_tokenizer(tokenizer: Any, chat_template: str | None, source: str) -
 QUANTIZE = ("4bit", "8bit")
 
 
+def parse_max_memory(spec: str | dict[Any, str] | None) -> dict[Any, str] | None:
+    """``"0=20GiB,1=20GiB,cpu=60GiB"`` (GPU indices, ``cpu``, ``mps``, ``disk``) -> accelerate's ``max_memory``."""
+    if spec is None or isinstance(spec, dict):
+        return spec
+    out: dict[Any, str] = {}
+    for part in (p.strip() for p in spec.split(",") if p.strip()):
+        device, sep, amount = part.partition("=")
+        device, amount = device.strip(), amount.strip()
+        if not sep or not device or not re.fullmatch(r"\d+(\.\d+)?\s*([KMGT]i?B|B)?", amount, re.IGNORECASE):
+            raise ModelLoadError(f"bad max_memory entry '{part}'; write DEVICE=AMOUNT, e.g. 0=20GiB,cpu=60GiB")
+        out[int(device) if device.isdigit() else device] = amount
+    if not out:
+        raise ModelLoadError("max_memory is empty; write DEVICE=AMOUNT pairs, e.g. 0=20GiB,cpu=60GiB")
+    return out
+
+
 def bnb_config(quantize: str, dtype: torch.dtype | str) -> Any:
     """A bitsandbytes config for ``"4bit"`` (NF4, computing in ``dtype``) or ``"8bit"`` (LLM.int8)."""
     if quantize not in QUANTIZE:
@@ -138,7 +154,7 @@ def load_model(
     dtype: str | torch.dtype | None = None,
     device: str = "cpu",
     device_map: str | dict[str, Any] | None = None,
-    max_memory: dict[Any, str] | None = None,
+    max_memory: str | dict[Any, str] | None = None,
     offload_folder: str | os.PathLike[str] | None = None,
     quantize: str | None = None,
     trust_remote_code: bool = False,
@@ -168,7 +184,10 @@ def load_model(
     source = str(source)
     kind, path = _classify(source)
     torch_dtype = resolve_dtype(dtype, device if device_map is None else "auto")
+    if max_memory is not None and device_map is None:
+        raise ModelLoadError("max_memory needs a device_map (e.g. device_map='auto'); pass both or neither")
     common: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    model_only: dict[str, Any] = {}
     if kind == "gguf":
         assert path is not None
         check_gguf(path)
@@ -178,7 +197,7 @@ def load_model(
     if quantize is not None:
         if kind == "gguf":
             raise ModelLoadError(f"{source} is a GGUF file; quantize= applies to safetensors checkpoints only")
-        common["quantization_config"] = bnb_config(quantize, torch_dtype)
+        model_only["quantization_config"] = bnb_config(quantize, torch_dtype)
         device_map = device_map if device_map is not None else {"": device}
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
@@ -186,8 +205,9 @@ def load_model(
             where,
             dtype=torch_dtype,
             device_map=device_map,
-            max_memory=max_memory,
+            max_memory=parse_max_memory(max_memory),
             **({"offload_folder": str(offload_folder)} if offload_folder is not None else {}),
+            **model_only,
             **common,
         )
     except (OSError, ValueError, KeyError) as exc:

@@ -7,6 +7,7 @@ result object carries every number. Outputs go to a temporary directory renamed 
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from .config import RunConfig
 from .directions import DirectionSet
 from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
+from .interventions import ablate
 from .loading import load_model
 from .model import LoadedModel
 from .prompts import PromptSplits, make_splits
@@ -82,6 +84,9 @@ def load_for(cfg: RunConfig) -> LoadedModel:
         dtype=cfg.dtype,
         device=cfg.device,
         device_map=cfg.device_map,
+        max_memory=cfg.max_memory,
+        offload_folder=cfg.offload_folder,
+        quantize=cfg.quantize,
         trust_remote_code=cfg.trust_remote_code,
         chat_template=cfg.chat_template,
     )
@@ -137,6 +142,8 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
     lm = load_for(cfg)
     timings["load"] = time.perf_counter() - t0
+    why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
+    checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
     harmful, harmless = splits_for(cfg)
     t = time.perf_counter()
     acts, sel = measure(cfg, lm, progress)
@@ -150,25 +157,41 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         lm, harmful.test, harmless.test, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
     )
 
-    def evaluate(name: str) -> Metrics:
+    def evaluate(name: str, edit: Any = None) -> Metrics:
         start = time.perf_counter()
         if progress:
             progress(f"evaluate {name}", 0, 1)
-        metrics = evaluator.measure(name)
+        metrics = evaluator.measure(name, edit)
         if progress:
             progress(f"evaluate {name}", 1, 1)
         timings[f"evaluate_{name}"] = time.perf_counter() - start
         return metrics
 
     before = evaluate("before")
-    orthogonalize(lm, direction, scale=cfg.scale, norm_preserving=cfg.norm_preserving)
-    after = evaluate("after")
-    result = RunResult(None, sel, before, after, timings, cfg.to_dict(), baseline_note(before))
+    notes = [baseline_note(before)]
+    if checkpoint is None:
+        orthogonalize(lm, direction, scale=cfg.scale, norm_preserving=cfg.norm_preserving)
+        after = evaluate("after")
+    else:  # offloaded or quantized: measure the runtime twin, write the edit from the checkpoint
+        after = evaluate("after", lambda: ablate(lm, direction, scale=cfg.scale))
+        same = (
+            "which equal the plain edit, not the norm-preserving one written to disk"
+            if cfg.norm_preserving
+            else "which equal the weight edit"
+        )
+        notes.append(
+            f"the model was {why}, so 'after' was measured with runtime ablation hooks ({same}) and the "
+            f"weights were edited shard by shard from {checkpoint}"
+        )
+    result = RunResult(None, sel, before, after, timings, cfg.to_dict(), "; ".join(n for n in notes if n))
     t = time.perf_counter()
     if progress:
         progress("save", 0, 1)
     with atomic_directory(target) as tmp:
-        lm.model.save_pretrained(tmp)
+        if checkpoint is None:
+            lm.model.save_pretrained(tmp)
+        else:
+            _stream_into(tmp, checkpoint, direction, cfg, progress)
         lm.tokenizer.save_pretrained(tmp)
         annotate(sel, acts, sel.chosen.method).save(tmp / "directions.safetensors")
         write_artifacts(tmp, result, acts)
@@ -179,6 +202,43 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
             progress("save", 1, 1)
     result.out = target
     return result
+
+
+def checkpoint_dir(lm: LoadedModel, why: str) -> Path:
+    """The local safetensors checkpoint a model was loaded from (a hub id resolves to its cache snapshot)."""
+    from .shards import INDEX, SINGLE
+
+    folder = lm.local_path
+    if folder is None:
+        from transformers.utils import cached_file
+
+        config = cached_file(lm.source, "config.json", _raise_exceptions_for_missing_entries=False)
+        folder = Path(config).parent if config else None
+    if folder is None or not folder.is_dir() or not ((folder / INDEX).is_file() or (folder / SINGLE).is_file()):
+        raise AbliterateError(
+            f"{lm.source} is {why}, so its weights can only be edited from a safetensors checkpoint on disk, "
+            "and none was found; load it without device_map offload or quantize"
+        )
+    return folder
+
+
+def _stream_into(tmp: Path, checkpoint: Path, direction: Any, cfg: RunConfig, progress: StageProgress | None) -> None:
+    """Write the edited checkpoint into ``tmp`` with the streaming edit (through a sub-folder moved up)."""
+    from .streaming import stream_orthogonalize
+
+    staging = tmp / ".model"
+    stream_orthogonalize(
+        checkpoint,
+        staging,
+        direction,
+        scale=cfg.scale,
+        norm_preserving=cfg.norm_preserving,
+        trust_remote_code=cfg.trust_remote_code,
+        progress=(lambda d, t: progress("save model", d, t)) if progress else None,
+    )
+    for item in staging.iterdir():
+        os.replace(item, tmp / item.name)
+    staging.rmdir()
 
 
 def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Selection) -> Path:

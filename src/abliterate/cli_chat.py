@@ -1,0 +1,84 @@
+"""``abliterate chat``: talk to a model with a live toggle between base, ablated and induced."""
+
+import contextlib
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .cli_common import (
+    DEVICE_MAP_OPT,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    MAX_MEMORY_OPT,
+    OFFLOAD_OPT,
+    QUANTIZE_OPT,
+    Opt,
+    app,
+    err,
+    fail,
+    guarded,
+    out,
+    placement,
+)
+from .cli_tools import _check_hidden, _direction
+from .errors import AbliterateError
+
+
+@app.command()
+@guarded
+def chat(
+    model: Annotated[str, typer.Argument(help="Model to chat with.")],
+    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    layer: Annotated[int | None, Opt(help="Direction layer (default: the chosen one recorded in the file).")] = None,
+    max_new_tokens: Annotated[int, Opt(help="Tokens per reply.")] = 256,
+    dtype: DTYPE_OPT = None,
+    device: DEVICE_OPT = None,
+    device_map: DEVICE_MAP_OPT = None,
+    max_memory: MAX_MEMORY_OPT = None,
+    offload_folder: OFFLOAD_OPT = None,
+    quantize: QUANTIZE_OPT = None,
+) -> None:
+    """Interactive chat with a live toggle: type /base, /ablate or /induce to switch, /quit to leave.
+
+    Example: abliterate chat Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors
+    """
+    from .interventions import ablate, induce
+    from .loading import load_model
+
+    if not sys.stdin.isatty():
+        fail("chat needs an interactive terminal; use 'abliterate apply --runtime-check PROMPT' in scripts")
+    direction, recorded = _direction(directions_file, layer, None)
+    lm = load_model(model, **placement(dtype, device, device_map, max_memory, offload_folder, quantize))
+    _check_hidden(direction, lm, model)
+    mode = "ablate"
+    modes = {
+        "base": contextlib.nullcontext,
+        "ablate": lambda: ablate(lm, direction),
+        "induce": lambda: induce(lm, direction, recorded if recorded is not None else 8.0, layers=range(lm.num_layers)),
+    }
+    err().print("[bold]/base /ablate /induce[/] switch mode, [bold]/quit[/] leaves. Mode: ablate")
+    while True:
+        try:
+            line = input(f"[{mode}] you> ").strip()
+        except EOFError:
+            break
+        if line in ("/quit", "/exit"):
+            break
+        if line.startswith("/"):
+            if line[1:] in modes:
+                mode = line[1:]
+                err().print(f"mode: {mode}")
+            else:
+                err().print(f"unknown command {line}; use /base /ablate /induce /quit")
+            continue
+        if not line:
+            continue
+        try:
+            with modes[mode]():
+                reply = lm.generate([line], max_new_tokens=max_new_tokens)[0]
+        except AbliterateError as exc:
+            err().print(f"[red]{exc}[/]")
+            continue
+        out().print(reply)
