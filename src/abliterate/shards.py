@@ -96,15 +96,57 @@ class Workspace:
     def __init__(self, work_elements: int = WORK_ELEMENTS) -> None:
         self.raw = torch.empty(0, dtype=torch.uint8)
         self.work = torch.empty(work_elements)
+        self.work64: torch.Tensor | None = None
+
+    def buffer(self, dtype: torch.dtype) -> torch.Tensor:
+        """The float work buffer for a stored dtype: float32, or float64 for float64 tensors."""
+        if dtype != torch.float64:
+            return self.work
+        if self.work64 is None:
+            self.work64 = torch.empty(self.work.numel(), dtype=torch.float64)
+        return self.work64
+
+    def block(self, nbytes: int) -> torch.Tensor:
+        """The first ``nbytes`` of the byte buffer, grown when needed."""
+        if self.raw.numel() < nbytes:
+            self.raw = torch.empty(0, dtype=torch.uint8)  # free the old buffer before allocating the new one
+            self.raw = torch.empty(nbytes, dtype=torch.uint8)
+        return self.raw[:nbytes]
 
     def read(self, fin: BinaryIO, entry: Entry) -> tuple[torch.Tensor, torch.Tensor]:
         """A stored tensor, read with plain reads (an mmap would keep the shard in RSS): (bytes, typed view)."""
-        if self.raw.numel() < entry.end - entry.start:
-            self.raw = torch.empty(0, dtype=torch.uint8)  # free the old buffer before allocating the new one
-            self.raw = torch.empty(entry.end - entry.start, dtype=torch.uint8)
-        raw = self.raw[: entry.end - entry.start]
+        raw = self.block(entry.end - entry.start)
         read_into(fin, memoryview(raw.numpy()), entry.start)
         return raw, raw.view(FLOAT_DTYPES[entry.dtype]).reshape(entry.shape)
+
+
+class FileRows:
+    """:class:`abliterate.weights.Rows` over a 2-D tensor stored at ``offset`` of ``fin``: row blocks are read
+    with plain reads into the workspace's byte buffer, and stored (cast back) by appending them to ``fout``, so
+    stores must come in order. Memory: one block, never the tensor."""
+
+    def __init__(
+        self, fin: BinaryIO, fout: BinaryIO, offset: int, shape: tuple[int, int], dtype: torch.dtype, ws: Workspace
+    ) -> None:
+        self.fin, self.fout, self.offset, self.shape, self.dtype, self.ws = fin, fout, offset, shape, dtype, ws
+        self.row_bytes = shape[1] * dtype.itemsize
+        self.written = 0
+
+    def _typed(self, raw: torch.Tensor, rows: int) -> torch.Tensor:
+        return raw.view(self.dtype).view(rows, self.shape[1])
+
+    def load(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        raw = self.ws.block(len(out) * self.row_bytes)
+        read_into(self.fin, memoryview(raw.numpy()), self.offset + start * self.row_bytes)
+        return out.copy_(self._typed(raw, len(out)))
+
+    def store(self, start: int, values: torch.Tensor) -> None:
+        if start != self.written:
+            raise RuntimeError(f"row blocks must be stored in order: got row {start}, expected {self.written}")
+        raw = self.ws.block(len(values) * self.row_bytes)
+        self._typed(raw, len(values)).copy_(values)
+        write_all(self.fout, memoryview(raw.numpy()))
+        self.written += len(values)
 
 
 def write_all(fout: BinaryIO, view: memoryview) -> None:

@@ -5,9 +5,10 @@ residual writers, and transformers' own checkpoint conversion mapping (the one `
 ties each writer parameter to its checkpoint tensors, e.g. the fused 3-D ``mlp.experts.down_proj`` to the
 per-expert ``mlp.experts.<e>.down_proj.weight`` (Mixtral: ``block_sparse_moe.experts.<e>.w2.weight``).
 Each output shard is its input with the writers' bytes replaced: the header and the tensors between writers
-are copied in the kernel (``copy_file_range``); each writer is read with plain reads, edited in float32 and
-cast back to its stored dtype. Peak memory is the largest writer tensor plus a 16 MiB work buffer, not a
-shard; file names, key names and the index stay as they were.
+are copied in the kernel (``copy_file_range``); each writer is read in row blocks with plain reads (a Linear
+weight twice: once to sum ``U W``, once to write), edited in float32 and cast back to its stored dtype. Peak
+memory is a 16 MiB float32 work buffer and one block of stored bytes, not a tensor, let alone a shard; file
+names, key names and the index stay as they were.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import torch
 from torch import nn
@@ -36,6 +37,8 @@ from .saving import atomic_directory, check_output
 from .shards import (
     FLOAT_DTYPES,
     INDEX,
+    Entry,
+    FileRows,
     Shard,
     Workspace,
     copy_range,
@@ -44,7 +47,7 @@ from .shards import (
     read_shard,
     write_all,
 )
-from .weights import project_tensor
+from .weights import project_rows
 
 # Weights in other formats are not copied: an unedited duplicate of the model would be a trap.
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors", ".index.json")
@@ -185,6 +188,25 @@ def _plan_edits(plan: list, sources: Sources, where: Mapping, hidden: int, norm_
     return edits
 
 
+@torch.no_grad()
+def _edit_in_blocks(fin: BinaryIO, fout: BinaryIO, entry: Entry, edit: _Edit, work: Workspace) -> None:
+    """Edit one stored 2-D tensor (or each expert of a 3-D one) from ``fin`` into ``fout``, block by block."""
+    dtype, shape = FLOAT_DTYPES[entry.dtype], entry.shape
+    buffer = work.buffer(dtype)
+    u = edit.basis.to(buffer.dtype)
+    assert edit.axis is not None
+    if len(shape) == 2:
+        mats = [(entry.start, (shape[0], shape[1]), edit.axis)]
+    elif len(shape) == 3 and edit.axis > 0:
+        per = shape[1] * shape[2] * dtype.itemsize
+        mats = [(entry.start + e * per, (shape[1], shape[2]), edit.axis - 1) for e in range(shape[0])]
+    else:
+        raise ArchitectureError(f"cannot stream-edit a {list(shape)} tensor along axis {edit.axis}")
+    for offset, matrix, axis in mats:
+        rows = FileRows(fin, fout, offset, matrix, dtype, work)
+        project_rows(rows, axis, u, edit.scale, edit.norm_preserving, buffer)
+
+
 def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: list, work: Workspace) -> None:
     """Write ``shard`` to ``dst`` with ``edits`` applied and ``extra`` [(name, stored entry)] copies appended."""
     raw = shard.raw_header
@@ -201,14 +223,13 @@ def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: lis
         for key in sorted((k for k in edits if k in shard.entries), key=lambda k: shard.entries[k].start):
             entry, edit = shard.entries[key], edits[key]
             copy_range(fin, fout, pos, entry.start - pos)
-            buf, tensor = work.read(fin, entry)
-            with torch.no_grad():
+            if edit.axis is None or entry.end == entry.start:  # a bias (small) or an empty tensor
+                buf, tensor = work.read(fin, entry)
                 if edit.axis is None:
                     tensor.copy_(project_out(tensor, edit.basis, edit.scale))
-                elif tensor.numel():
-                    buffer = work.work if tensor.dtype != torch.float64 else None  # float64 allocates its own
-                    project_tensor(tensor, edit.axis, edit.basis, edit.scale, edit.norm_preserving, work=buffer)
-            write_all(fout, memoryview(buf.numpy()))
+                write_all(fout, memoryview(buf.numpy()))
+            else:
+                _edit_in_blocks(fin, fout, entry, edit, work)
             pos = entry.end
         copy_range(fin, fout, pos, shard.size - pos)
         for _, entry in extra:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
@@ -36,43 +37,76 @@ def work_buffer(weight: torch.Tensor, elements: int = WORK_ELEMENTS) -> torch.Te
     return torch.empty(elements, device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
 
 
-def _blocks(t: torch.Tensor, work: torch.Tensor) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
-    """(first row, row block of ``t``, float view of the work buffer of the same shape)."""
-    rows, cols = t.shape
-    step = max(1, work.numel() // cols)
+class Rows(Protocol):
+    """A 2-D tensor visited in row blocks, in memory or on disk: ``load`` fills a float block with rows
+    ``start ..``, ``store`` writes a block back (on disk: strictly in order, each block once)."""
+
+    shape: tuple[int, int]
+
+    def load(self, start: int, out: torch.Tensor) -> torch.Tensor: ...
+
+    def store(self, start: int, values: torch.Tensor) -> None: ...
+
+
+class TensorRows:
+    """:class:`Rows` over an in-memory tensor."""
+
+    def __init__(self, t: torch.Tensor) -> None:
+        self.t, self.shape = t, (t.shape[0], t.shape[1])
+
+    def load(self, start: int, out: torch.Tensor) -> torch.Tensor:
+        return out.copy_(self.t[start : start + len(out)])
+
+    def store(self, start: int, values: torch.Tensor) -> None:
+        self.t[start : start + len(values)].copy_(values)
+
+
+def _spans(shape: tuple[int, int], work: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+    """(first row, view of the work buffer for that row block) covering all rows."""
+    rows, cols = shape
+    step = max(1, work.numel() // max(cols, 1))
     if step < min(rows, 16):  # a buffer too small for this tensor: grow it for this call only
         work, step = torch.empty(16 * cols, device=work.device, dtype=work.dtype), 16
-    return [(i, t[i : i + step], work[: min(step, rows - i) * cols].view(-1, cols)) for i in range(0, rows, step)]
+    return [(i, work[: min(step, rows - i) * cols].view(-1, cols)) for i in range(0, rows, step)]
 
 
-def _project_rows(t: torch.Tensor, u: torch.Tensor, scale: float, norm_preserving: bool, work: torch.Tensor) -> None:
-    """The residual is the last axis: each row loses ``s (row U^T) U`` independently."""
-    for _, block, w in _blocks(t, work):
-        w.copy_(block)
+def _project_rows(src: Rows, u: torch.Tensor, scale: float, norm_preserving: bool, work: torch.Tensor) -> None:
+    """The residual is the last axis: each row loses ``s (row U^T) U`` independently. One pass."""
+    for i, w in _spans(src.shape, work):
+        src.load(i, w)
         old = w.norm(dim=1, keepdim=True) if norm_preserving else None
         w.addmm_(w @ u.T, u, alpha=-scale)
-        block.copy_(w if old is None else w.mul_(old / w.norm(dim=1, keepdim=True).clamp_min(1e-12)))
+        src.store(i, w if old is None else w.mul_(old / w.norm(dim=1, keepdim=True).clamp_min(1e-12)))
 
 
-def _project_columns(t: torch.Tensor, u: torch.Tensor, scale: float, norm_preserving: bool, work: torch.Tensor) -> None:
-    """The residual is the first axis (``nn.Linear``): ``C = U W`` summed over row blocks, then ``W -= s U^T C``."""
-    blocks = _blocks(t, work)
-    cols = t.shape[1]
-    coeff = torch.zeros(u.shape[0], cols, device=t.device, dtype=u.dtype)
-    old, new = (torch.zeros(cols, device=t.device, dtype=u.dtype) for _ in range(2))
-    for i, block, w in blocks:
-        coeff.addmm_(u[:, i : i + len(w)], w.copy_(block))
+def _project_columns(src: Rows, u: torch.Tensor, scale: float, norm_preserving: bool, work: torch.Tensor) -> None:
+    """The residual is the first axis (``nn.Linear``): ``C = U W`` summed over row blocks, then ``W -= s U^T C``
+    block by block (two passes; three when norm-preserving, to get each column's new norm first)."""
+    spans = _spans(src.shape, work)
+    cols = src.shape[1]
+    coeff = torch.zeros(u.shape[0], cols, device=work.device, dtype=u.dtype)
+    old, new = (torch.zeros(cols, device=work.device, dtype=u.dtype) for _ in range(2))
+    for i, w in spans:
+        coeff.addmm_(u[:, i : i + len(w)], src.load(i, w))
         if norm_preserving:
             old += (w * w).sum(0)
 
-    def edited(i: int, block: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        return w.copy_(block).addmm_(u[:, i : i + len(w)].T, coeff, alpha=-scale)
+    def edited(i: int, w: torch.Tensor) -> torch.Tensor:
+        return src.load(i, w).addmm_(u[:, i : i + len(w)].T, coeff, alpha=-scale)
 
-    for i, block, w in blocks if norm_preserving else ():  # one more pass: each column's new norm
-        new += (edited(i, block, w) ** 2).sum(0)
+    for i, w in spans if norm_preserving else ():
+        new += (edited(i, w) ** 2).sum(0)
     gain = old.sqrt() / new.sqrt().clamp_min(1e-12) if norm_preserving else None
-    for i, block, w in blocks:
-        block.copy_(edited(i, block, w) if gain is None else edited(i, block, w).mul_(gain))
+    for i, w in spans:
+        src.store(i, edited(i, w) if gain is None else edited(i, w).mul_(gain))
+
+
+def project_rows(
+    src: Rows, out_axis: int, basis: torch.Tensor, scale: float, norm_preserving: bool, work: torch.Tensor
+) -> None:
+    """Project ``basis`` out of a 2-D :class:`Rows` along ``out_axis`` (0: Linear, 1: embedding/Conv1D rows),
+    in float row blocks of ``work``; ``basis`` must already be in ``work``'s device and dtype."""
+    (_project_columns if out_axis == 0 else _project_rows)(src, basis, scale, norm_preserving, work)
 
 
 @torch.no_grad()
@@ -103,7 +137,7 @@ def project_tensor(
         for e in range(weight.shape[0]):
             project_tensor(weight[e], out_axis - 1, u, scale, norm_preserving, work=work)
         return
-    (_project_columns if out_axis == 0 else _project_rows)(weight, u, scale, norm_preserving, work)
+    project_rows(TensorRows(weight), out_axis, u, scale, norm_preserving, work)
 
 
 def _tied(model: nn.Module) -> bool:
