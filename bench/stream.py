@@ -221,14 +221,18 @@ def markdown(info: dict[str, Any], results: dict[str, list[dict[str, Any]]], com
         f"* Memory: the edit's peak RSS is {peak / shard:.2f}x the largest shard (target <= 1.2x), of which "
         f"{before / mib:.0f} MiB is the interpreter with torch and transformers loaded before the call; the call "
         f"itself adds {(peak - before) / mib:.0f} MiB = {(peak - before) / shard:.2f}x the largest shard: the "
-        f"meta-device model, the largest writer tensor (here the {info['embedding'] / mib:.0f} MiB embedding) and "
-        "a 16 MiB float32 work buffer. Untouched tensors never enter user memory.",
+        "meta-device model, a 16 MiB float32 work buffer and one row block of stored bytes (writers are edited "
+        f"in row blocks, so not even the {info['embedding'] / mib:.0f} MiB embedding is held whole). Untouched "
+        "tensors never enter user memory.",
         f"* Throughput, target >= 50% of the plain copy's: best run vs best run {ratio['hot']:.0%} with the input "
         f"in the page cache and {ratio['cold']:.0%} with it evicted first (posix_fadvise DONTNEED on the shards); "
         f"median of the per-round ratios {paired['hot']:.0%} hot and {paired['cold']:.0%} cold. Other jobs add "
         "seconds to random runs here, so best-of is the steadier figure. The extra time is reading, projecting "
-        "(float32) and writing the writer tensors (a third of the bytes), the copy being split around them, and "
-        "building the meta-device model; untouched tensors go through copy_file_range like the copy's sendfile.",
+        "(float32) and writing the writer tensors (a third of the bytes; a Linear weight is read twice, once to "
+        "sum U W and once to write), the copy being split around them, and building the meta-device model "
+        "(about 0.3 s); untouched tensors go through copy_file_range like the copy's sendfile, on a second thread "
+        "that overlaps the edits. Writing 2 GB into "
+        "the page cache is itself erratic here: the same copy takes 0.55 s or 3.5 s from run to run.",
         f"* Not in the timed call: one-time imports (torch, transformers, the Llama config and modeling modules), "
         f"{stream['imports']:.1f} s per worker (median); a first call in a fresh process pays them on top.",
         "* Runs (s): " + "; ".join(f"{k} {_runs(rs)}" for k, rs in results.items()) + ".",

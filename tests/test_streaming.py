@@ -6,6 +6,7 @@ import copy
 import errno
 import json
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -328,3 +329,59 @@ def test_out_of_disk_space_leaves_nothing(llama_src, tmp_path, monkeypatch):
     fails(OutputError, "No space left on device; nothing was written", src, tmp_path / "o", unit(64))
     monkeypatch.setattr(st, "free_space", lambda path: 1000)
     fails(OutputError, "not enough disk space", src, tmp_path / "o", unit(64))
+
+
+@pytest.mark.parametrize("kernel", [True, False], ids=["copy_file_range", "buffered"])
+def test_background_copy_places_ranges(kernel, tmp_path, monkeypatch):
+    if not kernel:
+        monkeypatch.delattr(os, "copy_file_range", raising=False)
+    data = os.urandom(3 << 20)
+    (tmp_path / "in").write_bytes(data)
+    dst = tmp_path / "out"
+    dst.write_bytes(b"\0" * 16)
+    ranges = [(100, 0, 1000), (5000, 1000, (2 << 20) + 7), (0, (2 << 20) + 1007, 50)]
+    with shards.BackgroundCopy(tmp_path / "in", dst, ranges):
+        pass
+    want = data[100:1100] + data[5000 : 5000 + (2 << 20) + 7] + data[:50]
+    assert dst.read_bytes() == want
+
+
+def test_background_copy_errors_reach_the_caller(tmp_path):
+    (tmp_path / "in").write_bytes(b"x" * 100)
+    (tmp_path / "out").write_bytes(b"")
+    with (
+        pytest.raises(ModelLoadError, match="ends early"),
+        shards.BackgroundCopy(tmp_path / "in", tmp_path / "out", [(50, 0, 200)]),
+    ):
+        pass
+
+
+def test_copy_thread_disk_full_leaves_nothing(llama_src, tmp_path, monkeypatch):
+    lm, src = llama_src
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "copy_file_range", full)
+    fails(OutputError, "No space left on device; nothing was written", src, tmp_path / "o", unit(64))
+    assert not any(t.name == "abliterate-copy" for t in threading.enumerate())
+
+
+def test_interrupt_while_editing_stops_the_copy(llama_src, tmp_path, monkeypatch):
+    lm, src = llama_src
+    started: list[threading.Thread] = []
+    real_enter = shards.BackgroundCopy.__enter__
+
+    def enter(self):
+        started.append(self.thread)
+        return real_enter(self)
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shards.BackgroundCopy, "__enter__", enter)
+    monkeypatch.setattr(st, "_edit_in_blocks", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        stream_orthogonalize(src, tmp_path / "o", unit(64))
+    assert started and not any(t.is_alive() for t in started)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary sibling

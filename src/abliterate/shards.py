@@ -9,6 +9,7 @@ import json
 import os
 import shutil
 import struct
+import threading
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
 
@@ -155,12 +156,13 @@ def write_all(fout: BinaryIO, view: memoryview) -> None:
         view = view[fout.write(view[: 1 << 20]) :]
 
 
-def copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, count: int) -> None:
-    """Append ``count`` bytes at ``offset`` of ``fin`` to ``fout``: in the kernel where the OS can, else buffered."""
+def copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, count: int, stop: threading.Event | None = None) -> None:
+    """Append ``count`` bytes at ``offset`` of ``fin`` to ``fout``: in the kernel where the OS can, else buffered;
+    in 64 MiB steps, giving up quietly between two steps once ``stop`` is set."""
     kernel = hasattr(os, "copy_file_range")
-    while count > 0:
+    while count > 0 and not (stop and stop.is_set()):
         try:
-            n = os.copy_file_range(fin.fileno(), fout.fileno(), min(count, 1 << 30), offset) if kernel else 0
+            n = os.copy_file_range(fin.fileno(), fout.fileno(), min(count, 64 << 20), offset) if kernel else 0
         except OSError as exc:
             if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EPERM):
                 raise
@@ -170,6 +172,38 @@ def copy_range(fin: BinaryIO, fout: BinaryIO, offset: int, count: int) -> None:
             read_into(fin, chunk, offset)
             write_all(fout, chunk)
         offset, count = offset + n, count - n
+
+
+class BackgroundCopy:
+    """Copy byte ranges ``(source offset, destination offset, count)`` of ``src`` into the existing file ``dst``
+    on a thread, while the caller writes the other ranges of ``dst`` through its own handle: the kernel copy of
+    untouched bytes overlaps the caller's arithmetic. As a context manager: waits for the copy on a clean exit
+    (re-raising its error), stops it between two steps on an exception."""
+
+    def __init__(self, src: Path, dst: Path, ranges: list[tuple[int, int, int]]) -> None:
+        self.src, self.dst, self.ranges = src, dst, ranges
+        self.stop, self.error = threading.Event(), None
+        self.thread = threading.Thread(target=self._run, name="abliterate-copy", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with open(self.src, "rb", buffering=0) as fin, open(self.dst, "r+b", buffering=0) as fout:
+                for offset, at, count in self.ranges:
+                    fout.seek(at)
+                    copy_range(fin, fout, offset, count, self.stop)
+        except BaseException as exc:  # handed to the caller's thread by __exit__
+            self.error = exc
+
+    def __enter__(self) -> BackgroundCopy:
+        self.thread.start()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_: object) -> None:
+        if kind is not None:
+            self.stop.set()
+        self.thread.join()
+        if kind is None and self.error is not None:
+            raise self.error
 
 
 def free_space(path: Path) -> int:

@@ -5,10 +5,11 @@ residual writers, and transformers' own checkpoint conversion mapping (the one `
 ties each writer parameter to its checkpoint tensors, e.g. the fused 3-D ``mlp.experts.down_proj`` to the
 per-expert ``mlp.experts.<e>.down_proj.weight`` (Mixtral: ``block_sparse_moe.experts.<e>.w2.weight``).
 Each output shard is its input with the writers' bytes replaced: the header and the tensors between writers
-are copied in the kernel (``copy_file_range``); each writer is read in row blocks with plain reads (a Linear
-weight twice: once to sum ``U W``, once to write), edited in float32 and cast back to its stored dtype. Peak
-memory is a 16 MiB float32 work buffer and one block of stored bytes, not a tensor, let alone a shard; file
-names, key names and the index stay as they were.
+are copied in the kernel (``copy_file_range``) by a background thread, while the calling thread reads each
+writer in row blocks with plain reads (a Linear weight twice: once to sum ``U W``, once to write), edits it in
+float32, casts it back to its stored dtype and writes it at its offset. Peak memory is a 16 MiB float32 work
+buffer and one block of stored bytes, not a tensor, let alone a shard; file names, key names and the index
+stay as they were.
 """
 
 from __future__ import annotations
@@ -37,11 +38,11 @@ from .saving import atomic_directory, check_output
 from .shards import (
     FLOAT_DTYPES,
     INDEX,
+    BackgroundCopy,
     Entry,
     FileRows,
     Shard,
     Workspace,
-    copy_range,
     find_shards,
     free_space,
     read_shard,
@@ -208,7 +209,8 @@ def _edit_in_blocks(fin: BinaryIO, fout: BinaryIO, entry: Entry, edit: _Edit, wo
 
 
 def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: list, work: Workspace) -> None:
-    """Write ``shard`` to ``dst`` with ``edits`` applied and ``extra`` [(name, stored entry)] copies appended."""
+    """Write ``shard`` to ``dst`` with ``edits`` applied and ``extra`` [(name, stored entry)] copies appended.
+    Untouched bytes are copied by a background thread while this one edits the writers in place."""
     raw = shard.raw_header
     if extra:
         header, end = json.loads(raw[8:]), shard.size - len(raw)
@@ -217,23 +219,30 @@ def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: lis
             end += e.end - e.start
         text = json.dumps(header, separators=(",", ":")).encode()
         raw = struct.pack("<Q", len(text) + -len(text) % 8) + text + b" " * (-len(text) % 8)
+    shift = len(raw) - len(shard.raw_header)  # where input byte i lands in the output: i + shift
+    keys = sorted((k for k in edits if k in shard.entries), key=lambda k: shard.entries[k].start)
+    gaps, pos = [], len(shard.raw_header)
+    for key in keys:
+        gaps.append((pos, pos + shift, shard.entries[key].start - pos))
+        pos = shard.entries[key].end
+    gaps.append((pos, pos + shift, shard.size - pos))
+    end = shard.size + shift
+    for _, entry in extra:
+        gaps.append((entry.start, end, entry.end - entry.start))
+        end += entry.end - entry.start
     with open(shard.path, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
         write_all(fout, memoryview(raw))
-        pos = len(shard.raw_header)
-        for key in sorted((k for k in edits if k in shard.entries), key=lambda k: shard.entries[k].start):
-            entry, edit = shard.entries[key], edits[key]
-            copy_range(fin, fout, pos, entry.start - pos)
-            if edit.axis is None or entry.end == entry.start:  # a bias (small) or an empty tensor
-                buf, tensor = work.read(fin, entry)
-                if edit.axis is None:
-                    tensor.copy_(project_out(tensor, edit.basis, edit.scale))
-                write_all(fout, memoryview(buf.numpy()))
-            else:
-                _edit_in_blocks(fin, fout, entry, edit, work)
-            pos = entry.end
-        copy_range(fin, fout, pos, shard.size - pos)
-        for _, entry in extra:
-            copy_range(fin, fout, entry.start, entry.end - entry.start)
+        with BackgroundCopy(shard.path, dst, [g for g in gaps if g[2] > 0]):
+            for key in keys:
+                entry, edit = shard.entries[key], edits[key]
+                fout.seek(entry.start + shift)
+                if edit.axis is None or entry.end == entry.start:  # a bias (small) or an empty tensor
+                    buf, tensor = work.read(fin, entry)
+                    if edit.axis is None:
+                        tensor.copy_(project_out(tensor, edit.basis, edit.scale))
+                    write_all(fout, memoryview(buf.numpy()))
+                else:
+                    _edit_in_blocks(fin, fout, entry, edit, work)
 
 
 def _untie(model: nn.Module, plan: list, sources: Sources, where: Mapping) -> tuple[bool, dict[str, list]]:
@@ -302,8 +311,8 @@ def stream_orthogonalize(
     """Orthogonalize the safetensors checkpoint in ``src_dir`` against ``direction`` into ``out_dir``.
 
     Arguments mean what they mean for :func:`abliterate.orthogonalize`, and the output equals loading the
-    model in float32, orthogonalizing it and saving it in the stored dtype; but memory stays at about one
-    writer tensor, and the input's shard names, index and key names are kept. Tied embeddings, when the
+    model in float32, orthogonalizing it and saving it in the stored dtype; but memory stays at a 16 MiB work
+    buffer and one row block, and the input's shard names, index and key names are kept. Tied embeddings, when the
     embedding is edited, are untied as :func:`abliterate.untie_embeddings` does: an ``lm_head`` copy of the
     original embedding is appended to the embedding's shard and ``tie_word_embeddings`` is set false in
     ``config.json``. Every non-weight file is copied. The output is written to a temporary sibling directory
