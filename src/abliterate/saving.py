@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,7 +38,8 @@ def atomic_directory(target: Path) -> Iterator[Path]:
     the temporary directory vanishes and ``target`` is left as it was (absent, or the old directory).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
+    _sweep_stale(target)
+    tag = f"{_owner()}-{uuid.uuid4().hex[:8]}"
     tmp = target.parent / f".{target.name}.tmp-{tag}"
     old = target.parent / f".{target.name}.old-{tag}"
     tmp.mkdir()
@@ -52,6 +54,32 @@ def atomic_directory(target: Path) -> Iterator[Path]:
             raise OutputError(f"could not write {target}: {exc.strerror or exc}; nothing was written") from exc
         raise
     shutil.rmtree(old, ignore_errors=True)
+
+
+def _owner() -> str:
+    """This process, as written into temporary names: ``<host>.<pid>`` (dots and dashes out of the host)."""
+    host = "".join(c if c.isalnum() else "_" for c in socket.gethostname())[:32]
+    return f"{host}.{os.getpid()}"
+
+
+def _sweep_stale(target: Path) -> None:
+    """Remove temporary siblings of ``target`` left by a killed run (SIGKILL, power loss): those whose owner
+    process on this host is gone. Directories of live processes, of other hosts (a shared file system) and
+    the ``.old-*`` backups of a replaced output (they may hold the only copy of it) are left alone."""
+    if os.name != "posix":  # elsewhere os.kill(pid, 0) is no liveness probe
+        return
+    host, _ = _owner().split(".")
+    for path in target.parent.glob(f".{target.name}.tmp-*"):
+        owner = path.name[len(f".{target.name}.tmp-") :].split("-")[0]
+        name, _, pid = owner.rpartition(".")
+        if name != host or not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(path, ignore_errors=True)
+        except OSError:  # alive but not ours (EPERM): keep it
+            continue
 
 
 def _roll_back(target: Path, tmp: Path, old: Path) -> None:

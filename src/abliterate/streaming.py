@@ -311,13 +311,14 @@ def stream_orthogonalize(
     """Orthogonalize the safetensors checkpoint in ``src_dir`` against ``direction`` into ``out_dir``.
 
     Arguments mean what they mean for :func:`abliterate.orthogonalize`, and the output equals loading the
-    model in float32, orthogonalizing it and saving it in the stored dtype; but memory stays at a 16 MiB work
-    buffer and one row block, and the input's shard names, index and key names are kept. Tied embeddings, when the
-    embedding is edited, are untied as :func:`abliterate.untie_embeddings` does: an ``lm_head`` copy of the
-    original embedding is appended to the embedding's shard and ``tie_word_embeddings`` is set false in
-    ``config.json``. Every non-weight file is copied. The output is written to a temporary sibling directory
-    renamed into place at the end, so a failed or killed run never leaves a partial ``out_dir`` (a killed run
-    may leave the hidden ``.<out_dir>.tmp-*`` sibling). ``progress(bytes_done, bytes_total)`` follows each shard.
+    model in float32, orthogonalizing it and saving it in the stored dtype; but memory stays at a 16 MiB
+    work buffer and one row block, and the input's shard names, index and key names are kept. Tied
+    embeddings, when the embedding is edited, are untied as :func:`abliterate.untie_embeddings` does: an
+    ``lm_head`` copy of the original embedding is appended to the embedding's shard and
+    ``tie_word_embeddings`` is set false in ``config.json``. Every non-weight file is copied. The output is
+    written to a temporary sibling directory renamed into place at the end, so a failed or killed run never
+    leaves a partial ``out_dir`` (a killed run may leave the hidden ``.<out_dir>.tmp-*`` sibling, which the
+    next write to ``out_dir`` removes). ``progress(bytes_done, bytes_total)`` follows each shard.
     """
     started = time.perf_counter()
     src = Path(src_dir).expanduser().resolve()
