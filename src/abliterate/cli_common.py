@@ -181,15 +181,14 @@ def placement(
     quantize: str | None,
 ) -> dict[str, Any]:
     """Keyword arguments for :func:`abliterate.load_model` from the placement flags (unset ones left out)."""
-    given = {
-        "dtype": dtype,
-        "device": device,
-        "device_map": device_map,
-        "max_memory": max_memory,
-        "offload_folder": offload_folder,
-        "quantize": quantize,
-    }
-    return {k: v for k, v in given.items() if v is not None}
+    return _flags(
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        max_memory=max_memory,
+        offload_folder=offload_folder,
+        quantize=quantize,
+    )
 
 
 def _flags(**given: Any) -> dict[str, Any]:
