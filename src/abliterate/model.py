@@ -13,7 +13,7 @@ from torch import nn
 
 from .anatomy import Anatomy
 from .errors import PromptError
-from .placement import execution_device, flat_hooks
+from .placement import execution_device, is_offloaded
 
 Progress = Callable[[int, int], None]
 
@@ -55,9 +55,7 @@ class LoadedModel:
     def offloaded(self) -> bool:
         """True when some weights live off the execution devices (accelerate CPU/disk offload), so they
         cannot be edited in place; write an edited copy with :func:`abliterate.stream_orthogonalize`."""
-        return any(p.device.type == "meta" for p in self.model.parameters()) or any(
-            getattr(h, "offload", False) for m in self.model.modules() for h in flat_hooks(m)
-        )
+        return any(is_offloaded(m) for m in self.model.modules())
 
     @property
     def dtype(self) -> torch.dtype:

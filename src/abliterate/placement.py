@@ -18,6 +18,14 @@ def flat_hooks(module: nn.Module) -> list[Any]:
     return [] if hook is None else [hook, *getattr(hook, "hooks", ())]
 
 
+def is_offloaded(module: nn.Module) -> bool:
+    """True when ``module``'s own weights live off its execution device: on the meta device (offloaded to
+    disk) or behind an accelerate hook that loads them in for each call (CPU offload)."""
+    return any(p.device.type == "meta" for p in module.parameters(recurse=False)) or any(
+        getattr(h, "offload", False) for h in flat_hooks(module)
+    )
+
+
 def hook_device(module: nn.Module) -> torch.device | None:
     """The execution device of an accelerate dispatch hook on ``module`` itself, if any."""
     for h in flat_hooks(module):

@@ -18,7 +18,7 @@ from .directions import Direction, as_basis
 from .errors import AbliterateError, DirectionError
 from .interventions import edit_plan
 from .model import LoadedModel
-from .placement import flat_hooks
+from .placement import is_offloaded
 from .projection import Scale, project_out
 
 WORK_ELEMENTS = 1 << 22  # 16 MiB of float32: large enough for fast matmuls, small next to any real weight
@@ -176,11 +176,7 @@ def _edit(writer: Writer, basis: torch.Tensor, scale: float, norm_preserving: bo
 def _check_in_memory(lm: LoadedModel, writers: list[Writer]) -> None:
     """An offloaded weight lives in accelerate's weights map (often the checkpoint file itself), not in the
     parameter: editing the parameter would change nothing, or fail half-way."""
-    off = [
-        w.name
-        for w in writers
-        if w.weight.device.type == "meta" or any(getattr(h, "offload", False) for h in flat_hooks(w.module))
-    ]
+    off = [w.name for w in writers if is_offloaded(w.module)]
     quantized = [w for w in writers if not w.weight.dtype.is_floating_point]
     if quantized:
         raise AbliterateError(
