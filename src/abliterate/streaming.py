@@ -31,8 +31,9 @@ from torch import nn
 from .anatomy import Writer, find_anatomy
 from .directions import Direction
 from .errors import ArchitectureError, ModelLoadError, OutputError
-from .interventions import edit_plan
+from .kernel import project_rows
 from .model import LoadedModel, Progress
+from .plan import EditPlan, edit_plan
 from .projection import Scale, project_out
 from .saving import atomic_directory, check_output
 from .shards import (
@@ -48,7 +49,6 @@ from .shards import (
     read_shard,
     write_all,
 )
-from .weights import project_rows
 
 # Weights in other formats are not copied: an unedited duplicate of the model would be a trap.
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors", ".index.json")
@@ -164,10 +164,13 @@ def _materialize_post_norms(model: nn.Module, writers: list[Writer], sources: So
         norm.load_state_dict(values, strict=False, assign=True)
 
 
-def _plan_edits(plan: list, sources: Sources, where: Mapping, hidden: int, norm_preserving: bool) -> dict[str, _Edit]:
+def _plan_edits(
+    plan: EditPlan, sources: Sources, where: Mapping, hidden: int, norm_preserving: bool
+) -> dict[str, _Edit]:
     """Checkpoint key -> edit, with the dtype and shape of every writer tensor checked."""
     edits: dict[str, _Edit] = {}
-    for writer, basis, s in plan:
+    for e in plan.edits:
+        writer, basis, s = e.writer, e.basis, e.scale
         owner = writer.name if writer.param == "weight" else writer.name.rsplit(".", 1)[0]
         for attr, is_bias in ((writer.param, False), (writer.bias, True)):
             if attr is None:
@@ -245,13 +248,13 @@ def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: lis
                     _edit_in_blocks(fin, fout, entry, edit, work)
 
 
-def _untie(model: nn.Module, plan: list, sources: Sources, where: Mapping) -> tuple[bool, dict[str, list]]:
+def _untie(model: nn.Module, plan: EditPlan, sources: Sources, where: Mapping) -> tuple[bool, dict[str, list]]:
     """Whether the LM head must be untied, and the copy of the original embedding to append as the LM head
     (named as ``save_pretrained`` names it), unless the checkpoint already stores one: {shard: [(key, entry)]}."""
     from transformers.core_model_loading import revert_weight_conversion
 
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is None or out.weight is not emb.weight or not any(w.layer is None for w, _, _ in plan):
+    if out is None or out.weight is not emb.weight or not any(e.writer.layer is None for e in plan.edits):
         return False, {}
     renamed = list(revert_weight_conversion(model, {f"{_module_name(model, out)}.weight": out.weight}))
     key = renamed[0] if len(renamed) == 1 else f"{_module_name(model, out)}.weight"
