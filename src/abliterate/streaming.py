@@ -20,7 +20,7 @@ import shutil
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -33,7 +33,7 @@ from .directions import Direction
 from .errors import ArchitectureError, ModelLoadError, OutputError
 from .kernel import project_rows
 from .model import LoadedModel, Progress
-from .plan import EditPlan, edit_plan
+from .plan import Directions, EditPlan, build_plan, edit_plan
 from .projection import Scale, project_out
 from .saving import atomic_directory, check_output
 from .shards import (
@@ -49,6 +49,7 @@ from .shards import (
     read_shard,
     write_all,
 )
+from .space import EditSpec
 
 # Weights in other formats are not copied: an unedited duplicate of the model would be a trap.
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors", ".index.json")
@@ -323,6 +324,58 @@ def stream_orthogonalize(
     leaves a partial ``out_dir`` (a killed run may leave the hidden ``.<out_dir>.tmp-*`` sibling, which the
     next write to ``out_dir`` removes). ``progress(bytes_done, bytes_total)`` follows each shard.
     """
+    return _stream(
+        src_dir,
+        out_dir,
+        lambda lm: edit_plan(lm, direction, layers, scale, embeddings, embedding_scale),
+        norm_preserving,
+        overwrite=overwrite,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
+        layers_path=layers_path,
+        writer_patterns=writer_patterns,
+    )
+
+
+def stream_edit(
+    src_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    spec: EditSpec,
+    source: Directions,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    trust_remote_code: bool = False,
+    layers_path: str | None = None,
+    writer_patterns: Sequence[str] | None = None,
+) -> StreamReport:
+    """The edit ``spec`` (e.g. the one ``run``'s search chose, from ``edit.json``) written shard by shard, as
+    :func:`stream_orthogonalize` writes one direction: equal to ``apply_plan(build_plan(...))`` in memory."""
+    return _stream(
+        src_dir,
+        out_dir,
+        lambda lm: build_plan(lm, spec, source),
+        spec.norm_preserving,
+        overwrite=overwrite,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
+        layers_path=layers_path,
+        writer_patterns=writer_patterns,
+    )
+
+
+def _stream(
+    src_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    make_plan: Callable[[LoadedModel], EditPlan],
+    norm_preserving: bool,
+    *,
+    overwrite: bool,
+    progress: Progress | None,
+    trust_remote_code: bool,
+    layers_path: str | None,
+    writer_patterns: Sequence[str] | None,
+) -> StreamReport:
     started = time.perf_counter()
     src = Path(src_dir).expanduser().resolve()
     if not src.is_dir():
@@ -338,7 +391,7 @@ def stream_orthogonalize(
     sources = _sources(model, list(where))
     _materialize_post_norms(model, anatomy.all_writers(), sources, where)
     lm = LoadedModel(model, None, anatomy, str(src), src)
-    plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
+    plan = make_plan(lm)
     edits = _plan_edits(plan, sources, where, anatomy.hidden_size, norm_preserving)
     untie, extra = _untie(model, plan, sources, where)
 
