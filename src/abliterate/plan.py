@@ -81,16 +81,15 @@ class Directions:
     sets) and cached: a search builds many plans from one capture."""
 
     def __init__(self, acts: Activations | None, sets: Sequence[DirectionSet] = ()) -> None:
+        if acts is None and not sets:
+            raise AbliterateError("Directions needs a capture (Activations) or at least one DirectionSet")
         self.acts = acts
         self._sets = {(s.method, s.meta.get("t") if s.method == "slerp" else None): s for s in sets}
         self._units: dict[tuple, torch.Tensor] = {}
         self._bases: dict[tuple, torch.Tensor] = {}
-        first = acts.harmful_mean if acts is not None else next(iter(self._sets.values()), None)
-        if first is None:
-            raise AbliterateError("Directions needs a capture (Activations) or at least one DirectionSet")
-        data = first if isinstance(first, torch.Tensor) else first.vectors
-        self.num_points, self.hidden = data.shape[0], data.shape[-1]
-        self.positions = list(acts.positions if acts is not None else next(iter(self._sets.values())).positions)
+        ref = acts.harmful_mean if acts is not None else sets[0].vectors
+        self.num_points, self.hidden = ref.shape[0], ref.shape[-1]
+        self.positions = list(acts.positions if acts is not None else sets[0].positions)
 
     @classmethod
     def from_sets(cls, *sets: DirectionSet) -> Directions:
@@ -118,7 +117,9 @@ class Directions:
             return self._bases[key]
         spec.validate(self.num_points - 1, self.positions)
         if not 0 <= center <= self.num_points - 1:
-            raise AbliterateError(f"layer {layer} has no residual point to take its own direction from")
+            raise AbliterateError(
+                f"layer {layer} is out of range: these directions cover layers 0..{self.num_points - 2}"
+            )
         lo = math.floor(center)
         frac = center - lo
         first = self._unit(spec, lo)

@@ -32,10 +32,11 @@ into per-writer bases and scales for one model and capture. Its fields:
     Scale of the removal from the token (and learned position) embeddings; 0 leaves them alone.
 ``norm_preserving`` (False)
     Rescale each writer's edited output vector of every input unit (each embedding row) to its original
-    norm: the exact, per-unit version of heretic's row-norm preservation.
+    norm, so the edit changes directions but not magnitudes (exact in the weights; its runtime twin scales
+    each writer's inputs, which fused 3-D MoE experts do not allow).
 
 ``EditSpec()`` edits nothing; :meth:`EditSpec.full` is the classic abliteration (one direction, every
-writer and the embeddings at scale 1), which is what ``abliterate run --no-search`` applies.
+writer and the embeddings at scale 1), the edit ``abliterate run`` applies with the sweep's direction.
 """
 
 from __future__ import annotations
