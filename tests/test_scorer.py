@@ -78,6 +78,7 @@ def test_scores_match_the_slow_way_unedited_and_under_ablation(family):
     ids = refusal_token_ids(lm.tokenizer)
     system = "Be brief."
     scorer = Scorer(lm, VAL_H, VAL_L, system=system, batch_size=3)
+    assert scorer._harmful.prefix_len >= 4, "the shared-prefix path is the one under test"
     base_l = full(lm, VAL_L, system)
     close(scorer.base, slow(lm, VAL_H, VAL_L, None, ids, system))
     # every writer, embeddings included: the shared prefix's KV cache changes and must be recomputed
@@ -133,6 +134,8 @@ def test_refusal_ids_progress_and_bad_input(lm_acts):
     assert calls == [(4, 8), (8, 8)]
     with pytest.raises(PromptError, match="outside the model's vocabulary"):
         Scorer(lm, VAL_H, VAL_L, refusal_ids=[10**6])
+    with pytest.raises(PromptError, match="is negative"):
+        Scorer(lm, VAL_H, VAL_L, refusal_ids=[5, -1])
     with pytest.raises(PromptError, match="no refusal token ids"):
         Scorer(lm, VAL_H, VAL_L, refusal_ids=[])
     with pytest.raises(PromptError, match="batch_size"):
@@ -159,11 +162,14 @@ def test_refusal_counts_generate_like_the_model_and_judge(lm_acts, scorer):
             scorer.refusal_counts(judge, 6, prompts=bad)
     with pytest.raises(PromptError, match="max_new_tokens"):
         scorer.refusal_counts(judge, 0)
+    with pytest.raises(PromptError, match="batch_size"):
+        scorer.refusal_counts(judge, 6, batch_size=0)
 
 
 def test_select_and_choose_k_reuse_a_scorer(lm_acts, monkeypatch):
     lm, acts = lm_acts
-    kwargs = {"layers": [2], "score_skipped": True, "kl_threshold": 10.0, "max_kl": 10.0, "min_induce": -100.0, "min_bypass_drop": -100.0}
+    kwargs = {"layers": [2], "score_skipped": True, "kl_threshold": 10.0, "max_kl": 10.0}
+    kwargs |= {"min_induce": -100.0, "min_bypass_drop": -100.0}
     own = select(lm, acts, VAL_H, VAL_L, **kwargs)
     shared = Scorer(lm, VAL_H, VAL_L)
     import abliterate.selection as selection

@@ -31,6 +31,9 @@ from .judge import Judge
 from .model import LoadedModel, Progress
 from .scoring import kl_divergence, refusal_scores, refusal_token_ids
 
+SCORE_BATCH = 32  # prompts per forward pass: on the demo model's CPU run ~20% cheaper than 16
+GENERATION_BATCH = 32  # decoding re-reads every weight per step: wide batches amortize it
+
 
 @dataclass
 class Score:
@@ -58,7 +61,7 @@ class Scorer:
         harmless: Sequence[str],
         *,
         system: str | None = None,
-        batch_size: int = 16,
+        batch_size: int = SCORE_BATCH,
         refusal_ids: Sequence[int] | None = None,
         progress: Progress | None = None,
     ) -> None:
@@ -73,6 +76,8 @@ class Scorer:
         ids = sorted({int(i) for i in refusal_token_ids(lm.tokenizer)} if refusal_ids is None else set(refusal_ids))
         if not ids:
             raise PromptError("no refusal token ids; pass refusal_ids or leave it unset to derive them")
+        if ids[0] < 0:
+            raise PromptError(f"refusal token id {ids[0]} is negative; pass ids the tokenizer produced")
         self.refusal_ids: list[int] = ids
         self._harmful = BatchRunner(lm, lm.format(self.harmful, system=system), batch_size)
         self._harmless = BatchRunner(lm, lm.format(self.harmless, system=system), batch_size)
@@ -151,13 +156,16 @@ class Scorer:
         self, max_new_tokens: int = 32, prompts: int | None = None, *, batch_size: int | None = None
     ) -> list[str]:
         """Greedy responses of the current state to the first ``prompts`` harmful prompts (default all),
-        in order. Batches are length-sorted and share the chat-template prefix's KV cache."""
+        in order, as :meth:`LoadedModel.generate` gives them. Batches (``batch_size``, default
+        :data:`GENERATION_BATCH`) are length-sorted and share the chat-template prefix's KV cache."""
         n = len(self.harmful) if prompts is None else prompts
         if not 1 <= n <= len(self.harmful):
             raise PromptError(f"prompts must be between 1 and {len(self.harmful)} (the harmful set), got {prompts}")
         if max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-        size = batch_size or self.batch_size
+        size = GENERATION_BATCH if batch_size is None else batch_size
+        if size < 1:
+            raise PromptError(f"batch_size must be at least 1, got {size}")
         runner = self._harmful
         order = [r for r in runner.order if r < n]
         out: list[str] = [""] * n
@@ -180,7 +188,7 @@ class Scorer:
 
     def _generate(self, runner: BatchRunner, rows: list[int], max_new_tokens: int) -> list[str]:
         lm = self.lm
-        prefix = runner.prefix_len if runner.cache is not None else 0
+        prefix = runner.prefix_len if runner.cache is not None and lm.caps.cache_arg else 0
         head = list(runner.ids[rows[0]][:prefix])
         tails = [runner.ids[r][prefix:] for r in rows]
         width = max(len(t) for t in tails)
@@ -188,10 +196,10 @@ class Scorer:
         ids = torch.tensor([head + [pad] * (width - len(t)) + list(t) for t in tails], device=lm.device)
         mask = torch.tensor([[1] * prefix + [0] * (width - len(t)) + [1] * len(t) for t in tails], device=lm.device)
         kwargs: dict[str, Any] = {}
-        if prefix:
+        if prefix and lm.caps.cache_arg:
             cache = copy.deepcopy(runner.cache)
             cache.batch_repeat_interleave(len(rows))
-            kwargs["cache" if lm._accepts("cache") else "past_key_values"] = cache
+            kwargs[lm.caps.cache_arg] = cache
         generated = lm.model.generate(
             input_ids=ids,
             attention_mask=mask,
