@@ -170,6 +170,17 @@ OFFLOAD_OPT = Annotated[str | None, Opt("--offload-folder", help="Folder for wei
 QUANTIZE_OPT = Annotated[
     str | None, Opt("--quantize", help="4bit or 8bit: load linear layers through bitsandbytes (capture, eval).")
 ]
+# How prompts are formatted: shared by every command that captures, scores or generates.
+THINKING_OPT = Annotated[
+    bool | None,
+    Opt(
+        "--disable-thinking/--enable-thinking",
+        help="Pass enable_thinking=False to the chat template (Qwen3 and alike: empty thinking block).",
+    ),
+]
+PREFIX_OPT = Annotated[
+    str | None, Opt("--response-prefix", help="Text appended after the generation prompt: every reply starts with it.")
+]
 
 
 def placement(

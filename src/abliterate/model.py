@@ -70,12 +70,20 @@ class LoadedModel:
         return self.anatomy.hidden_size
 
     def format(self, prompts: Sequence[str], *, system: str | None = None) -> list[str]:
-        """Apply the chat template to each user prompt, ending where the assistant's reply begins."""
+        """Apply the chat template to each user prompt, ending where the assistant's reply begins.
+
+        ``template_kwargs`` are passed to the template (Qwen3's ``enable_thinking=False`` writes an empty
+        thinking block into the generation prompt) and ``response_prefix`` is appended after it. Capture,
+        scoring, generation and evaluation all format through here, so both apply everywhere.
+        """
         texts = []
         for prompt in prompts:
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": prompt})
-            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+            )
+            texts.append(text + self.response_prefix)
         return texts
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
