@@ -209,3 +209,27 @@ def _flags(**given: Any) -> dict[str, Any]:
 
 def _cfg(config: Path | None, **given: Any) -> config_mod.RunConfig:
     return config_mod.load(config, _flags(**given))
+
+
+RATE_LABELS = {
+    "refusal_rate": "refusals (harmful)",
+    "compliance_rate": "compliance (harmful)",
+    "degenerate_rate": "degenerate (harmful)",
+    "unparsed_rate": "unparsed (harmful)",
+    "over_refusal": "over-refusal (harmless)",
+    "harmless_degenerate_rate": "degenerate (harmless)",
+    "harmless_unparsed_rate": "unparsed (harmless)",
+}
+
+
+def rate_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
+    """Rows ``(label, cells)`` of verdict rates with 95 % Wilson intervals, one cell per measured condition;
+    "unparsed" rows only when a judge could not be read somewhere."""
+    from .evaluation import format_rate
+
+    rows = []
+    for key, label in RATE_LABELS.items():
+        if "unparsed" in key and not any(m.rate(key) for m in conditions):
+            continue
+        rows.append((label, [format_rate(m, key) for m in conditions]))
+    return rows

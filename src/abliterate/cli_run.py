@@ -27,18 +27,24 @@ from .cli_common import (
     guarded,
     out,
     progress_bars,
+    rate_rows,
     wrote,
 )
 
 
 def _summary(result: Any) -> None:
     b, a, c = result.before, result.after, result.selection.chosen
-    table = Table(title="abliterate", show_header=True)
+    table = Table(
+        title="abliterate",
+        caption=f"{b.n_harmful} harmful / {b.n_harmless} harmless held-out prompts, judge {b.judge}; "
+        "rates with 95% Wilson intervals",
+        show_header=True,
+    )
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("refusals (held-out harmful)", f"{b.refusal_rate:.0%}", f"{a.refusal_rate:.0%}")
-    table.add_row("over-refusal (held-out harmless)", f"{b.over_refusal:.0%}", f"{a.over_refusal:.0%}")
+    for label, cells in rate_rows([b, a]):
+        table.add_row(label, *cells)
     table.add_row("KL (first token, harmless)", "0", f"{a.kl:.4f}")
     table.add_row("chosen", "", f"{c.method} layer {c.layer} pos {c.position}")
     table.add_row("time", "", f"{result.timings.get('total', 0):.0f} s")

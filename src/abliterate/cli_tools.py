@@ -27,6 +27,7 @@ from .cli_common import (
     out,
     placement,
     progress_bars,
+    rate_rows,
     wrote,
 )
 
@@ -285,11 +286,18 @@ def evaluate(
     if STATE["json"]:
         out().print_json(json.dumps(payload))
         return
-    table = Table(title="eval")
-    for col in ("", "refusals (harmful)", "over-refusal (harmless)", "KL vs base"):
-        table.add_column(col)
-    for name, m in rows.items():
-        table.add_row(name, f"{m.refusal_rate:.0%}", f"{m.over_refusal:.0%}", f"{m.kl:.4f}")
+    first = next(iter(rows.values()))
+    table = Table(
+        title="eval",
+        caption=f"{first.n_harmful} harmful / {first.n_harmless} harmless held-out prompts, judge {first.judge}; "
+        "rates with 95% Wilson intervals",
+    )
+    table.add_column("")
+    for name in rows:
+        table.add_column(name, justify="right")
+    for label, cells in rate_rows(list(rows.values())):
+        table.add_row(label, *cells)
+    table.add_row("KL vs base (first token)", *(f"{m.kl:.4f}" for m in rows.values()))
     out().print(table)
     if base and payload["note"]:
         err().print(f"[yellow]note:[/] {payload['note']}")

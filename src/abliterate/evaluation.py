@@ -1,50 +1,164 @@
 """Metrics of a model, or of a runtime intervention, against the unedited model.
 
-* refusal rate on harmful prompts and over-refusal on harmless prompts (greedy generation + judge);
+* verdicts on greedy answers to held-out prompts: refusal / compliance / degenerate (/ unparsed, for a
+  model judge that could not be read), on harmful prompts (refusal rate) and harmless ones (over-refusal);
+  every rate with its 95 % Wilson interval;
 * induced refusal rate on harmless prompts under an induction;
 * KL(base || edited) of the first response token on harmless prompts, base computed once per run.
+
+The contract of the final evaluation: greedy answers of up to ``max_new_tokens`` (default
+:data:`MAX_NEW_TOKENS` = 100) new tokens, at least ``min_new_tokens`` (default 0: a model that
+stops early is not forced on), on :data:`N_TEST` = 64 held-out prompts per side by default.
+Search and selection use cheap first-token scores instead (:mod:`abliterate.scoring`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from .capture import check_prompts
-from .judge import Judge, MarkerJudge
+from .errors import AbliterateError
+from .judge import VERDICTS, DegenerateDetector, Judge, MarkerJudge, Verdict, judge_responses
 from .model import LoadedModel
 from .scoring import first_token_logprobs, kl_divergence
 
 Edit = Callable[[], AbstractContextManager[Any]]
+
+MAX_NEW_TOKENS = 100  # answers of up to 100 new tokens unless the model stops: long enough to go past a preamble
+MIN_NEW_TOKENS = 0
+N_TEST = 64  # held-out prompts per side
+Z95 = 1.959963984540054
+
+# metrics.json key -> (prompt side, verdict)
+RATES: dict[str, tuple[str, Verdict]] = {
+    "refusal_rate": ("harmful", "refusal"),
+    "compliance_rate": ("harmful", "compliance"),
+    "degenerate_rate": ("harmful", "degenerate"),
+    "unparsed_rate": ("harmful", "unparsed"),
+    "over_refusal": ("harmless", "refusal"),
+    "harmless_compliance_rate": ("harmless", "compliance"),
+    "harmless_degenerate_rate": ("harmless", "degenerate"),
+    "harmless_unparsed_rate": ("harmless", "unparsed"),
+}
+
+
+class EvaluationError(AbliterateError):
+    """Evaluation settings that cannot work (e.g. more minimum than maximum new tokens)."""
+
+
+def check_lengths(min_new_tokens: int, max_new_tokens: int) -> None:
+    if max_new_tokens < 1:
+        raise EvaluationError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    if min_new_tokens < 0:
+        raise EvaluationError(f"min_new_tokens must be >= 0, got {min_new_tokens}")
+    if min_new_tokens > max_new_tokens:
+        raise EvaluationError(
+            f"min_new_tokens ({min_new_tokens}) is above max_new_tokens ({max_new_tokens}); "
+            "lower --min-new-tokens or raise --max-new-tokens"
+        )
+
+
+def wilson(k: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """The Wilson score interval of ``k`` successes in ``n`` trials (95 % for the default ``z``)."""
+    if n <= 0:
+        return (0.0, 1.0)
+    p = k / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return (0.0 if k == 0 else max(0.0, centre - half), 1.0 if k == n else min(1.0, centre + half))
 
 
 @dataclass
 class Sample:
     prompt: str
     response: str
-    refused: bool
+    verdict: Verdict
+    reason: str = ""  # why it is degenerate, or what an unparsed judge said
+
+    @property
+    def refused(self) -> bool:
+        return self.verdict == "refusal"
+
+
+def _counts(samples: Sequence[Sample]) -> dict[str, int]:
+    return {v: sum(s.verdict == v for s in samples) for v in VERDICTS}
 
 
 @dataclass
 class Metrics:
-    """One measured condition. Rates are fractions in [0, 1]; ``kl`` is nats per prompt."""
+    """One measured condition: verdict counts per prompt side, rates (fractions in [0, 1]) with 95 %
+    Wilson intervals, and ``kl`` in nats per prompt."""
 
     name: str
-    refusal_rate: float
-    over_refusal: float
     kl: float
-    n_harmful: int
-    n_harmless: int
     harmful_samples: list[Sample] = field(default_factory=list)
     harmless_samples: list[Sample] = field(default_factory=list)
+    judge: str = "marker"
+
+    @property
+    def n_harmful(self) -> int:
+        return len(self.harmful_samples)
+
+    @property
+    def n_harmless(self) -> int:
+        return len(self.harmless_samples)
+
+    def counts(self, side: str) -> dict[str, int]:
+        return _counts(self.harmful_samples if side == "harmful" else self.harmless_samples)
+
+    def rate(self, key: str) -> float:
+        side, verdict = RATES[key]
+        n = self.n_harmful if side == "harmful" else self.n_harmless
+        return self.counts(side)[verdict] / n if n else 0.0
+
+    def interval(self, key: str) -> tuple[float, float]:
+        side, verdict = RATES[key]
+        return wilson(self.counts(side)[verdict], self.n_harmful if side == "harmful" else self.n_harmless)
+
+    @property
+    def refusal_rate(self) -> float:
+        return self.rate("refusal_rate")
+
+    @property
+    def compliance_rate(self) -> float:
+        return self.rate("compliance_rate")
+
+    @property
+    def degenerate_rate(self) -> float:
+        return self.rate("degenerate_rate")
+
+    @property
+    def over_refusal(self) -> float:
+        return self.rate("over_refusal")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        out: dict[str, Any] = {"name": self.name, "judge": self.judge}
+        for key in RATES:
+            out[key] = self.rate(key)
+            out[f"{key}_ci95"] = list(self.interval(key))
+        out |= {
+            "kl": self.kl,
+            "n_harmful": self.n_harmful,
+            "n_harmless": self.n_harmless,
+            "counts": {"harmful": self.counts("harmful"), "harmless": self.counts("harmless")},
+            "harmful_samples": [vars(s) for s in self.harmful_samples],
+            "harmless_samples": [vars(s) for s in self.harmless_samples],
+        }
+        return out
+
+
+def format_rate(metrics: Metrics, key: str) -> str:
+    """``"12% (7-20)"``: the rate and its 95 % Wilson interval, in percent."""
+    lo, hi = metrics.interval(key)
+    return f"{metrics.rate(key):.0%} ({100 * lo:.0f}-{100 * hi:.0f})"
 
 
 def baseline_note(base: Metrics) -> str:
@@ -59,7 +173,8 @@ def baseline_note(base: Metrics) -> str:
 
 class Evaluator:
     """Measures conditions on fixed prompt sets; the base model's first-token distribution is
-    computed once and reused for every KL."""
+    computed once and reused for every KL. Answers are greedy, ``min_new_tokens`` to ``max_new_tokens``
+    long, judged by ``judge`` after ``detector`` has set degenerate ones aside."""
 
     def __init__(
         self,
@@ -68,16 +183,21 @@ class Evaluator:
         harmless: Sequence[str],
         *,
         judge: Judge | None = None,
+        detector: DegenerateDetector | None = None,
         system: str | None = None,
-        max_new_tokens: int = 64,
+        max_new_tokens: int = MAX_NEW_TOKENS,
+        min_new_tokens: int = MIN_NEW_TOKENS,
         batch_size: int = 8,
     ) -> None:
+        check_lengths(min_new_tokens, max_new_tokens)
         self.lm = lm
         self.harmful = check_prompts(harmful, "harmful evaluation", minimum=1)
         self.harmless = check_prompts(harmless, "harmless evaluation", minimum=1)
-        self.judge = judge or MarkerJudge()
+        self.judge: Judge = judge or MarkerJudge()
+        self.detector = detector or DegenerateDetector()
         self.system = system
         self.max_new_tokens = max_new_tokens
+        self.min_new_tokens = min_new_tokens
         self.batch_size = batch_size
         self._base: torch.Tensor | None = None
 
@@ -88,9 +208,14 @@ class Evaluator:
 
     def _respond(self, lm: LoadedModel, prompts: list[str]) -> list[Sample]:
         responses = lm.generate(
-            prompts, max_new_tokens=self.max_new_tokens, system=self.system, batch_size=self.batch_size
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            system=self.system,
+            batch_size=self.batch_size,
         )
-        return [Sample(p, r, v) for p, r, v in zip(prompts, responses, self.judge.judge(responses), strict=True)]
+        judged = judge_responses(self.judge, prompts, responses, detector=self.detector)
+        return [Sample(p, r, j.verdict, j.reason) for p, r, j in zip(prompts, responses, judged, strict=True)]
 
     def measure(self, name: str, edit: Edit | None = None, *, model: LoadedModel | None = None) -> Metrics:
         """Measure the base model, the base model under ``edit`` (a context-manager factory such as
@@ -103,13 +228,10 @@ class Evaluator:
             logp = first_token_logprobs(target, self.harmless, system=self.system, batch_size=self.batch_size)
         return Metrics(
             name=name,
-            refusal_rate=sum(s.refused for s in harmful) / len(harmful),
-            over_refusal=sum(s.refused for s in harmless) / len(harmless),
             kl=float(kl_divergence(base, logp).mean()),
-            n_harmful=len(harmful),
-            n_harmless=len(harmless),
             harmful_samples=harmful,
             harmless_samples=harmless,
+            judge=self.judge.name,
         )
 
     def induced_refusal(self, edit: Edit) -> tuple[float, list[Sample]]:

@@ -112,11 +112,14 @@ class LoadedModel:
         prompts: Sequence[str],
         *,
         max_new_tokens: int = 64,
+        min_new_tokens: int = 0,
         system: str | None = None,
         batch_size: int = 8,
         progress: Progress | None = None,
     ) -> list[str]:
-        """Greedy responses to ``prompts`` (chat template applied), decoded without special tokens."""
+        """Greedy responses to ``prompts`` (formatted by :meth:`format`), decoded without special tokens:
+        up to ``max_new_tokens`` new tokens, and at least ``min_new_tokens`` (end-of-sequence is held back
+        until then). A ``response_prefix`` is part of the prompt, not of the returned response."""
         if not prompts:
             raise PromptError("no prompts to generate from; pass at least one prompt")
         texts = self.format(prompts, system=system)
@@ -126,6 +129,7 @@ class LoadedModel:
             ids = self.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens or None,
                 do_sample=False,
                 temperature=None,
                 top_p=None,
