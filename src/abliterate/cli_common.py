@@ -183,6 +183,18 @@ PREFIX_OPT = Annotated[
 ]
 
 
+DEFAULTS = config_mod.RunConfig()  # option defaults of commands that take flags only (eval)
+
+
+def prompt_format(lm: Any, disable_thinking: bool | None, response_prefix: str | None) -> Any:
+    """Apply --disable-thinking / --response-prefix to a loaded model (as ``pipeline.load_for`` does for run)."""
+    if disable_thinking:
+        lm.template_kwargs["enable_thinking"] = False
+    if response_prefix:
+        lm.response_prefix = response_prefix
+    return lm
+
+
 def placement(
     dtype: str | None,
     device: str | None,

@@ -85,7 +85,9 @@ def run(
     harmless: Annotated[list[str] | None, Opt(help="Prompt source(s) for harmless prompts.")] = None,
     n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
     n_val: Annotated[int | None, Opt(help="Validation prompts per side (candidate selection).")] = None,
-    n_test: Annotated[int | None, Opt(help="Held-out prompts per side for before/after metrics.")] = None,
+    n_test: Annotated[
+        int | None, Opt(help="Held-out prompts per side for the before/after evaluation (default 64).")
+    ] = None,
     methods: Annotated[list[str] | None, Opt("--method", help="mean_diff, slerp or projected (repeatable).")] = None,
     layers: Annotated[list[int] | None, Opt("--layer", help="Restrict candidate layers (repeatable).")] = None,
     kl_threshold: Annotated[float | None, Opt(help="Maximum KL for a candidate.")] = None,
@@ -96,7 +98,12 @@ def run(
     system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
     disable_thinking: THINKING_OPT = None,
     response_prefix: PREFIX_OPT = None,
-    max_new_tokens: Annotated[int | None, Opt(help="Tokens generated per evaluation prompt.")] = None,
+    max_new_tokens: Annotated[
+        int | None, Opt(help="Final evaluation: at most this many new tokens per answer (default 100).")
+    ] = None,
+    min_new_tokens: Annotated[
+        int | None, Opt(help="Final evaluation: at least this many (default 0: the model may stop earlier).")
+    ] = None,
     batch_size: Annotated[int | None, Opt(help="Prompts per forward pass.")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed for prompt sets.")] = None,
     force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
@@ -135,6 +142,7 @@ def run(
         disable_thinking=disable_thinking,
         response_prefix=response_prefix,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
         batch_size=batch_size,
         seed=seed,
         force=force,

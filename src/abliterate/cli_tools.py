@@ -9,6 +9,7 @@ from rich.table import Table
 
 from .cli_common import (
     CONFIG_OPT,
+    DEFAULTS,
     DEVICE_MAP_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
@@ -27,6 +28,7 @@ from .cli_common import (
     out,
     placement,
     progress_bars,
+    prompt_format,
     rate_rows,
     wrote,
 )
@@ -239,8 +241,15 @@ def apply(
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model to measure (e.g. a saved abliterated directory).")],
     base: Annotated[str | None, Opt(help="Base model for KL (default: the model itself).")] = None,
-    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = 16,
-    max_new_tokens: Annotated[int, Opt(help="Tokens generated per prompt.")] = 48,
+    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = DEFAULTS.n_test,
+    max_new_tokens: Annotated[int, Opt(help="At most this many new tokens per answer.")] = DEFAULTS.max_new_tokens,
+    min_new_tokens: Annotated[
+        int, Opt(help="At least this many new tokens (0: the model may stop earlier).")
+    ] = DEFAULTS.min_new_tokens,
+    system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
+    disable_thinking: THINKING_OPT = None,
+    response_prefix: PREFIX_OPT = None,
+    batch_size: Annotated[int, Opt(help="Prompts per forward pass.")] = DEFAULTS.batch_size,
     out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
     dtype: DTYPE_OPT = None,
     device: DEVICE_OPT = None,
@@ -249,30 +258,48 @@ def evaluate(
     offload_folder: OFFLOAD_OPT = None,
     quantize: QUANTIZE_OPT = None,
 ) -> None:
-    """Refusal rate, over-refusal and KL of a model against its base, on held-out bundled prompts.
+    """Verdicts (refusal / compliance / degenerate, 95% Wilson intervals) and KL of a model against its base,
+    on held-out bundled prompts: greedy answers of up to --max-new-tokens (default 100) new tokens.
 
     Example: abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
     """
-    from .evaluation import Evaluator, baseline_note
+    from .evaluation import Evaluator, baseline_note, check_lengths
     from .loading import load_model
     from .prompts import bundled
 
     if out_file is not None and out_file.exists():
         fail(f"{out_file} already exists; choose another path")
+    check_lengths(min_new_tokens, max_new_tokens)
+    if n_test < 1 or batch_size < 1:
+        fail(f"--n-test and --batch-size must be at least 1, got {n_test} and {batch_size}")
+    harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
+    if min(len(harmful), len(harmless)) < n_test:
+        fail(f"the bundled test split has {len(harmful)} harmful and {len(harmless)} harmless prompts; lower --n-test")
     where = placement(dtype, device, device_map, max_memory, offload_folder, quantize)
-    reference = load_model(base or model, **where)
-    target = load_model(model, **where) if base else reference
+    reference = prompt_format(load_model(base or model, **where), disable_thinking, response_prefix)
+    target = prompt_format(load_model(model, **where), disable_thinking, response_prefix) if base else reference
     if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
         fail("the model and --base use different tokenizers; KL needs the same vocabulary")
     ev = Evaluator(
         reference,
-        bundled("harmful", "test", limit=n_test),
-        bundled("harmless", "test", limit=n_test),
+        harmful,
+        harmless,
+        system=system,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        batch_size=batch_size,
     )
     rows = {"base": ev.measure("base")} if base else {}
     rows["model"] = ev.measure("model", model=target)
-    payload = {k: v.to_dict() for k, v in rows.items()}
+    payload: dict[str, Any] = {k: v.to_dict() for k, v in rows.items()}
+    payload["settings"] = {
+        "n_test": n_test,
+        "min_new_tokens": min_new_tokens,
+        "max_new_tokens": max_new_tokens,
+        "system": system,
+        "template_kwargs": reference.template_kwargs,
+        "response_prefix": reference.response_prefix,
+    }
     if base:
         payload["note"] = baseline_note(rows["base"])
     if out_file is not None:

@@ -154,7 +154,13 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         raise AbliterateError(sel.note)
     direction = sel.direction()
     evaluator = Evaluator(
-        lm, harmful.test, harmless.test, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        lm,
+        harmful.test,
+        harmless.test,
+        system=cfg.system,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        batch_size=cfg.batch_size,
     )
 
     def evaluate(name: str, edit: Any = None) -> Metrics:
