@@ -125,3 +125,49 @@ def test_measure_takes_the_same_options(thinking_dir, tmp_path):
     for key in found["plain"]:
         assert (found["off"][key] - found["plain"][key]).abs().max() > 1e-3
         assert (found["prefix"][key] - found["plain"][key]).abs().max() > 1e-3
+
+
+def test_eval_takes_the_formatting_options(thinking_dir, monkeypatch):
+    """eval's flags reach the text the model is given (scripted generation records it) and the KL pass."""
+    from abliterate import evaluation
+    from abliterate.model import LoadedModel
+
+    texts, kl_texts = [], []
+    real_logprobs = evaluation.first_token_logprobs
+
+    def generate(self, prompts, **kw):
+        texts.extend(self.format(prompts, system=kw["system"]))
+        return ["Sure."] * len(prompts)
+
+    def logprobs(lm, prompts, **kw):
+        kl_texts.extend(lm.format(prompts, system=kw["system"]))
+        return real_logprobs(lm, prompts, **kw)
+
+    monkeypatch.setattr(LoadedModel, "generate", generate)
+    monkeypatch.setattr(evaluation, "first_token_logprobs", logprobs)
+    args = ["--json", "eval", str(thinking_dir), "--n-test", "2", "--batch-size", "3"]
+    res = invoke(*args, "--disable-thinking", "--response-prefix", PREFIX, "--system", "Be terse.")
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.stdout)["settings"]
+    assert settings["template_kwargs"] == OFF and settings["response_prefix"] == PREFIX
+    assert settings["system"] == "Be terse."
+    assert len(texts) == 4 and len(kl_texts) == 4
+    for text in texts + kl_texts:
+        assert text.startswith("<|im_start|>system\nBe terse.<|im_end|>")
+        assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n" + PREFIX)
+    texts.clear()
+    res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert all(t.endswith("<|im_start|>assistant\n") and "system" not in t for t in texts)
+
+
+def test_eval_batch_size_reaches_generation(thinking_dir, monkeypatch):
+    from abliterate.model import LoadedModel
+
+    seen = []
+    monkeypatch.setattr(
+        LoadedModel, "generate", lambda self, prompts, **kw: seen.append(kw) or ["Sure."] * len(prompts)
+    )
+    res = invoke("eval", str(thinking_dir), "--n-test", "2", "--batch-size", "3")
+    assert res.exit_code == 0, res.output
+    assert {kw["batch_size"] for kw in seen} == {3}
