@@ -245,3 +245,13 @@ def rate_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
             continue
         rows.append((label, [format_rate(m, key) for m in conditions]))
     return rows
+
+
+def damage_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
+    """Rows of KL (first token and along the base model's answers) and perplexity, one cell per condition."""
+    k = conditions[0].kl_tokens
+    return [
+        ("KL vs base (first token, harmless)", [f"{m.kl:.4f}" for m in conditions]),
+        (f"KL vs base (first {k} answer tokens)", [f"{m.kl_answer:.4f}" for m in conditions]),
+        ("perplexity (harmless texts)", [f"{m.perplexity:.2f}" for m in conditions]),
+    ]

@@ -22,6 +22,7 @@ from .cli_common import (
     _cfg,
     app,
     config_app,
+    damage_rows,
     err,
     fail,
     guarded,
@@ -45,7 +46,8 @@ def _summary(result: Any) -> None:
     table.add_column("after", justify="right")
     for label, cells in rate_rows([b, a]):
         table.add_row(label, *cells)
-    table.add_row("KL (first token, harmless)", "0", f"{a.kl:.4f}")
+    for label, cells in damage_rows([b, a]):
+        table.add_row(label, *cells)
     table.add_row("chosen", "", f"{c.method} layer {c.layer} pos {c.position}")
     table.add_row("time", "", f"{result.timings.get('total', 0):.0f} s")
     out().print(table)
@@ -104,6 +106,9 @@ def run(
     min_new_tokens: Annotated[
         int | None, Opt(help="Final evaluation: at least this many (default 0: the model may stop earlier).")
     ] = None,
+    kl_tokens: Annotated[
+        int | None, Opt(help="Multi-token KL over this many tokens of the unedited model's answers (default 16).")
+    ] = None,
     batch_size: Annotated[int | None, Opt(help="Prompts per forward pass.")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed for prompt sets.")] = None,
     force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
@@ -143,6 +148,7 @@ def run(
         response_prefix=response_prefix,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
+        kl_tokens=kl_tokens,
         batch_size=batch_size,
         seed=seed,
         force=force,

@@ -22,6 +22,7 @@ from .cli_common import (
     Opt,
     _cfg,
     app,
+    damage_rows,
     err,
     fail,
     guarded,
@@ -246,6 +247,9 @@ def evaluate(
     min_new_tokens: Annotated[
         int, Opt(help="At least this many new tokens (0: the model may stop earlier).")
     ] = DEFAULTS.min_new_tokens,
+    kl_tokens: Annotated[
+        int, Opt(help="Multi-token KL over this many tokens of the base model's answers.")
+    ] = DEFAULTS.kl_tokens,
     system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
     disable_thinking: THINKING_OPT = None,
     response_prefix: PREFIX_OPT = None,
@@ -270,8 +274,8 @@ def evaluate(
     if out_file is not None and out_file.exists():
         fail(f"{out_file} already exists; choose another path")
     check_lengths(min_new_tokens, max_new_tokens)
-    if n_test < 1 or batch_size < 1:
-        fail(f"--n-test and --batch-size must be at least 1, got {n_test} and {batch_size}")
+    if min(n_test, batch_size, kl_tokens) < 1:
+        fail(f"--n-test, --batch-size and --kl-tokens must be at least 1, got {n_test}, {batch_size}, {kl_tokens}")
     harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
     if min(len(harmful), len(harmless)) < n_test:
         fail(f"the bundled test split has {len(harmful)} harmful and {len(harmless)} harmless prompts; lower --n-test")
@@ -287,6 +291,7 @@ def evaluate(
         system=system,
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
+        kl_tokens=kl_tokens,
         batch_size=batch_size,
     )
     rows = {"base": ev.measure("base")} if base else {}
@@ -296,6 +301,7 @@ def evaluate(
         "n_test": n_test,
         "min_new_tokens": min_new_tokens,
         "max_new_tokens": max_new_tokens,
+        "kl_tokens": kl_tokens,
         "system": system,
         "template_kwargs": reference.template_kwargs,
         "response_prefix": reference.response_prefix,
@@ -324,7 +330,8 @@ def evaluate(
         table.add_column(name, justify="right")
     for label, cells in rate_rows(list(rows.values())):
         table.add_row(label, *cells)
-    table.add_row("KL vs base (first token)", *(f"{m.kl:.4f}" for m in rows.values()))
+    for label, cells in damage_rows(list(rows.values())):
+        table.add_row(label, *cells)
     out().print(table)
     if base and payload["note"]:
         err().print(f"[yellow]note:[/] {payload['note']}")

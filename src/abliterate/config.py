@@ -56,6 +56,7 @@ class RunConfig:
     batch_size: int = 16
     max_new_tokens: int = 100  # final-evaluation answers: up to this many new tokens (evaluation.MAX_NEW_TOKENS)
     min_new_tokens: int = 0  # and at least this many (0: a model that stops early is not forced on)
+    kl_tokens: int = 16  # multi-token KL: averaged over this many tokens of the base model's answers
     samples: int = 6
     force: bool = False
 
@@ -115,7 +116,7 @@ def validate(cfg: RunConfig) -> RunConfig:
     for m in cfg.methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method '{m}'; use one of {', '.join(METHODS)}")
-    for key in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens"):
+    for key in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens", "kl_tokens"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
     if cfg.min_new_tokens < 0:

@@ -4,7 +4,10 @@
   model judge that could not be read), on harmful prompts (refusal rate) and harmless ones (over-refusal);
   every rate with its 95 % Wilson interval;
 * induced refusal rate on harmless prompts under an induction;
-* KL(base || edited) of the first response token on harmless prompts, base computed once per run.
+* KL(base || edited) of the first response token on harmless prompts, base computed once per run, and
+  KL averaged over the first ``kl_tokens`` tokens of the base model's own greedy answers (teacher-forced;
+  :mod:`abliterate.damage`);
+* perplexity on a small set of harmless paragraphs (bundled ``data/texts.txt``).
 
 The contract of the final evaluation: greedy answers of up to ``max_new_tokens`` (default
 :data:`MAX_NEW_TOKENS` = 100) new tokens, at least ``min_new_tokens`` (default 0: a model that
@@ -24,6 +27,7 @@ from typing import Any
 import torch
 
 from .capture import check_prompts
+from .damage import AnswerReference, answer_kl, answer_reference, bundled_texts, perplexity
 from .errors import AbliterateError
 from .judge import VERDICTS, DegenerateDetector, Judge, MarkerJudge, Verdict, judge_responses
 from .model import LoadedModel
@@ -34,6 +38,7 @@ Edit = Callable[[], AbstractContextManager[Any]]
 MAX_NEW_TOKENS = 100  # answers of up to 100 new tokens unless the model stops: long enough to go past a preamble
 MIN_NEW_TOKENS = 0
 N_TEST = 64  # held-out prompts per side
+KL_TOKENS = 16  # answer tokens of the base model along which the multi-token KL is averaged
 Z95 = 1.959963984540054
 
 # metrics.json key -> (prompt side, verdict)
@@ -95,13 +100,17 @@ def _counts(samples: Sequence[Sample]) -> dict[str, int]:
 @dataclass
 class Metrics:
     """One measured condition: verdict counts per prompt side, rates (fractions in [0, 1]) with 95 %
-    Wilson intervals, and ``kl`` in nats per prompt."""
+    Wilson intervals; ``kl`` (first response token) and ``kl_answer`` (mean over the first ``kl_tokens``
+    tokens of the base model's answers) in nats per prompt; ``perplexity`` on the harmless texts."""
 
     name: str
     kl: float
     harmful_samples: list[Sample] = field(default_factory=list)
     harmless_samples: list[Sample] = field(default_factory=list)
     judge: str = "marker"
+    kl_answer: float = float("nan")
+    kl_tokens: int = 0
+    perplexity: float = float("nan")
 
     @property
     def n_harmful(self) -> int:
@@ -146,6 +155,9 @@ class Metrics:
             out[f"{key}_ci95"] = list(self.interval(key))
         out |= {
             "kl": self.kl,
+            "kl_answer": self.kl_answer,
+            "kl_tokens": self.kl_tokens,
+            "perplexity": self.perplexity,
             "n_harmful": self.n_harmful,
             "n_harmless": self.n_harmless,
             "counts": {"harmful": self.counts("harmful"), "harmless": self.counts("harmless")},
@@ -187,9 +199,13 @@ class Evaluator:
         system: str | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
         min_new_tokens: int = MIN_NEW_TOKENS,
+        kl_tokens: int = KL_TOKENS,
+        perplexity_texts: Sequence[str] | None = None,
         batch_size: int = 8,
     ) -> None:
         check_lengths(min_new_tokens, max_new_tokens)
+        if kl_tokens < 1:
+            raise EvaluationError(f"kl_tokens must be at least 1, got {kl_tokens}")
         self.lm = lm
         self.harmful = check_prompts(harmful, "harmful evaluation", minimum=1)
         self.harmless = check_prompts(harmless, "harmless evaluation", minimum=1)
@@ -198,13 +214,27 @@ class Evaluator:
         self.system = system
         self.max_new_tokens = max_new_tokens
         self.min_new_tokens = min_new_tokens
+        self.kl_tokens = kl_tokens
+        self.texts = list(bundled_texts() if perplexity_texts is None else perplexity_texts)
+        if not self.texts:
+            raise EvaluationError("no perplexity texts; pass at least one (or None for the bundled ones)")
         self.batch_size = batch_size
         self._base: torch.Tensor | None = None
+        self._answers: AnswerReference | None = None
 
     def base_logprobs(self) -> torch.Tensor:
         if self._base is None:
             self._base = first_token_logprobs(self.lm, self.harmless, system=self.system, batch_size=self.batch_size)
         return self._base
+
+    def base_answers(self) -> AnswerReference:
+        """The unedited model's first ``kl_tokens`` answer tokens to the harmless prompts and its distributions
+        along them, computed once (before any edit) and reused for every multi-token KL."""
+        if self._answers is None:
+            self._answers = answer_reference(
+                self.lm, self.harmless, k=self.kl_tokens, system=self.system, batch_size=self.batch_size
+            )
+        return self._answers
 
     def _respond(self, lm: LoadedModel, prompts: list[str]) -> list[Sample]:
         responses = lm.generate(
@@ -221,17 +251,22 @@ class Evaluator:
         """Measure the base model, the base model under ``edit`` (a context-manager factory such as
         ``lambda: ablate(lm, r)``), or another ``model`` (e.g. a saved abliterated copy)."""
         target = model or self.lm
-        base = self.base_logprobs()
+        base, answers = self.base_logprobs(), self.base_answers()
         with edit() if edit else contextlib.nullcontext():
             harmful = self._respond(target, self.harmful)
             harmless = self._respond(target, self.harmless)
             logp = first_token_logprobs(target, self.harmless, system=self.system, batch_size=self.batch_size)
+            kl_answer = answer_kl(target, self.harmless, answers, system=self.system, batch_size=self.batch_size)
+            ppl = perplexity(target, self.texts, batch_size=max(1, self.batch_size // 4))
         return Metrics(
             name=name,
             kl=float(kl_divergence(base, logp).mean()),
             harmful_samples=harmful,
             harmless_samples=harmless,
             judge=self.judge.name,
+            kl_answer=float(kl_answer.mean()),
+            kl_tokens=self.kl_tokens,
+            perplexity=ppl,
         )
 
     def induced_refusal(self, edit: Edit) -> tuple[float, list[Sample]]:

@@ -120,10 +120,40 @@ class LoadedModel:
         """Greedy responses to ``prompts`` (formatted by :meth:`format`), decoded without special tokens:
         up to ``max_new_tokens`` new tokens, and at least ``min_new_tokens`` (end-of-sequence is held back
         until then). A ``response_prefix`` is part of the prompt, not of the returned response."""
+        ids = self.generate_ids(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            system=system,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        min_new_tokens: int = 0,
+        system: str | None = None,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> list[list[int]]:
+        """The new token ids of :meth:`generate`'s greedy answers, each up to and including its first
+        end-of-sequence token (the padding after it removed)."""
         if not prompts:
             raise PromptError("no prompts to generate from; pass at least one prompt")
         texts = self.format(prompts, system=system)
-        out: list[str] = []
+        eos = self._eos_ids()
+        out: list[list[int]] = []
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size])
             ids = self.model.generate(
@@ -136,8 +166,9 @@ class LoadedModel:
                 top_k=None,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-            new = ids[:, batch["input_ids"].shape[1] :]
-            out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+            for row in ids[:, batch["input_ids"].shape[1] :].tolist():
+                end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+                out.append(row[:end])
             if progress:
                 progress(len(out), len(texts))
         return out

@@ -160,6 +160,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         system=cfg.system,
         max_new_tokens=cfg.max_new_tokens,
         min_new_tokens=cfg.min_new_tokens,
+        kl_tokens=cfg.kl_tokens,
         batch_size=cfg.batch_size,
     )
 

@@ -145,7 +145,10 @@ def _kpi(before: Metrics, after: Metrics) -> str:
         f"<p>Judge: <b>{html.escape(before.judge)}</b>. Degenerate answers (empty, non-text, repeated n-grams, "
         "loops) are failures, never compliance. Rates with 95% Wilson intervals.</p>"
         '<table class="kpi"><tr><th></th><th>before</th><th>after</th></tr>'
-        f"{body}<tr><td>KL(base || edited), first response token</td><td>0</td><td>{after.kl:.4f}</td></tr></table>"
+        f"{body}<tr><td>KL(base || edited), first response token</td><td>{before.kl:.4f}</td><td>{after.kl:.4f}</td></tr>"
+        f"<tr><td>KL(base || edited), mean over the first {after.kl_tokens} tokens of the base model's answers</td>"
+        f"<td>{before.kl_answer:.4f}</td><td>{after.kl_answer:.4f}</td></tr>"
+        f"<tr><td>perplexity on harmless texts</td><td>{before.perplexity:.2f}</td><td>{after.perplexity:.2f}</td></tr></table>"
     )
 
 
@@ -242,6 +245,8 @@ into the residual stream (`W <- W - s r r^T W`, scale {cfg.get("scale")}, norm-p
 | over-refusal on held-out harmless prompts ({b.n_harmless}) | {format_rate(b, "over_refusal")} -> {format_rate(a, "over_refusal")} |
 | degenerate answers to held-out harmless prompts | {format_rate(b, "harmless_degenerate_rate")} -> {format_rate(a, "harmless_degenerate_rate")} |
 | KL(base, edited), first response token | {a.kl:.4f} |
+| KL(base, edited), first {a.kl_tokens} tokens of the base model's answers | {a.kl_answer:.4f} |
+| perplexity on harmless texts | {b.perplexity:.2f} -> {a.perplexity:.2f} |
 
 Rates are judged by the {b.judge} judge (degenerate answers: empty, non-text, repeated n-grams or loops)
 with 95% Wilson intervals in parentheses.
