@@ -183,6 +183,15 @@ PREFIX_OPT = Annotated[
 ]
 
 
+# The final evaluation's judge: shared by run and eval.
+JUDGE_OPT = Annotated[
+    str | None,
+    Opt("--judge", help="marker (default: refusal phrases), llm:PATH (a local causal LM) or classifier:PATH."),
+]
+JUDGE_LABELS_OPT = Annotated[
+    str | None, Opt("--judge-labels", help="Classifier judge label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.")
+]
+
 DEFAULTS = config_mod.RunConfig()  # option defaults of commands that take flags only (eval)
 
 
@@ -254,4 +263,16 @@ def damage_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
         ("KL vs base (first token, harmless)", [f"{m.kl:.4f}" for m in conditions]),
         (f"KL vs base (first {k} answer tokens)", [f"{m.kl_answer:.4f}" for m in conditions]),
         ("perplexity (harmless texts)", [f"{m.perplexity:.2f}" for m in conditions]),
+    ]
+
+
+def agreement_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
+    """Per other judge run on the same answers: how often it agreed with the main judge (non-degenerate answers)."""
+    names = sorted({name for m in conditions for name in m.agreement()})
+    return [
+        (
+            f"agreement with the {name} judge",
+            [f"{a['rate']:.0%} of {a['n']}" if (a := m.agreement().get(name)) else "-" for m in conditions],
+        )
+        for name in names
     ]

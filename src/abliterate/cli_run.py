@@ -12,6 +12,8 @@ from .cli_common import (
     DEVICE_MAP_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    JUDGE_LABELS_OPT,
+    JUDGE_OPT,
     MAX_MEMORY_OPT,
     OFFLOAD_OPT,
     PREFIX_OPT,
@@ -20,6 +22,7 @@ from .cli_common import (
     THINKING_OPT,
     Opt,
     _cfg,
+    agreement_rows,
     app,
     config_app,
     damage_rows,
@@ -45,6 +48,8 @@ def _summary(result: Any) -> None:
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
     for label, cells in rate_rows([b, a]):
+        table.add_row(label, *cells)
+    for label, cells in agreement_rows([b, a]):
         table.add_row(label, *cells)
     for label, cells in damage_rows([b, a]):
         table.add_row(label, *cells)
@@ -106,6 +111,8 @@ def run(
     min_new_tokens: Annotated[
         int | None, Opt(help="Final evaluation: at least this many (default 0: the model may stop earlier).")
     ] = None,
+    judge: JUDGE_OPT = None,
+    judge_labels: JUDGE_LABELS_OPT = None,
     kl_tokens: Annotated[
         int | None, Opt(help="Multi-token KL over this many tokens of the unedited model's answers (default 16).")
     ] = None,
@@ -149,6 +156,8 @@ def run(
         max_new_tokens=max_new_tokens,
         min_new_tokens=min_new_tokens,
         kl_tokens=kl_tokens,
+        judge=judge,
+        judge_labels=judge_labels,
         batch_size=batch_size,
         seed=seed,
         force=force,

@@ -1,4 +1,4 @@
-"""``abliterate measure``, ``apply``, ``eval`` and ``chat``."""
+"""``abliterate measure``, ``apply`` and ``export``."""
 
 import json
 from pathlib import Path
@@ -9,7 +9,6 @@ from rich.table import Table
 
 from .cli_common import (
     CONFIG_OPT,
-    DEFAULTS,
     DEVICE_MAP_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
@@ -22,15 +21,11 @@ from .cli_common import (
     Opt,
     _cfg,
     app,
-    damage_rows,
-    err,
     fail,
     guarded,
     out,
     placement,
     progress_bars,
-    prompt_format,
-    rate_rows,
     wrote,
 )
 
@@ -235,106 +230,6 @@ def apply(
     assert target is not None
     wrote(lm.save(target, overwrite=force))
     out().print(f"wrote [bold]{target}[/]")
-
-
-@app.command("eval")
-@guarded
-def evaluate(
-    model: Annotated[str, typer.Argument(help="Model to measure (e.g. a saved abliterated directory).")],
-    base: Annotated[str | None, Opt(help="Base model for KL (default: the model itself).")] = None,
-    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = DEFAULTS.n_test,
-    max_new_tokens: Annotated[int, Opt(help="At most this many new tokens per answer.")] = DEFAULTS.max_new_tokens,
-    min_new_tokens: Annotated[
-        int, Opt(help="At least this many new tokens (0: the model may stop earlier).")
-    ] = DEFAULTS.min_new_tokens,
-    kl_tokens: Annotated[
-        int, Opt(help="Multi-token KL over this many tokens of the base model's answers.")
-    ] = DEFAULTS.kl_tokens,
-    system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
-    disable_thinking: THINKING_OPT = None,
-    response_prefix: PREFIX_OPT = None,
-    batch_size: Annotated[int, Opt(help="Prompts per forward pass.")] = DEFAULTS.batch_size,
-    out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
-    dtype: DTYPE_OPT = None,
-    device: DEVICE_OPT = None,
-    device_map: DEVICE_MAP_OPT = None,
-    max_memory: MAX_MEMORY_OPT = None,
-    offload_folder: OFFLOAD_OPT = None,
-    quantize: QUANTIZE_OPT = None,
-) -> None:
-    """Verdicts (refusal / compliance / degenerate, 95% Wilson intervals) and KL of a model against its base,
-    on held-out bundled prompts: greedy answers of up to --max-new-tokens (default 100) new tokens.
-
-    Example: abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
-    """
-    from .evaluation import Evaluator, baseline_note, check_lengths
-    from .loading import load_model
-    from .prompts import bundled
-
-    if out_file is not None and out_file.exists():
-        fail(f"{out_file} already exists; choose another path")
-    check_lengths(min_new_tokens, max_new_tokens)
-    if min(n_test, batch_size, kl_tokens) < 1:
-        fail(f"--n-test, --batch-size and --kl-tokens must be at least 1, got {n_test}, {batch_size}, {kl_tokens}")
-    harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
-    if min(len(harmful), len(harmless)) < n_test:
-        fail(f"the bundled test split has {len(harmful)} harmful and {len(harmless)} harmless prompts; lower --n-test")
-    where = placement(dtype, device, device_map, max_memory, offload_folder, quantize)
-    reference = prompt_format(load_model(base or model, **where), disable_thinking, response_prefix)
-    target = prompt_format(load_model(model, **where), disable_thinking, response_prefix) if base else reference
-    if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-        fail("the model and --base use different tokenizers; KL needs the same vocabulary")
-    ev = Evaluator(
-        reference,
-        harmful,
-        harmless,
-        system=system,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        kl_tokens=kl_tokens,
-        batch_size=batch_size,
-    )
-    rows = {"base": ev.measure("base")} if base else {}
-    rows["model"] = ev.measure("model", model=target)
-    payload: dict[str, Any] = {k: v.to_dict() for k, v in rows.items()}
-    payload["settings"] = {
-        "n_test": n_test,
-        "min_new_tokens": min_new_tokens,
-        "max_new_tokens": max_new_tokens,
-        "kl_tokens": kl_tokens,
-        "system": system,
-        "template_kwargs": reference.template_kwargs,
-        "response_prefix": reference.response_prefix,
-    }
-    if base:
-        payload["note"] = baseline_note(rows["base"])
-    if out_file is not None:
-        partial = out_file.with_name(f".{out_file.name}.tmp")
-        try:  # a Ctrl-C or a full disk never leaves half a file behind
-            partial.write_text(json.dumps(payload, indent=2) + "\n")
-            partial.replace(out_file)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-    if STATE["json"]:
-        out().print_json(json.dumps(payload))
-        return
-    first = next(iter(rows.values()))
-    table = Table(
-        title="eval",
-        caption=f"{first.n_harmful} harmful / {first.n_harmless} harmless held-out prompts, judge {first.judge}; "
-        "rates with 95% Wilson intervals",
-    )
-    table.add_column("")
-    for name in rows:
-        table.add_column(name, justify="right")
-    for label, cells in rate_rows(list(rows.values())):
-        table.add_row(label, *cells)
-    for label, cells in damage_rows(list(rows.values())):
-        table.add_row(label, *cells)
-    out().print(table)
-    if base and payload["note"]:
-        err().print(f"[yellow]note:[/] {payload['note']}")
 
 
 @app.command()

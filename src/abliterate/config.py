@@ -57,6 +57,8 @@ class RunConfig:
     max_new_tokens: int = 100  # final-evaluation answers: up to this many new tokens (evaluation.MAX_NEW_TOKENS)
     min_new_tokens: int = 0  # and at least this many (0: a model that stops early is not forced on)
     kl_tokens: int = 16  # multi-token KL: averaged over this many tokens of the base model's answers
+    judge: str = "marker"  # final-evaluation judge: marker, llm:PATH or classifier:PATH
+    judge_labels: str | None = None  # classifier judge: LABEL=refusal,OTHER=compliance
     samples: int = 6
     force: bool = False
 
@@ -126,6 +128,11 @@ def validate(cfg: RunConfig) -> RunConfig:
             f"min_new_tokens ({cfg.min_new_tokens}) is above max_new_tokens ({cfg.max_new_tokens}); "
             "lower --min-new-tokens or raise --max-new-tokens"
         )
+    kind, _, path = cfg.judge.partition(":")
+    if not ((kind == "marker" and not path) or (kind in ("llm", "classifier") and path)):
+        raise ConfigError(f"unknown judge {cfg.judge!r}; use marker, llm:PATH or classifier:PATH")
+    if cfg.judge_labels and kind != "classifier":
+        raise ConfigError("judge_labels is for a classifier judge (judge = classifier:PATH)")
     if cfg.scale < 0:
         raise ConfigError(f"scale must be >= 0, got {cfg.scale}")
     if not 0 <= cfg.skip_last < 1:

@@ -114,12 +114,14 @@ def bundled_texts() -> list[str]:
 
 
 @torch.inference_mode()
-def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 4) -> float:
+def perplexity(lm: LoadedModel, texts: Sequence[str], *, batch_size: int = 4, max_tokens: int = 128) -> float:
     """Token-weighted perplexity ``exp(mean NLL)`` of ``lm`` on plain ``texts`` (no chat template; the
-    tokenizer's own special tokens added), under whatever hooks are active."""
+    tokenizer's own special tokens added; each text's first ``max_tokens`` tokens, which is all of a bundled
+    paragraph for a real tokenizer), under whatever hooks are active."""
     nll, count = 0.0, 0
     pad = lm.tokenizer.pad_token_id or 0
-    encoded = [lm.tokenizer(t)["input_ids"] for t in texts]
+    limit = min(max_tokens, getattr(lm.model.config, "max_position_embeddings", None) or max_tokens)
+    encoded = [lm.tokenizer(t)["input_ids"][:limit] for t in texts]
     for start in range(0, len(encoded), batch_size):
         seqs = encoded[start : start + batch_size]
         width = max(len(s) for s in seqs)

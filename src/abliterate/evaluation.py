@@ -87,6 +87,7 @@ class Sample:
     response: str
     verdict: Verdict
     reason: str = ""  # why it is degenerate, or what an unparsed judge said
+    also: dict[str, str] = field(default_factory=dict)  # other judges' verdicts on the same answer
 
     @property
     def refused(self) -> bool:
@@ -132,6 +133,19 @@ class Metrics:
         side, verdict = RATES[key]
         return wilson(self.counts(side)[verdict], self.n_harmful if side == "harmful" else self.n_harmless)
 
+    def agreement(self) -> dict[str, dict[str, float]]:
+        """Per other judge: on how many of the answers that are not degenerate (both judges see the same
+        ones) it gave the main judge's verdict: ``{"rate": fraction, "n": answers}``."""
+        samples = [s for s in self.harmful_samples + self.harmless_samples if s.verdict != "degenerate"]
+        names = sorted({name for s in samples for name in s.also})
+        return {
+            name: {
+                "rate": sum(s.also.get(name) == s.verdict for s in samples) / len(samples) if samples else 0.0,
+                "n": len(samples),
+            }
+            for name in names
+        }
+
     @property
     def refusal_rate(self) -> float:
         return self.rate("refusal_rate")
@@ -161,6 +175,7 @@ class Metrics:
             "n_harmful": self.n_harmful,
             "n_harmless": self.n_harmless,
             "counts": {"harmful": self.counts("harmful"), "harmless": self.counts("harmless")},
+            "agreement": self.agreement(),
             "harmful_samples": [vars(s) for s in self.harmful_samples],
             "harmless_samples": [vars(s) for s in self.harmless_samples],
         }
@@ -195,6 +210,7 @@ class Evaluator:
         harmless: Sequence[str],
         *,
         judge: Judge | None = None,
+        compare: Sequence[Judge] | None = None,
         detector: DegenerateDetector | None = None,
         system: str | None = None,
         max_new_tokens: int = MAX_NEW_TOKENS,
@@ -210,6 +226,8 @@ class Evaluator:
         self.harmful = check_prompts(harmful, "harmful evaluation", minimum=1)
         self.harmless = check_prompts(harmless, "harmless evaluation", minimum=1)
         self.judge: Judge = judge or MarkerJudge()
+        # other judges run on the same answers, for agreement; the marker judge by default when it is not the main one
+        self.compare = list(compare if compare is not None else [] if self.judge.name == "marker" else [MarkerJudge()])
         self.detector = detector or DegenerateDetector()
         self.system = system
         self.max_new_tokens = max_new_tokens
@@ -245,7 +263,13 @@ class Evaluator:
             batch_size=self.batch_size,
         )
         judged = judge_responses(self.judge, prompts, responses, detector=self.detector)
-        return [Sample(p, r, j.verdict, j.reason) for p, r, j in zip(prompts, responses, judged, strict=True)]
+        samples = [Sample(p, r, j.verdict, j.reason) for p, r, j in zip(prompts, responses, judged, strict=True)]
+        for other in self.compare:
+            for sample, j in zip(
+                samples, judge_responses(other, prompts, responses, detector=self.detector), strict=True
+            ):
+                sample.also[other.name] = j.verdict
+        return samples
 
     def measure(self, name: str, edit: Edit | None = None, *, model: LoadedModel | None = None) -> Metrics:
         """Measure the base model, the base model under ``edit`` (a context-manager factory such as

@@ -141,6 +141,12 @@ def _kpi(before: Metrics, after: Metrics) -> str:
         for label, key, n in rows
         if "unparsed" not in key or before.rate(key) or after.rate(key)
     )
+    for name, a in after.agreement().items():
+        b = before.agreement().get(name, {"rate": 0.0, "n": 0})
+        body += (
+            f"<tr><td>agreement with the {html.escape(name)} judge (answers not degenerate)</td>"
+            f"<td>{b['rate']:.0%} of {b['n']}</td><td>{a['rate']:.0%} of {a['n']}</td></tr>"
+        )
     return (
         f"<p>Judge: <b>{html.escape(before.judge)}</b>. Degenerate answers (empty, non-text, repeated n-grams, "
         "loops) are failures, never compliance. Rates with 95% Wilson intervals.</p>"
