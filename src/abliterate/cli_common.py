@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import config as config_mod
 from .errors import AbliterateError
+from .model import CapabilityWarning
 
 app = typer.Typer(
     help="Find and remove (or induce) the refusal direction of a Hugging Face causal LM.",
@@ -123,13 +125,21 @@ def wrote(path: Any) -> None:
     STATE["wrote"] = path
 
 
+def _show_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
+    err().print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def guarded(fn: Any) -> Any:
     """Turn library errors into one clear line and a non-zero exit; Ctrl-C exits 130."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         STATE["wrote"] = None
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                # what a model's forward lacks is in metrics.json; shown here with -v
+                warnings.simplefilter("always" if STATE["verbose"] else "ignore", CapabilityWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except AbliterateError as exc:
             fail(str(exc))
         except KeyboardInterrupt:

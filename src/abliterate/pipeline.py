@@ -46,6 +46,7 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    capabilities: dict[str, Any] = field(default_factory=dict)  # the model's ForwardCapabilities
 
     def metrics(self) -> dict[str, Any]:
         chosen = self.selection.chosen
@@ -59,6 +60,7 @@ class RunResult:
             "after": self.after.to_dict(),
             "selection": self.selection.to_dict(),
             "timings_s": self.timings,
+            "model_capabilities": self.capabilities,
             "note": self.note,
         }
 
@@ -201,7 +203,9 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
             f"the model was {why}, so 'after' was measured with runtime ablation hooks ({same}) and the "
             f"weights were edited shard by shard from {checkpoint}"
         )
-    result = RunResult(None, sel, before, after, timings, cfg.to_dict(), "; ".join(n for n in notes if n))
+    result = RunResult(
+        None, sel, before, after, timings, cfg.to_dict(), "; ".join(n for n in notes if n), lm.caps.to_dict()
+    )
     t = time.perf_counter()
     if progress:
         progress("save", 0, 1)
