@@ -44,7 +44,7 @@ def _batches(
     heads = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in lm.format(prompts, system=system)]
     pad = lm.tokenizer.pad_token_id or 0
     keep = max(len(a) for a in answers) + 1
-    kwargs = {"logits_to_keep": keep} if lm._accepts("logits_to_keep") else {}
+    kwargs = {"logits_to_keep": keep} if lm.caps.logits_to_keep else {}
     for start in range(0, len(prompts), batch_size):
         rows = list(range(start, min(start + batch_size, len(prompts))))
         seqs = [heads[i] + answers[i] for i in rows]
