@@ -22,6 +22,7 @@ from .config import RunConfig
 from .directions import DirectionSet
 from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
+from .judge import Judge
 from .loading import load_model
 from .model import LoadedModel
 from .plan import applied, apply_plan, build_plan
@@ -102,6 +103,14 @@ def load_for(cfg: RunConfig) -> LoadedModel:
     return lm
 
 
+def judge_for(cfg: RunConfig) -> Judge:
+    """The final-evaluation judge of ``cfg.judge`` (a judge model loaded on ``cfg.device``)."""
+    from .judges import judge_from_spec
+
+    load = {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+    return judge_from_spec(cfg.judge, labels=cfg.judge_labels, batch_size=cfg.batch_size, **load)
+
+
 def splits_for(cfg: RunConfig) -> tuple[PromptSplits, PromptSplits]:
     common = {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test, "seed": cfg.seed}
     affix = {"prefix": cfg.prompt_prefix, "suffix": cfg.prompt_suffix}
@@ -154,6 +163,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     timings["load"] = time.perf_counter() - t0
     why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
+    judge = judge_for(cfg)
     harmful, harmless = splits_for(cfg)
     t = time.perf_counter()
     scorer = Scorer(lm, harmful.val, harmless.val, system=cfg.system, batch_size=cfg.batch_size)
@@ -167,7 +177,15 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress)
     timings["search" if choice.search else "choose"] = time.perf_counter() - t
     evaluator = Evaluator(
-        lm, harmful.test, harmless.test, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        lm,
+        harmful.test,
+        harmless.test,
+        judge=judge,
+        system=cfg.system,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        kl_tokens=cfg.kl_tokens,
+        batch_size=cfg.batch_size,
     )
 
     def evaluate(name: str, edit: Any = None) -> Metrics:
