@@ -166,7 +166,15 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     judge = judge_for(cfg)
     harmful, harmless = splits_for(cfg)
     t = time.perf_counter()
-    scorer = Scorer(lm, harmful.val, harmless.val, system=cfg.system, batch_size=cfg.batch_size)
+    scorer = Scorer(
+        lm,
+        harmful.val,
+        harmless.val,
+        system=cfg.system,
+        batch_size=cfg.batch_size,
+        progress=(lambda d, t: progress("validation base", d, t)) if progress else None,
+    )
+    scorer.progress = None  # the base pass is reported; the sweep and search report their own steps
     acts, sel = measure(cfg, lm, progress, scorer)
     timings["capture_and_sweep"] = time.perf_counter() - t
     if not sel.baseline_refuses:
