@@ -162,16 +162,16 @@ def test_demo_flags_reach_the_run(model_dir, tmp_path, monkeypatch):
             "--n-train",
             "4",
             "--n-test",
-            "3",
+            "2",
             "--max-new-tokens",
             "2",
             "--trials",
-            "4",
+            "5",
             env={"ABLITERATE_N_VAL": "8", "ABLITERATE_SEARCH_KL_BUDGET": "100"},
         )
     assert res.exit_code == 0, res.output
     assert "below the full contract" in res.output
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["before"]["n_harmful"] == 3 and len(metrics["search"]["trials"]) == 4
+    assert metrics["before"]["n_harmful"] == 2 and len(metrics["search"]["trials"]) == 5
     config = json.loads((out / "abliterate_config.json").read_text())["config"]
-    assert config["max_new_tokens"] == 2 and config["n_test"] == 3 and config["search"]["trials"] == 4
+    assert config["max_new_tokens"] == 2 and config["n_test"] == 2 and config["search"]["trials"] == 5

@@ -219,7 +219,8 @@ def demo(
     if not STATE["quiet"] and (n_test < 64 or max_new_tokens < 100):
         err().print(
             f"  evaluation: {n_test} + {n_test} held-out prompts, answers up to {max_new_tokens} tokens "
-            "(below the full contract of 64 + 64 and 100; see --help)"
+            "(below the full contract of 64 + 64 and 100; see --help)",
+            soft_wrap=True,
         )
     _execute(cfg)
 
