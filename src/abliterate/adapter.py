@@ -20,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from .model import LoadedModel
 from .placement import is_offloaded
 from .plan import EditPlan, WriterEdit
 from .saving import atomic_directory, check_output
+from .space import EditSpec
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -48,7 +50,7 @@ class _Target:
     edit: WriterEdit
 
 
-def _peft() -> object:
+def _peft() -> Any:
     try:
         import peft
     except ImportError as exc:
@@ -72,15 +74,20 @@ def _kind(w: Writer) -> str:
     raise AdapterError(f"{w.name} is a {type(w.module).__name__}; PEFT's LoRA adapts Linear, Conv1D and Embedding")
 
 
-def _targets(lm: LoadedModel, plan: EditPlan) -> list[_Target]:
-    """The plan's writers as LoRA targets, after every check that can refuse the export."""
-    if not plan.edits:
-        raise AdapterError("the plan edits nothing, so there is no adapter to write; build a plan with some edit")
-    if plan.norm_preserving:
+def check_spec(spec: EditSpec) -> None:
+    """Refuse, before any work, an edit spec that no adapter can hold (today: a norm-preserving one)."""
+    if spec.norm_preserving:
         raise AdapterError(
             "a norm-preserving edit rescales every input unit of each writer, so it is not a low-rank update and has "
             "no exact LoRA form; export an edit with norm preservation off, or write the full weights"
         )
+
+
+def _targets(lm: LoadedModel, plan: EditPlan) -> list[_Target]:
+    """The plan's writers as LoRA targets, after every check that can refuse the export."""
+    if not plan.edits:
+        raise AdapterError("the plan edits nothing, so there is no adapter to write; build a plan with some edit")
+    check_spec(EditSpec(norm_preserving=plan.norm_preserving))
     for e in plan.edits:
         w = e.writer
         if lm.quantized or not w.weight.dtype.is_floating_point:
@@ -153,25 +160,45 @@ def _factors(t: _Target, r: int) -> Iterator[tuple[str, torch.Tensor]]:
         yield f"{base}.lora_B.bias", -s * (u.T @ (u @ bias))
 
 
-def adapter_state(lm: LoadedModel, plan: EditPlan) -> tuple[dict, dict[str, torch.Tensor]]:
-    """``(LoraConfig keyword arguments, float32 state dict in PEFT's key naming)`` of ``plan``'s edit of ``lm``."""
-    targets = _targets(lm, plan)
-    r = max(t.edit.basis.shape[0] for t in targets)
-    tensors = {k: v.float().contiguous() for t in targets for k, v in _factors(t, r)}
-    config = {
-        "r": r,
-        "lora_alpha": r,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "lora_bias": any(t.edit.writer.bias is not None for t in targets),
-        "fan_in_fan_out": any(t.kind == "conv1d" for t in targets),
-        "target_modules": sorted(t.name for t in targets if t.kind != "experts"),
-        "target_parameters": sorted(t.name for t in targets if t.kind == "experts") or None,
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(lm.local_path or lm.source),
-        "inference_mode": True,
-    }
-    return config, tensors
+@dataclass
+class Adapter:
+    """An edit in PEFT's form, read off the weights it edits: take it *before* the edit is applied (``A = U W``
+    needs the original ``W``). ``config``: LoraConfig keyword arguments; ``tensors``: float32, PEFT's key naming."""
+
+    config: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    notes: list[str]
+
+    @classmethod
+    def of(cls, lm: LoadedModel, plan: EditPlan) -> Adapter:
+        """The adapter of ``plan`` applied to ``lm``'s current weights; :class:`AdapterError` when it has no exact
+        LoRA form (or PEFT is missing)."""
+        _peft()
+        targets = _targets(lm, plan)
+        r = max(t.edit.basis.shape[0] for t in targets)
+        tensors = {k: v.float().contiguous() for t in targets for k, v in _factors(t, r)}
+        config = {
+            "r": r,
+            "lora_alpha": r,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "lora_bias": any(t.edit.writer.bias is not None for t in targets),
+            "fan_in_fan_out": any(t.kind == "conv1d" for t in targets),
+            "target_modules": sorted(t.name for t in targets if t.kind != "experts"),
+            "target_parameters": sorted(t.name for t in targets if t.kind == "experts") or None,
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(lm.local_path or lm.source),
+        }
+        return cls(config, tensors, adapter_notes(lm, plan))
+
+    def write(self, folder: str | Path) -> None:
+        """Write ``adapter_config.json`` and ``adapter_model.safetensors`` into the existing ``folder``."""
+        from safetensors.torch import save_file
+
+        config = _peft().LoraConfig(**self.config)
+        config.inference_mode = True
+        config.save_pretrained(str(folder))
+        save_file(self.tensors, str(Path(folder) / WEIGHTS_FILE), metadata={"format": "pt"})
 
 
 def adapter_notes(lm: LoadedModel, plan: EditPlan) -> list[str]:
@@ -190,14 +217,8 @@ def export_adapter(lm: LoadedModel, plan: EditPlan, out_dir: str | Path, *, over
     """Write ``plan`` (applied to ``lm``'s current weights) as a PEFT LoRA adapter folder: ``adapter_config.json`` and
     ``adapter_model.safetensors``, which ``peft.PeftModel.from_pretrained(base, out_dir)`` loads. Atomic: on any error
     nothing is written. Raises :class:`AdapterError` (one line) when the edit has no exact LoRA form."""
-    from safetensors.torch import save_file
-
-    peft = _peft()
-    config_kwargs, tensors = adapter_state(lm, plan)
     target = check_output(out_dir, overwrite=overwrite, inputs=(lm.local_path,))
-    config = peft.LoraConfig(**{k: v for k, v in config_kwargs.items() if k != "inference_mode"})
-    config.inference_mode = True
+    adapter = Adapter.of(lm, plan)
     with atomic_directory(target) as tmp:
-        config.save_pretrained(str(tmp))
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        adapter.write(tmp)
     return target

@@ -23,6 +23,7 @@ from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
 from .interventions import ablate
 from .loading import load_model
+from .manifest import write_run_manifest
 from .model import LoadedModel
 from .prompts import PromptSplits, make_splits
 from .saving import atomic_directory, check_output
@@ -202,6 +203,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+        write_run_manifest(tmp, cfg, versions())  # last: it hashes every file written
         if progress:  # before the rename, so that nothing runs between the rename and the return
             progress("save", 1, 1)
     result.out = target
@@ -258,6 +260,7 @@ def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Sele
             json.dumps({"config": cfg.to_dict(), "versions": versions()}, indent=2) + "\n"
         )
         write_measure_report(tmp, sel, acts, cfg.to_dict())
+        write_run_manifest(tmp, cfg, versions(), command="measure")
     return target
 
 
