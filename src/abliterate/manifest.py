@@ -157,7 +157,13 @@ def write_manifest(
         "outputs": output_hashes(folder),
     }
     path = folder / MANIFEST
-    path.write_text(json.dumps(manifest, indent=2) + "\n")
+    partial = folder / f".{MANIFEST}.tmp"
+    try:  # never half a manifest, even when written into a finished folder
+        partial.write_text(json.dumps(manifest, indent=2) + "\n")
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
     return path
 
 
