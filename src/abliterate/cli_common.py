@@ -207,4 +207,9 @@ def _flags(**given: Any) -> dict[str, Any]:
 
 
 def _cfg(config: Path | None, **given: Any) -> config_mod.RunConfig:
-    return config_mod.load(config, _flags(**given))
+    """The effective config; a flag named ``<section>_<key>`` (``search_trials``) sets ``section.key``."""
+    flags = {}
+    for key, value in _flags(**given).items():
+        section = next((s for s in config_mod.SECTIONS if f"{s}.{key[len(s) + 1 :]}" in config_mod.KEYS), None)
+        flags[f"{section}.{key[len(section) + 1 :]}" if section and key.startswith(section + "_") else key] = value
+    return config_mod.load(config, flags)

@@ -27,6 +27,7 @@ from .cli_common import (
     progress_bars,
     wrote,
 )
+from .config import SEARCH_HELP
 
 
 def _summary(result: Any) -> None:
@@ -38,7 +39,7 @@ def _summary(result: Any) -> None:
     table.add_row("refusals (held-out harmful)", f"{b.refusal_rate:.0%}", f"{a.refusal_rate:.0%}")
     table.add_row("over-refusal (held-out harmless)", f"{b.over_refusal:.0%}", f"{a.over_refusal:.0%}")
     table.add_row("KL (first token, harmless)", "0", f"{a.kl:.4f}")
-    table.add_row("chosen", "", f"{c.method} layer {c.layer} pos {c.position}")
+    table.add_row("chosen", "", result.choice.label() if result.choice else f"{c.method} layer {c.layer}")
     table.add_row("time", "", f"{result.timings.get('total', 0):.0f} s")
     out().print(table)
     if result.note:
@@ -90,8 +91,25 @@ def run(
     batch_size: Annotated[int | None, Opt(help="Prompts per forward pass.")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed for prompt sets.")] = None,
     force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
+    search_enabled: Annotated[
+        bool | None, Opt("--search/--no-search", help=SEARCH_HELP["enabled"], rich_help_panel="Search")
+    ] = None,
+    search_trials: Annotated[int | None, Opt("--trials", help=SEARCH_HELP["trials"], rich_help_panel="Search")] = None,
+    search_timeout: Annotated[
+        float | None, Opt("--timeout", help=SEARCH_HELP["timeout"], rich_help_panel="Search")
+    ] = None,
+    search_kl_budget: Annotated[
+        float | None, Opt("--kl-budget", help=SEARCH_HELP["kl_budget"], rich_help_panel="Search")
+    ] = None,
+    search_trial: Annotated[int | None, Opt("--trial", help=SEARCH_HELP["trial"], rich_help_panel="Search")] = None,
+    search_resume: Annotated[bool | None, Opt("--resume", help=SEARCH_HELP["resume"], rich_help_panel="Search")] = None,
 ) -> None:
-    """Load -> capture -> choose a direction -> evaluate -> edit weights -> evaluate -> save.
+    """Load -> capture -> sweep -> search the edit -> evaluate -> edit weights -> evaluate -> save.
+
+    The search (on by default; --no-search keeps the sweep's one direction at full strength) tries edits
+    on validation prompts with cheap first-token scores, checks its Pareto front by generation, and picks
+    the fewest refusals within --kl-budget. Its journal sits beside --out until the run succeeds, so a run
+    killed mid-search continues with --resume.
 
     With --device-map (and --max-memory) or --quantize the model may not fit in memory as plain weights;
     capture and evaluation then run on the dispatched or quantized model, and the edited weights are written
@@ -126,6 +144,12 @@ def run(
         batch_size=batch_size,
         seed=seed,
         force=force,
+        search_enabled=search_enabled,
+        search_trials=search_trials,
+        search_timeout=search_timeout,
+        search_kl_budget=search_kl_budget,
+        search_trial=search_trial,
+        search_resume=search_resume,
     )
     if not cfg.out:
         fail("no output directory; pass --out DIR (or set out in the config file)")

@@ -153,6 +153,14 @@ def apply(
     offload_folder: OFFLOAD_OPT = None,
     quantize: QUANTIZE_OPT = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing output directory.")] = False,
+    edit: Annotated[
+        Path | None,
+        Opt(
+            "--edit",
+            help="edit.json from run: apply its searched edit (kernels, k, embedding, norm preservation) "
+            "instead of --layer/--position/--scale/--norm-preserving.",
+        ),
+    ] = None,
 ) -> None:
     """Apply a saved direction to a model: at run time (--runtime-check) or to the weights (--out).
 
@@ -172,6 +180,23 @@ def apply(
         fail(f"scale must be >= 0, got {scale}")
     if not runtime_check and not out_dir:
         fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
+    if edit is not None:
+        _apply_edit(
+            model,
+            directions_file,
+            edit,
+            out_dir,
+            runtime_check,
+            stream,
+            mode,
+            force,
+            layer,
+            position,
+            scale,
+            norm_preserving,
+            placement(dtype, device, device_map, max_memory, offload_folder, quantize),
+        )
+        return
     if stream:
         if mode != "ablate" or runtime_check:
             fail("--stream edits weights only (mode ablate, no --runtime-check)")
@@ -222,6 +247,68 @@ def apply(
             coeff,
             through_layer=direction.layer if direction.layer < lm.num_layers else lm.num_layers - 1,
         )
+    assert target is not None
+    wrote(lm.save(target, overwrite=force))
+    out().print(f"wrote [bold]{target}[/]")
+
+
+def _apply_edit(
+    model: str,
+    directions_file: Path,
+    edit: Path,
+    out_dir: str | None,
+    runtime_check: list[str] | None,
+    stream: bool,
+    mode: str,
+    force: bool,
+    layer: int | None,
+    position: int | None,
+    scale: float,
+    norm_preserving: bool,
+    where: dict[str, Any],
+) -> None:
+    """``apply --edit``: the edit ``run`` chose (edit.json), built from the saved direction set."""
+    from .directions import DirectionSet
+    from .loading import load_model
+    from .plan import Directions, applied, apply_plan, build_plan
+    from .saving import check_output
+    from .space import EditSpec
+
+    if mode != "ablate" or layer is not None or position is not None or scale != 1.0 or norm_preserving:
+        fail("--edit applies the recorded edit as it is; drop --mode/--layer/--position/--scale/--norm-preserving")
+    try:
+        spec = EditSpec.from_dict(json.loads(edit.read_text())["spec"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"{edit} is not an edit.json written by run ({exc}); pass the edit.json of a run's output")
+    source = Directions.from_sets(DirectionSet.load(directions_file))
+    if stream:
+        from .streaming import stream_edit
+
+        with progress_bars() as progress:
+            report = stream_edit(
+                model,
+                out_dir,
+                spec,
+                source,
+                overwrite=force,
+                progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
+            )
+        wrote(report.out_dir)
+        out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
+        return
+    target = (
+        check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
+        if out_dir
+        else None
+    )
+    lm = load_model(model, **where)
+    if runtime_check:
+        with applied(lm, spec, source, mode="hooks"):
+            responses = lm.generate(runtime_check, max_new_tokens=64)
+        for prompt, response in zip(runtime_check, responses, strict=True):
+            out().print(f"[bold]> {prompt}[/]\n{response}\n")
+        return
+    apply_plan(lm, build_plan(lm, spec, source), mode="weights")
     assert target is not None
     wrote(lm.save(target, overwrite=force))
     out().print(f"wrote [bold]{target}[/]")

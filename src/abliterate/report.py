@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -172,10 +173,20 @@ def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
 <tr><td>over-refusal, held-out harmless ({b.n_harmless})</td><td>{_pct(b.over_refusal)}</td><td>{_pct(a.over_refusal)}</td></tr>
 <tr><td>KL(base || edited), first response token</td><td>0</td><td>{a.kl:.4f}</td></tr></table>
 {plots}<h2>Refusals before / after</h2>{_img(refusals_plot(folder, b, a))}
+{_search_html(folder, result)}
 <h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
 {_samples(b, a, int(result.config.get("samples", 6)))}</table>
 {table}"""
     return _page(folder, "abliterate report", body)
+
+
+def _search_html(folder: Path, result: RunResult) -> str:
+    choice = result.choice
+    if choice is None or choice.search is None:
+        return ""
+    from .report_search import search_section
+
+    return search_section(folder, choice.search)
 
 
 def write_measure_report(folder: Path, sel: Selection, acts: Activations, config: dict[str, Any]) -> Path:
@@ -183,6 +194,17 @@ def write_measure_report(folder: Path, sel: Selection, acts: Activations, config
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     header = _header("abliterate measure report", config.get("model"), sel, "" if sel.chosen else sel.note)
     return _page(folder, "abliterate measure report", f"{header}\n{plots}{table}")
+
+
+def _edit_words(result: RunResult) -> str:
+    choice, cfg = result.choice, result.config
+    if choice is None or choice.search is None:
+        return f"every writer, scale {cfg.get('scale')}, norm-preserving: {cfg.get('norm_preserving')}"
+    n = len(choice.search.trials)
+    return (
+        f"the edit was chosen by a search of {n} trials ({choice.search.note}); its per-layer strengths are in "
+        f"`edit.json`: `{json.dumps(choice.spec.to_dict())}`"
+    )
 
 
 def model_card(result: RunResult) -> str:
@@ -195,8 +217,8 @@ base_model: {cfg.get("model")}
 # Abliterated {cfg.get("model")}
 
 Made with [abliterate](https://pypi.org/project/abliterate/): the refusal direction was found from
-{cfg.get("n_train")} harmful and {cfg.get("n_train")} harmless prompts and removed from every weight that writes
-into the residual stream (`W <- W - s r r^T W`, scale {cfg.get("scale")}, norm-preserving: {cfg.get("norm_preserving")}).
+{cfg.get("n_train")} harmful and {cfg.get("n_train")} harmless prompts and removed from the weights that write
+into the residual stream (`W <- W - s r r^T W`): {_edit_words(result)}.
 
 | | value |
 |---|---|
