@@ -164,6 +164,11 @@ def test_offloaded_model_is_refused(tmp_path):
     lm = load_model(src, device_map=split_map(plain, {1, 2}), offload_folder=tmp_path / "offload")
     plan = edit_plan(lm, torch.randn(lm.hidden_size), None, 1.0, False, None)
     refused(lm, plan, tmp_path, "offloaded by device_map", "without offload")
+    from abliterate.adapter import restrict_run
+    from abliterate.config import RunConfig
+
+    with pytest.raises(AdapterError, match="--as-adapter .* offloaded by device_map"):
+        restrict_run(RunConfig(), lm)
 
 
 def test_quantized_model_is_refused(tmp_path):
@@ -184,3 +189,19 @@ def test_missing_peft_is_one_line(tmp_path, monkeypatch):
     plan = edit_plan(lm, torch.randn(lm.hidden_size), [0], 1.0, False, None)
     monkeypatch.setitem(sys.modules, "peft", None)
     refused(lm, plan, tmp_path, "PEFT is not installed", "abliterate[adapter]")
+
+
+def test_restrict_run_keeps_the_search_to_exportable_edits():
+    from abliterate.adapter import restrict_run
+    from abliterate.config import RunConfig
+
+    cfg = RunConfig()
+    restrict_run(cfg, tiny_lm("llama"))
+    assert cfg.search.norm_preserving == [False] and cfg.search.embedding is True
+    cfg = RunConfig()
+    restrict_run(cfg, tiny_lm("gpt2"))  # writer biases: lora_bias, so no embedding edit
+    assert cfg.search.norm_preserving == [False] and cfg.search.embedding is False
+    cfg = RunConfig(norm_preserving=True)
+    cfg.search.enabled = False
+    with pytest.raises(AdapterError, match="norm-preserving"):
+        restrict_run(cfg, tiny_lm("llama"))

@@ -24,11 +24,6 @@ peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'a
 SMALL = ("--n-train", "6", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "4")
 
 
-def run_flags() -> tuple[str, ...]:
-    """``run`` without the edit search where this abliterate has one (the sweep's edit, fast)."""
-    return ("--no-search",) if "--no-search" in invoke("run", "--help").output else ()
-
-
 def one_line_error(res, *fragments: str) -> None:
     assert res.exit_code == 2, res.output
     noise = ("Loading weights", "Writing model shards")  # transformers' own progress bars
@@ -90,6 +85,14 @@ def test_export_peft_equals_apply(measured, tmp_path):
     assert manifest["edit"] == {"direction": {"layer": 2, "position": -1, "method": "mean_diff"}, "scale": 0.8}
     assert invoke("verify", str(tmp_path / "a")).exit_code == 0
     assert read_manifest(directions.parent)["command"] == "measure"  # measure's folder carries one too
+    applied = read_manifest(tmp_path / "edited")  # so does apply's, in memory and streamed
+    assert applied["command"] == "apply" and applied["config"]["scale"] == 0.8
+    assert applied["edit"]["direction"] == manifest["edit"]["direction"]
+    res = invoke("apply", str(model), str(directions), "--stream", "--out", str(tmp_path / "streamed"), *flags)
+    assert res.exit_code == 0, res.output
+    assert read_manifest(tmp_path / "streamed")["config"]["stream"] is True
+    assert invoke("verify", str(tmp_path / "edited")).exit_code == 0
+    assert invoke("verify", str(tmp_path / "streamed")).exit_code == 0
 
 
 def test_export_peft_of_an_edit_json(measured, tmp_path):
@@ -110,6 +113,11 @@ def test_export_peft_of_an_edit_json(measured, tmp_path):
     manifest = read_manifest(out)
     assert manifest["edit"]["spec"] == spec.to_dict()
     assert manifest["inputs"]["files"]["edit"]["sha256"] == sha256_file(edit)
+    res = invoke("apply", str(model), str(directions), "--edit", str(edit), "--stream", "--out", str(tmp_path / "s"))
+    assert res.exit_code == 0, res.output
+    streamed = read_manifest(tmp_path / "s")
+    assert streamed["command"] == "apply" and streamed["edit"]["spec"] == spec.to_dict()
+    assert invoke("verify", str(tmp_path / "s")).exit_code == 0
 
 
 def test_export_peft_bad_input(measured, tmp_path):
@@ -146,7 +154,7 @@ def ran(tmp_path_factory):
     prompts.write_text("\n".join(f"{p} (variant {i})" for i in range(3) for p in HARMFUL) + "\n")
     with pytest.MonkeyPatch.context() as mp, pretend_refusal():
         mp.chdir(root)
-        res = invoke("run", str(model), "--out", str(root / "out"), "--harmful", "harmful.txt", *SMALL, *run_flags())
+        res = invoke("run", str(model), "--out", str(root / "out"), "--harmful", "harmful.txt", *SMALL, "--no-search")
     assert res.exit_code == 0, res.output
     return root, model, prompts, root / "out"
 
@@ -265,3 +273,55 @@ def test_reproduce_refuses_other_outputs(measured, tmp_path):
     )
     assert res.exit_code == 0, res.output
     one_line_error(invoke("reproduce", str(tmp_path / "a")), "written by 'export'", "only run outputs")
+
+
+def test_run_as_adapter_after_a_search(ran, tmp_path, monkeypatch):
+    """A tiny seeded search, its edit written as an adapter: base + adapter equals apply --edit of the same edit,
+    and reproduce rebuilds it bit-identically (the search is deterministic under its seed)."""
+    root, model, _, _ = ran
+    out = tmp_path / "adapter-run"
+    monkeypatch.chdir(root)
+    with pretend_refusal():
+        cheap = {"ABLITERATE_SEARCH_VERIFY_TOP": "0", "ABLITERATE_SEARCH_STARTUP": "2"}  # recorded in the manifest
+        flags = ("--harmful", "harmful.txt", *SMALL, "--trials", "3", "--kl-budget", "100", "--as-adapter")
+        res = invoke("run", str(model), "--out", str(out), *flags, env=cheap)
+    assert res.exit_code == 0, res.output
+    names = {p.name for p in out.iterdir()}
+    assert {"adapter_config.json", "adapter_model.safetensors", "edit.json", MANIFEST} <= names
+    assert "model.safetensors" not in names and "config.json" not in names
+    manifest = read_manifest(out)
+    assert manifest["config"]["as_adapter"] is True and manifest["config"]["search"]["norm_preserving"] == [False]
+    spec = json.loads((out / "edit.json").read_text())["spec"]
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == spec["k"]
+    res = invoke(
+        "apply",
+        str(model),
+        str(out / "directions.safetensors"),
+        "--edit",
+        str(out / "edit.json"),
+        "--out",
+        str(tmp_path / "full"),
+    )
+    assert res.exit_code == 0, res.output
+    lm = load_model(model)
+    full = AutoModelForCausalLM.from_pretrained(tmp_path / "full", dtype=torch.float32)
+    assert read_manifest(tmp_path / "full")["edit"]["spec"] == spec
+    assert (logits(with_adapter(model, out), lm) - logits(full, lm)).abs().max() < 1e-4
+    monkeypatch.chdir(tmp_path)
+    with pretend_refusal():
+        res = invoke("reproduce", str(out))
+    assert res.exit_code == 0 and "bit-identical" in res.output, res.output
+
+
+def test_run_as_adapter_refuses_early(tmp_path):
+    model = tmp_path / "gpt2"
+    tiny_model("gpt2").save_pretrained(model)  # writer biases: the classic edit's embedding part has no adapter
+    tiny_tokenizer().save_pretrained(model)
+    res = invoke("run", str(model), "--out", str(tmp_path / "out"), *SMALL, "--no-search", "--as-adapter")
+    one_line_error(res, "lora_bias", "transformer.wte", "--no-search edits the embeddings")
+    assert "capture" not in res.output  # refused right after loading
+    res = invoke(
+        "run", str(model), "--out", str(tmp_path / "out"), *SMALL, "--no-search", "--norm-preserving", "--as-adapter"
+    )
+    one_line_error(res, "norm-preserving")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["gpt2"]

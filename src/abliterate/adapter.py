@@ -26,11 +26,12 @@ import torch
 from torch import nn
 
 from .anatomy import Writer
+from .config import RunConfig
 from .errors import AbliterateError
 from .kernel import tied_embeddings
 from .model import LoadedModel
 from .placement import is_offloaded
-from .plan import EditPlan, WriterEdit
+from .plan import AppliedEdit, EditPlan, WriterEdit
 from .saving import atomic_directory, check_output
 from .space import EditSpec
 
@@ -83,6 +84,26 @@ def check_spec(spec: EditSpec) -> None:
         )
 
 
+def _bias_conflict(targets: list[_Target]) -> str | None:
+    """Why the writer biases of ``targets`` cannot ride on PEFT's ``lora_bias`` (None when they can, or there are
+    none): it is one setting for every target and exists only for Linear/Conv1D layers with a bias."""
+    biased = [t for t in targets if t.edit.writer.bias is not None]
+    if not biased:
+        return None
+    if any(t.kind == "experts" for t in biased):
+        return (
+            f"{biased[0].name} has a bias next to its fused expert weights, and PEFT's expert LoRA has no bias, "
+            "so this edit has no exact adapter"
+        )
+    other = next((t for t in targets if t.edit.writer.bias is None), None)
+    if other is None:
+        return None
+    return (
+        f"the edit changes the bias of {biased[0].name}, which needs PEFT's lora_bias, but PEFT applies it to every "
+        f"target and {other.name} ({other.kind}) cannot take one"
+    )
+
+
 def _targets(lm: LoadedModel, plan: EditPlan) -> list[_Target]:
     """The plan's writers as LoRA targets, after every check that can refuse the export."""
     if not plan.edits:
@@ -103,27 +124,22 @@ def _targets(lm: LoadedModel, plan: EditPlan) -> list[_Target]:
     targets = [_Target(_kind(e.writer), e.writer.name, e) for e in plan.edits]
     if len({t.name for t in targets}) != len(targets):
         raise AdapterError("the plan edits one writer twice; LoRA has one update per module, so merge the edits first")
-    biased = [t for t in targets if t.edit.writer.bias is not None]
-    if biased:
-        if any(t.kind == "experts" for t in biased):
-            raise AdapterError(
-                f"{biased[0].name} has a bias next to its fused expert weights, and PEFT's expert LoRA has no bias; "
-                "this edit has no exact adapter, write the full weights instead"
-            )
-        other = next((t for t in targets if t.edit.writer.bias is None), None)
-        if other is not None:
-            raise AdapterError(
-                f"the edit changes the bias of {biased[0].name}, which needs PEFT's lora_bias, but PEFT applies it to "
-                f"every target and {other.name} ({other.kind}) cannot take one; export an edit without the "
-                "embeddings (embedding scale 0), or write the full weights"
-            )
+    conflict = _bias_conflict(targets)
+    if conflict:
+        raise AdapterError(
+            f"{conflict}; export an edit without the embeddings (embedding scale 0), or write the full weights"
+        )
+    _check_kinds(targets)
+    return targets
+
+
+def _check_kinds(targets: list[_Target]) -> None:
     two_d = {t.kind for t in targets if t.kind in ("linear", "conv1d")}
     if len(two_d) > 1:
         raise AdapterError(
             "the edited writers mix Linear and Conv1D layers, and PEFT's fan_in_fan_out is one setting for all "
             "targets; write the full weights instead"
         )
-    return targets
 
 
 @torch.no_grad()
@@ -222,3 +238,41 @@ def export_adapter(lm: LoadedModel, plan: EditPlan, out_dir: str | Path, *, over
     with atomic_directory(target) as tmp:
         adapter.write(tmp)
     return target
+
+
+def restrict_run(cfg: RunConfig, lm: LoadedModel) -> None:
+    """``run --as-adapter``, right after loading: refuse what no adapter of this model can hold, before the long
+    part, and keep the search to edits one can (``cfg.search``: no norm preservation; no embedding edit where
+    writer biases need PEFT's lora_bias)."""
+    if lm.quantized or lm.offloaded:
+        raise AdapterError(
+            f"--as-adapter reads the adapter off the weights, but {lm.source} is loaded "
+            f"{'quantized' if lm.quantized else 'offloaded by device_map'}; load it plainly (the adapter is small)"
+        )
+    if cfg.norm_preserving and not cfg.search.enabled:
+        check_spec(EditSpec(norm_preserving=True))
+    cfg.search.norm_preserving = [False]
+    probe = torch.zeros(1, lm.hidden_size)
+    writers = [_Target(_kind(w), w.name, WriterEdit(w, probe, 1.0)) for w in lm.anatomy.all_writers()]
+    conflict = _bias_conflict(writers)
+    if conflict:
+        raise AdapterError(f"{conflict}; drop --as-adapter to write the full weights")
+    _check_kinds(writers)
+    embeddings = [_Target(_kind(w), w.name, WriterEdit(w, probe, 1.0)) for w in lm.anatomy.embeddings]
+    conflict = _bias_conflict(writers + embeddings)
+    if conflict and not cfg.search.enabled:
+        raise AdapterError(
+            f"{conflict}; --no-search edits the embeddings: use the search with --as-adapter (it then leaves them "
+            "alone), or drop --as-adapter"
+        )
+    if conflict:
+        cfg.search.embedding = False
+
+
+def write_run_adapter(folder: Path, lm: LoadedModel, edit: AppliedEdit) -> list[str]:
+    """``run --as-adapter``'s save step: revert the run's weight edit (exactly, leaving ``lm`` unedited), read the
+    adapter of its plan off the original weights and write it into ``folder``; returns the notes for the user."""
+    edit.revert()
+    adapter = Adapter.of(lm, edit.plan)
+    adapter.write(folder)
+    return adapter.notes

@@ -80,6 +80,33 @@ def export_peft(
     )
 
 
+def seal_apply(
+    folder: str | Path, settings: dict[str, Any], directions_file: Path, edit: Path | None, direction: Any
+) -> None:
+    """Write the manifest of a finished ``apply`` output (the model written by ``lm.save`` or a streaming edit):
+    ``settings`` are apply's options, the edit is ``edit.json``'s or ``direction`` with the settings' scale."""
+    from .manifest import write_manifest
+    from .pipeline import versions
+
+    if edit is not None:
+        chosen = json.loads(edit.read_text())
+    else:
+        where = {"layer": direction.layer, "position": direction.position, "method": direction.method}
+        chosen = {
+            "direction": where,
+            **{k: settings.get(k) for k in ("mode", "scale", "coefficient", "norm_preserving")},
+        }
+    write_manifest(
+        Path(folder),
+        "apply",
+        config=settings,
+        versions=versions(),
+        model=str(settings["model"]),
+        files={"directions": directions_file, "edit": edit},
+        edit=chosen,
+    )
+
+
 @app.command()
 @guarded
 def verify(folder: Annotated[Path, typer.Argument(help="An output folder of run, apply or export.")]) -> None:

@@ -27,6 +27,7 @@ from .cli_common import (
     progress_bars,
     wrote,
 )
+from .cli_share import export_peft, seal_apply
 
 
 def _direction(path: Path, layer: int | None, position: int | None) -> tuple[Any, float | None]:
@@ -180,6 +181,18 @@ def apply(
         fail(f"scale must be >= 0, got {scale}")
     if not runtime_check and not out_dir:
         fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
+    settings = {
+        "model": model,
+        "directions": str(directions_file),
+        "mode": mode,
+        "layer": layer,
+        "position": position,
+        "scale": scale,
+        "coefficient": coefficient,
+        "norm_preserving": norm_preserving,
+        "stream": stream,
+        "edit": None if edit is None else str(edit),
+    }
     if edit is not None:
         _apply_edit(
             model,
@@ -213,6 +226,7 @@ def apply(
                 overwrite=force,
                 progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
             )
+        seal_apply(report.out_dir, settings, directions_file, None, direction)
         wrote(report.out_dir)
         out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
         return
@@ -248,7 +262,9 @@ def apply(
             through_layer=direction.layer if direction.layer < lm.num_layers else lm.num_layers - 1,
         )
     assert target is not None
-    wrote(lm.save(target, overwrite=force))
+    lm.save(target, overwrite=force)
+    seal_apply(target, settings, directions_file, None, direction)
+    wrote(target)
     out().print(f"wrote [bold]{target}[/]")
 
 
@@ -293,6 +309,7 @@ def _apply_edit(
                 overwrite=force,
                 progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
             )
+        seal_apply(report.out_dir, {"model": model, "edit": str(edit), "stream": True}, directions_file, edit, None)
         wrote(report.out_dir)
         out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
         return
@@ -310,7 +327,9 @@ def _apply_edit(
         return
     apply_plan(lm, build_plan(lm, spec, source), mode="weights")
     assert target is not None
-    wrote(lm.save(target, overwrite=force))
+    lm.save(target, overwrite=force)
+    seal_apply(target, {"model": model, "edit": str(edit), "stream": False}, directions_file, edit, None)
+    wrote(target)
     out().print(f"wrote [bold]{target}[/]")
 
 
@@ -431,8 +450,6 @@ def export(
     if fmt not in ("gguf", "peft"):
         fail(f"unknown --format '{fmt}'; use gguf or peft")
     if fmt == "peft":
-        from .cli_share import export_peft
-
         if model is None or model_hint is not None:
             fail("--format peft needs --model (the base model the adapter is for), and no --model-hint")
         if edit is not None and (layers or position is not None or scale != 1.0):

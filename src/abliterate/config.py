@@ -97,6 +97,7 @@ class RunConfig:
     max_new_tokens: int = 48
     samples: int = 6
     force: bool = False
+    as_adapter: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .adapter import restrict_run, write_run_adapter
 from .capture import Activations, capture
 from .choosing import Choice, choose_edit, edit_directions, journal_path, with_projection
 from .config import RunConfig
@@ -154,6 +155,8 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     lm = load_for(cfg)
     timings["load"] = time.perf_counter() - t0
     why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
+    if cfg.as_adapter:  # refuse what no adapter holds before the long part; keep the search to edits one can
+        restrict_run(cfg, lm)
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
     harmful, harmless = splits_for(cfg)
     t = time.perf_counter()
@@ -184,7 +187,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     before = evaluate("before")
     notes = [baseline_note(before)]
     if checkpoint is None:
-        apply_plan(lm, build_plan(lm, choice.spec, choice.source), mode="weights")  # permanent: never reverted
+        edit = apply_plan(lm, build_plan(lm, choice.spec, choice.source), mode="weights")  # reverted by as_adapter only
         after = evaluate("after")
     else:  # offloaded or quantized: measure the runtime twin, write the edit from the checkpoint
         after = evaluate("after", lambda: applied(lm, choice.spec, choice.source, mode="hooks"))
@@ -199,7 +202,9 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     if progress:
         progress("save", 0, 1)
     with atomic_directory(target) as tmp:
-        if checkpoint is None:
+        if cfg.as_adapter:  # the adapter (read off the original weights) instead of the edited model
+            result.note = "; ".join([result.note, *write_run_adapter(tmp, lm, edit)]).strip("; ")
+        elif checkpoint is None:
             lm.model.save_pretrained(tmp)
         else:
             _stream_into(tmp, checkpoint, choice, cfg, progress)
