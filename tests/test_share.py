@@ -196,10 +196,11 @@ def test_verify_reports_each_problem(ran, tmp_path):
     assert lines[2] == "unexpected: extra.txt (not in the manifest)" and len(lines) == 3
     res = invoke("--json", "verify", str(copy))
     assert res.exit_code == 1 and json.loads(res.output)["problems"] == lines
+    # a tampered folder is not re-run
+    one_line_error(invoke("reproduce", str(copy)), "does not match its own manifest (missing: directions.safetensors)")
     (copy / MANIFEST).write_text("{not json")
     one_line_error(invoke("verify", str(copy)), "manifest.json is not valid JSON")
     one_line_error(invoke("verify", str(tmp_path)), "has no manifest.json")
-    # a tampered folder is not re-run
     one_line_error(invoke("reproduce", str(copy)), "not valid JSON")
 
 
