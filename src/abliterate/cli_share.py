@@ -1,4 +1,4 @@
-"""``abliterate verify`` and ``reproduce`` (manifests), and the PEFT side of ``export``."""
+"""``abliterate verify`` and ``reproduce`` (manifests), and the manifest of ``apply``'s outputs."""
 
 from __future__ import annotations
 
@@ -23,61 +23,6 @@ def load_edit(path: Path) -> tuple[Any, dict[str, Any]]:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         fail(f"{path} is not an edit.json written by run ({exc}); pass the edit.json of a run's output")
     return spec, data
-
-
-def export_peft(
-    model: str,
-    directions_file: Path,
-    out_dir: Path,
-    *,
-    edit: Path | None,
-    direction: Any,
-    scale: float,
-    force: bool,
-) -> None:
-    """``export --format peft``: the edit (``edit.json``'s, else ``direction`` removed from every writer and the
-    embeddings at ``scale``, as ``apply`` does) as a PEFT LoRA adapter folder with its manifest."""
-    from .adapter import Adapter, check_spec
-    from .directions import DirectionSet
-    from .loading import load_model
-    from .manifest import write_manifest
-    from .pipeline import versions
-    from .plan import Directions, build_plan, edit_plan
-    from .saving import atomic_directory, check_output
-
-    target = check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
-    spec, recorded = load_edit(edit) if edit is not None else (None, None)
-    if spec is not None:
-        check_spec(spec)  # before loading the model
-    lm = load_model(model)
-    if spec is not None and recorded is not None:
-        plan = build_plan(lm, spec, Directions.from_sets(DirectionSet.load(directions_file)))
-        chosen: dict[str, Any] = recorded
-    else:
-        plan = edit_plan(lm, direction, None, scale, None, None)
-        where = {"layer": direction.layer, "position": direction.position, "method": direction.method}
-        chosen = {"direction": where, "scale": scale}
-    adapter = Adapter.of(lm, plan)
-    settings = {"format": "peft", "model": model, "directions": str(directions_file), "scale": scale}
-    with atomic_directory(target) as tmp:
-        adapter.write(tmp)
-        write_manifest(
-            tmp,
-            "export",
-            config={**settings, "edit": None if edit is None else str(edit)},
-            versions=versions(),
-            model=model,
-            files={"directions": directions_file, "edit": edit},
-            edit=chosen,
-        )
-    wrote(target)
-    for note in adapter.notes:
-        err().print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
-    targets = len(adapter.config["target_modules"]) + len(adapter.config["target_parameters"] or [])
-    out().print(
-        f"wrote [bold]{target}[/] (LoRA rank {adapter.config['r']} on {targets} modules; load it with PEFT)",
-        soft_wrap=True,
-    )
 
 
 def seal_apply(
