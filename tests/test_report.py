@@ -69,7 +69,8 @@ def test_run_report_has_every_section(outputs):
         assert section in page
     metrics = json.loads((out / "metrics.json").read_text())
     assert page.count("<tr class='") == len(metrics["selection"]["candidates"])
-    assert page.count("class='refused'") + page.count("class='answered'") == 2 * 4  # 2 harmful + 2 harmless rows
+    cells = sum(page.count(f"<td class='{v}'>") for v in ("refusal", "compliance", "degenerate", "unparsed"))
+    assert cells == 2 * 4  # 2 harmful + 2 harmless rows, before and after
     assert f"<b>{metrics['chosen']['method']}</b> at layer <b>{metrics['chosen']['layer']}</b>" in page
 
 

@@ -1,4 +1,4 @@
-"""``abliterate measure``, ``apply``, ``eval`` and ``chat``."""
+"""``abliterate measure``, ``apply`` and ``export``."""
 
 import json
 from pathlib import Path
@@ -14,12 +14,13 @@ from .cli_common import (
     DTYPE_OPT,
     MAX_MEMORY_OPT,
     OFFLOAD_OPT,
+    PREFIX_OPT,
     QUANTIZE_OPT,
     STATE,
+    THINKING_OPT,
     Opt,
     _cfg,
     app,
-    err,
     fail,
     guarded,
     out,
@@ -64,6 +65,8 @@ def measure(
     ] = None,
     n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
     n_val: Annotated[int | None, Opt(help="Validation prompts per side.")] = None,
+    disable_thinking: THINKING_OPT = None,
+    response_prefix: PREFIX_OPT = None,
     dtype: DTYPE_OPT = None,
     device: DEVICE_OPT = None,
     device_map: DEVICE_MAP_OPT = None,
@@ -92,6 +95,8 @@ def measure(
         positions=positions,
         n_train=n_train,
         n_val=n_val,
+        disable_thinking=disable_thinking,
+        response_prefix=response_prefix,
         force=force,
         dtype=dtype,
         device=device,
@@ -331,65 +336,3 @@ def _apply_edit(
     seal_apply(target, {"model": model, "edit": str(edit), "stream": False}, directions_file, edit, None)
     wrote(target)
     out().print(f"wrote [bold]{target}[/]")
-
-
-@app.command("eval")
-@guarded
-def evaluate(
-    model: Annotated[str, typer.Argument(help="Model to measure (e.g. a saved abliterated directory).")],
-    base: Annotated[str | None, Opt(help="Base model for KL (default: the model itself).")] = None,
-    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = 16,
-    max_new_tokens: Annotated[int, Opt(help="Tokens generated per prompt.")] = 48,
-    out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
-    dtype: DTYPE_OPT = None,
-    device: DEVICE_OPT = None,
-    device_map: DEVICE_MAP_OPT = None,
-    max_memory: MAX_MEMORY_OPT = None,
-    offload_folder: OFFLOAD_OPT = None,
-    quantize: QUANTIZE_OPT = None,
-) -> None:
-    """Refusal rate, over-refusal and KL of a model against its base, on held-out bundled prompts.
-
-    Example: abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
-    """
-    from .evaluation import Evaluator, baseline_note
-    from .loading import load_model
-    from .prompts import bundled
-
-    if out_file is not None and out_file.exists():
-        fail(f"{out_file} already exists; choose another path")
-    where = placement(dtype, device, device_map, max_memory, offload_folder, quantize)
-    reference = load_model(base or model, **where)
-    target = load_model(model, **where) if base else reference
-    if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-        fail("the model and --base use different tokenizers; KL needs the same vocabulary")
-    ev = Evaluator(
-        reference,
-        bundled("harmful", "test", limit=n_test),
-        bundled("harmless", "test", limit=n_test),
-        max_new_tokens=max_new_tokens,
-    )
-    rows = {"base": ev.measure("base")} if base else {}
-    rows["model"] = ev.measure("model", model=target)
-    payload = {k: v.to_dict() for k, v in rows.items()}
-    if base:
-        payload["note"] = baseline_note(rows["base"])
-    if out_file is not None:
-        partial = out_file.with_name(f".{out_file.name}.tmp")
-        try:  # a Ctrl-C or a full disk never leaves half a file behind
-            partial.write_text(json.dumps(payload, indent=2) + "\n")
-            partial.replace(out_file)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-    if STATE["json"]:
-        out().print_json(json.dumps(payload))
-        return
-    table = Table(title="eval")
-    for col in ("", "refusals (harmful)", "over-refusal (harmless)", "KL vs base"):
-        table.add_column(col)
-    for name, m in rows.items():
-        table.add_row(name, f"{m.refusal_rate:.0%}", f"{m.over_refusal:.0%}", f"{m.kl:.4f}")
-    out().print(table)
-    if base and payload["note"]:
-        err().print(f"[yellow]note:[/] {payload['note']}")

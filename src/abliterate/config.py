@@ -81,7 +81,7 @@ class RunConfig:
     prompt_suffix: str = ""
     n_train: int = 64
     n_val: int = 16
-    n_test: int = 16
+    n_test: int = 64  # held-out prompts per side for the final evaluation (evaluation.N_TEST)
     seed: int = 0
     positions: list[int] = field(default_factory=lambda: [-1])
     methods: list[str] = field(default_factory=lambda: ["mean_diff"])
@@ -94,7 +94,11 @@ class RunConfig:
     scale: float = 1.0
     norm_preserving: bool = False
     batch_size: int = 16
-    max_new_tokens: int = 48
+    max_new_tokens: int = 100  # final-evaluation answers: up to this many new tokens (evaluation.MAX_NEW_TOKENS)
+    min_new_tokens: int = 0  # and at least this many (0: a model that stops early is not forced on)
+    kl_tokens: int = 16  # multi-token KL: averaged over this many tokens of the base model's answers
+    judge: str = "marker"  # final-evaluation judge: marker, llm:PATH or classifier:PATH
+    judge_labels: str | None = None  # classifier judge: LABEL=refusal,OTHER=compliance
     samples: int = 6
     force: bool = False
     as_adapter: bool = False
@@ -163,9 +167,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     for m in cfg.methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method '{m}'; use one of {', '.join(METHODS)}")
-    for key in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens"):
+    for key in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens", "kl_tokens"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.min_new_tokens < 0:
+        raise ConfigError(f"min_new_tokens must be >= 0, got {cfg.min_new_tokens}")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        raise ConfigError(
+            f"min_new_tokens ({cfg.min_new_tokens}) is above max_new_tokens ({cfg.max_new_tokens}); "
+            "lower --min-new-tokens or raise --max-new-tokens"
+        )
+    kind, _, path = cfg.judge.partition(":")
+    if not ((kind == "marker" and not path) or (kind in ("llm", "classifier") and path)):
+        raise ConfigError(f"unknown judge {cfg.judge!r}; use marker, llm:PATH or classifier:PATH")
+    if cfg.judge_labels and kind != "classifier":
+        raise ConfigError("judge_labels is for a classifier judge (judge = classifier:PATH)")
     if cfg.scale < 0:
         raise ConfigError(f"scale must be >= 0, got {cfg.scale}")
     if not 0 <= cfg.skip_last < 1:

@@ -23,6 +23,7 @@ from .config import RunConfig
 from .directions import DirectionSet
 from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
+from .judge import Judge
 from .loading import load_model
 from .manifest import write_run_manifest
 from .model import LoadedModel
@@ -104,6 +105,14 @@ def load_for(cfg: RunConfig) -> LoadedModel:
     return lm
 
 
+def judge_for(cfg: RunConfig) -> Judge:
+    """The final-evaluation judge of ``cfg.judge`` (a judge model loaded on ``cfg.device``)."""
+    from .judges import judge_from_spec
+
+    load = {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+    return judge_from_spec(cfg.judge, labels=cfg.judge_labels, batch_size=cfg.batch_size, **load)
+
+
 def splits_for(cfg: RunConfig) -> tuple[PromptSplits, PromptSplits]:
     common = {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test, "seed": cfg.seed}
     affix = {"prefix": cfg.prompt_prefix, "suffix": cfg.prompt_suffix}
@@ -158,6 +167,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     if cfg.as_adapter:  # refuse what no adapter holds before the long part; keep the search to edits one can
         restrict_run(cfg, lm)
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
+    judge = judge_for(cfg)
     harmful, harmless = splits_for(cfg)
     t = time.perf_counter()
     scorer = Scorer(lm, harmful.val, harmless.val, system=cfg.system, batch_size=cfg.batch_size)
@@ -171,7 +181,15 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress)
     timings["search" if choice.search else "choose"] = time.perf_counter() - t
     evaluator = Evaluator(
-        lm, harmful.test, harmless.test, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        lm,
+        harmful.test,
+        harmless.test,
+        judge=judge,
+        system=cfg.system,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        kl_tokens=cfg.kl_tokens,
+        batch_size=cfg.batch_size,
     )
 
     def evaluate(name: str, edit: Any = None) -> Metrics:
