@@ -120,6 +120,14 @@ def run(
     batch_size: Annotated[int | None, Opt(help="Prompts per forward pass.")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed for prompt sets.")] = None,
     force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
+    as_adapter: Annotated[
+        bool | None,
+        Opt(
+            "--as-adapter",
+            help="Write the edit as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) "
+            "instead of the edited model's weights.",
+        ),
+    ] = None,
     search_enabled: Annotated[
         bool | None, Opt("--search/--no-search", help=SEARCH_HELP["enabled"], rich_help_panel="Search")
     ] = None,
@@ -179,6 +187,7 @@ def run(
         batch_size=batch_size,
         seed=seed,
         force=force,
+        as_adapter=as_adapter,
         search_enabled=search_enabled,
         search_trials=search_trials,
         search_timeout=search_timeout,
