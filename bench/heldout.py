@@ -1,7 +1,8 @@
 """Held-out judge: refusals on harmful prompts, first-token KL on harmless prompts, alike for any tool's model.
 
     python bench/heldout.py MODEL_DIR [MODEL_DIR ...] [--base DIR] [--label NAME ...] [--max-new-tokens 48]
-        [--public-limit 94] [--no-public] [--public-file FILE.txt] [--jsonl OUT] [--responses DIR] [--threads N]
+        [--public-limit 94] [--no-public] [--public-file FILE.txt] [--limit N] [--jsonl OUT] [--responses DIR]
+        [--threads N]
 
 Every model is loaded the same way, with plain transformers (``AutoModelForCausalLM``, float32, CPU, its own
 tokenizer and chat template), so abliterate's, heretic's and abliterix's outputs are judged alike; nothing of
@@ -287,6 +288,7 @@ def main() -> None:
     ap.add_argument("--public-limit", type=int, default=94, help="public harmful prompts added to the bundled 56")
     ap.add_argument("--public-file", type=Path, default=None, help="one prompt per line instead of HarmBench")
     ap.add_argument("--no-public", action="store_true", help="bundled harmful test split only")
+    ap.add_argument("--limit", type=int, default=None, help="only the first N prompts of each side (smoke runs)")
     ap.add_argument("--jsonl", type=Path, default=None, help="append one JSON line per model here")
     ap.add_argument("--responses", type=Path, default=None, help="write prompts, responses and verdicts here")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -298,8 +300,8 @@ def main() -> None:
 
         args.base = str(demo_model_path())
     labels = args.label + [str(m) for m in args.models[len(args.label) :]]
-    harmful = harmful_heldout(args.public_limit, args.public_file, not args.no_public)
-    harmless = bundled("harmless", "test")
+    harmful = harmful_heldout(args.public_limit, args.public_file, not args.no_public)[: args.limit]
+    harmless = bundled("harmless", "test")[: args.limit]
 
     t0 = time.perf_counter()
     base_tok, base_model = load(args.base)

@@ -13,9 +13,14 @@ minutes per model; run it under ``nice`` with nothing else heavy on the machine)
 
 then give ``--ours`` a ``--timeout`` of at most a quarter of heretic's wall time (``summary.json`` ->
 ``heretic.wall_s``) if the trial count alone does not keep it there; the table prints both wall times.
-Quick check of the harness (heretic 2 trials, our search as the CLI defaults decide)::
+Smoke run of the harness (what BENCHMARKS.md records: heretic 1 trial on 64+64 train and 16+16 evaluation prompts,
+its response-prefix check skipped, a small abliterate run, the judge on 16+16 prompts)::
 
-    python bench/vs_heretic.py --work /tmp/vs-small --heretic-trials 2 --heretic-set batch_size=16
+    python bench/vs_heretic.py --work /tmp/vs-small --heretic-trials 1 --heretic-set batch_size=16 \
+        --heretic-set 'response_prefix=""' --heretic-set 'bad_prompts.split="[:64]"' \
+        --heretic-set 'good_prompts.split="[:64]"' --heretic-set 'bad_evaluation_prompts.split="[:16]"' \
+        --heretic-set 'good_evaluation_prompts.split="[:16]"' --ours "--n-train 16 --n-val 8 --n-test 8" \
+        --no-judge-base --judge-args "--limit 16"
 
 What it does, in ``--work`` (default ``/tmp/vs_heretic``):
 
@@ -29,7 +34,8 @@ What it does, in ``--work`` (default ``/tmp/vs_heretic``):
    which brings its own pinned transformers/optuna/peft). ``heretic/config.toml`` sets: model, ``n_trials``,
    ``max_response_length`` (default 48, the judge's and abliterate's ``max_new_tokens``), ``seed``,
    ``export_strategy = "merge"`` and the four prompt files; everything else is heretic's default, including its
-   automatic batch size, which on this CPU costs minutes of generation before the first trial (``--heretic-set``
+   automatic batch size and its response-prefix check (200 generations), which on this CPU cost many minutes
+   before the first trial and count in its wall time (``--heretic-set``
    overrides any key, e.g. ``--heretic-set batch_size=16``). It runs offline (``HF_HUB_OFFLINE=1``) in a
    pseudo-terminal (pexpect) because its menus need one; when the Pareto menu appears the driver picks trials
    (``--heretic-save lowest``: the first entry, fewest refusals; ``all``: every Pareto trial; ``K``: the K-th
