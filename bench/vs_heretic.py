@@ -222,7 +222,9 @@ def main() -> None:
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     files = write_prompts(work / "prompts")
-    summary: dict[str, Any] = {"model": args.model, "args": vars(args) | {"work": str(work)}}
+    # a rerun in the same --work (e.g. --skip-heretic with a new --ours) keeps the earlier tools' results
+    old = json.loads((work / "summary.json").read_text()) if (work / "summary.json").exists() else {}
+    summary: dict[str, Any] = old | {"model": args.model, "args": vars(args) | {"work": str(work)}}
     models: list[tuple[str, str]] = []
 
     def save() -> None:
@@ -250,17 +252,28 @@ def main() -> None:
         models.append((summary["ours"]["model"], "abliterate"))
         save()
     if not args.no_evaluate and (run_dir / "config.toml").exists():
-        summary["heretic_evaluate"] = [
-            heretic_evaluate(exe, run_dir, m, work / "heretic-eval" / f"{i}" / "evaluate.log")
-            for i, (m, _) in enumerate(models)
-        ]
+        summary["heretic_evaluate"] = merge(
+            summary.get("heretic_evaluate", []),
+            [
+                heretic_evaluate(exe, run_dir, m, work / "heretic-eval" / "_".join(Path(m).parts[-2:]) / "evaluate.log")
+                for m, _ in models
+            ],
+        )
         save()
     if not args.no_judge:
         base = [] if args.no_judge_base else [(args.model, "unedited")]
         if base or models:
-            summary["heldout"] = judge([*base, *models], args.model, work, args.judge_args)
+            summary["heldout"] = merge(
+                summary.get("heldout", []), judge([*base, *models], args.model, work, args.judge_args)
+            )
             save()
     print_table(summary)
+
+
+def merge(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per-model records: the new ones, and the old ones of models not measured again."""
+    fresh = {r["model"] for r in new}
+    return [r for r in old if r["model"] not in fresh] + new
 
 
 def print_table(summary: dict[str, Any]) -> None:
