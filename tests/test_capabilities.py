@@ -134,6 +134,7 @@ def test_cli_reports_a_lost_capability_in_verbose_mode_and_metrics(tmp_path, mon
     real = ForwardCapabilities.of
     monkeypatch.setattr(ForwardCapabilities, "of", classmethod(lambda cls, m: real(m).__class__(None, True, True)))
     args = ["run", str(model_dir), "--n-train", "4", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2"]
+    args += ["--no-search"]
     with pretend_refusal():
         quiet = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
         loud = CliRunner().invoke(app, ["-v", *args, "--out", str(tmp_path / "b")])

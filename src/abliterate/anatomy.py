@@ -79,7 +79,9 @@ class Writer:
 
     ``out_axis`` is the weight axis of size ``hidden_size`` (the residual side). ``module`` is the
     module whose forward output is that write (the experts module for fused experts).
-    ``post_norm`` is an RMSNorm applied to the write before it is added, if any.
+    ``post_norm`` is an RMSNorm applied to the write before it is added, if any. ``kind`` is ``"attn"``
+    (attention or another token mixer), ``"mlp"`` (MLP, every MoE expert, shared experts), ``"embedding"``
+    or ``"other"`` (a custom writer pattern matching neither), from :func:`writer_kind`.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Writer:
     bias: str | None
     layer: int | None
     post_norm: nn.Module | None = None
+    kind: str = "other"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -156,6 +159,13 @@ def _post_norm_for(layer: nn.Module, rel: str) -> nn.Module | None:
     return None
 
 
+def writer_kind(rel: str) -> str:
+    """``"mlp"`` or ``"attn"`` for a writer's module name relative to its decoder layer, else ``"other"``."""
+    if re.match(rf"{_MLP}\.", rel):
+        return "mlp"
+    return "attn" if re.match(rf"{_ATTN}\.", rel) else "other"
+
+
 def _layer_writers(layer: nn.Module, index: int, prefix: str, patterns: Sequence[str], hidden: int) -> list[Writer]:
     compiled = [re.compile(p) for p in patterns]
     found: list[Writer] = []
@@ -193,6 +203,8 @@ def _layer_writers(layer: nn.Module, index: int, prefix: str, patterns: Sequence
             found.append(
                 Writer(f"{prefix}.{rel}.{pname}", module, pname, axis, bias, index, _post_norm_for(layer, rel))
             )
+    for w in found:
+        w.kind = writer_kind(w.name[len(prefix) + 1 :])
     return found
 
 
@@ -251,4 +263,4 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
 
 
 def _embedding_writer(module: nn.Module, name: str) -> Writer:
-    return Writer(name, module, "weight", 1, None, None)
+    return Writer(name, module, "weight", 1, None, None, kind="embedding")

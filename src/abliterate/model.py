@@ -135,12 +135,20 @@ class LoadedModel:
         return self.anatomy.hidden_size
 
     def format(self, prompts: Sequence[str], *, system: str | None = None) -> list[str]:
-        """Apply the chat template to each user prompt, ending where the assistant's reply begins."""
+        """Apply the chat template to each user prompt, ending where the assistant's reply begins.
+
+        ``template_kwargs`` are passed to the template (Qwen3's ``enable_thinking=False`` writes an empty
+        thinking block into the generation prompt) and ``response_prefix`` is appended after it. Capture,
+        scoring, generation and evaluation all format through here, so both apply everywhere.
+        """
         texts = []
         for prompt in prompts:
             messages = [{"role": "system", "content": system}] if system else []
             messages.append({"role": "user", "content": prompt})
-            texts.append(self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            text = self.tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+            )
+            texts.append(text + self.response_prefix)
         return texts
 
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
@@ -174,28 +182,63 @@ class LoadedModel:
         prompts: Sequence[str],
         *,
         max_new_tokens: int = 64,
+        min_new_tokens: int = 0,
         system: str | None = None,
         batch_size: int = 8,
         progress: Progress | None = None,
     ) -> list[str]:
-        """Greedy responses to ``prompts`` (chat template applied), decoded without special tokens."""
+        """Greedy responses to ``prompts`` (formatted by :meth:`format`), decoded without special tokens:
+        up to ``max_new_tokens`` new tokens, and at least ``min_new_tokens`` (end-of-sequence is held back
+        until then). A ``response_prefix`` is part of the prompt, not of the returned response."""
+        ids = self.generate_ids(
+            prompts,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            system=system,
+            batch_size=batch_size,
+            progress=progress,
+        )
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+    def _eos_ids(self) -> set[int]:
+        eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        return set(eos if isinstance(eos, list) else [] if eos is None else [eos])
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        prompts: Sequence[str],
+        *,
+        max_new_tokens: int = 64,
+        min_new_tokens: int = 0,
+        system: str | None = None,
+        batch_size: int = 8,
+        progress: Progress | None = None,
+    ) -> list[list[int]]:
+        """The new token ids of :meth:`generate`'s greedy answers, each up to and including its first
+        end-of-sequence token (the padding after it removed)."""
         if not prompts:
             raise PromptError("no prompts to generate from; pass at least one prompt")
         texts = self.format(prompts, system=system)
-        out: list[str] = []
+        eos = self._eos_ids()
+        out: list[list[int]] = []
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size])
             ids = self.model.generate(
                 **batch,
                 max_new_tokens=max_new_tokens,
+                min_new_tokens=min_new_tokens or None,
                 do_sample=False,
                 temperature=None,
                 top_p=None,
                 top_k=None,
                 pad_token_id=self.tokenizer.pad_token_id,
             )
-            new = ids[:, batch["input_ids"].shape[1] :]
-            out.extend(self.tokenizer.batch_decode(new, skip_special_tokens=True))
+            for row in ids[:, batch["input_ids"].shape[1] :].tolist():
+                end = next((i + 1 for i, t in enumerate(row) if t in eos), len(row))
+                out.append(row[:end])
             if progress:
                 progress(len(out), len(texts))
         return out
