@@ -22,7 +22,7 @@ from .anatomy import Anatomy, Writer, find_anatomy, make_writer
 from .errors import ArchitectureError
 from .hooks import HookSet
 from .placement import execution_device
-from .verify import ZERO_TOLERANCE, LayerCheck, probe_ids, run_probe, unexplained, verify_anatomy
+from .verify import ZERO_TOLERANCE, LayerCheck, ProbeHooks, probe_ids, run_probe, unexplained, verify_anatomy
 
 Edit = Callable[[HookSet], None]
 
@@ -95,7 +95,7 @@ def _candidates(
         for i in fix
     }
 
-    def edit(hooks: HookSet) -> None:
+    def edit(hooks: ProbeHooks) -> None:
         tracker.install(hooks)
         for i, mods in pool.items():
             for rel, module in mods:
@@ -112,7 +112,7 @@ def _candidates(
                         order[i][rel] = counter[0]
                     counter[0] += 1
 
-                hooks._handles.append(module.register_forward_hook(record))
+                hooks.add(module.register_forward_hook(record))
 
     run_probe(model, layers, ids, edit)
     found: dict[int, list[Candidate]] = {}
@@ -378,8 +378,8 @@ def checked_anatomy(
     check = verify_anatomy(model, anatomy, ids)
     if check.width_error is not None:
         raise ArchitectureError(
-            f"{type(model).__name__}: {check.width_error}; abliterate edits models whose layers add to one "
-            "residual stream"
+            f"{type(model).__name__}: {check.width_error}; abliterate edits models whose layers add, one after "
+            "another, to one residual stream"
         )
     if check.embedding_leak > check.embedding_tolerance:
         other = _fix_embeddings(model, anatomy, ids)
@@ -403,9 +403,14 @@ def checked_anatomy(
             bad = next(c for c in check.failed if c.layer == i)
             raise _layer_error(model, anatomy, bad, found.candidates[i])
         for i, writers in found.writers.items():
-            old = {w.name for w in anatomy.writers[i]}
+            old = {(w.name, id(w.post_norm)) for w in anatomy.writers[i]}
             anatomy.writers[i] = writers
-            anatomy.discovered += [w.name for w in writers if w.name not in old]
+            norms = {id(m): n for n, m in anatomy.layers[i].named_modules()}
+            anatomy.discovered += [
+                w.name + (f" (through {norms[id(w.post_norm)]})" if w.post_norm is not None else "")
+                for w in writers
+                if (w.name, id(w.post_norm)) not in old
+            ]
         check = verify_anatomy(model, anatomy, ids)
         if check.failed:
             first = check.failed[0]

@@ -22,10 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .anatomy import Anatomy, Writer
 from .hooks import HookSet, first_tensor
-from .placement import execution_device
+from .placement import execution_device, is_offloaded
 from .projection import project_out, writer_basis
 
 PROBE_TOKENS = 8
@@ -61,7 +62,8 @@ class Verification:
     embedding_leak: float = 0.0
     embedding_tolerance: float = LEAK_TOLERANCE
     not_run: list[int] = field(default_factory=list)
-    width_error: str | None = None  # the layers do not carry one hidden-size stream (nothing else was checked)
+    # the layers do not carry one hidden-size stream, one after another (nothing else was checked)
+    width_error: str | None = None
 
     @property
     def failed(self) -> list[LayerCheck]:
@@ -72,9 +74,40 @@ class Verification:
         return self.width_error is None and not self.failed and self.embedding_leak <= self.embedding_tolerance
 
 
+class ProbeHooks(HookSet):
+    """Hooks for one probe run, plus parameters swapped for zeros until the run's hooks are closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+
+    def add(self, handle: RemovableHandle) -> None:
+        self._handles.append(handle)
+
+    def zero_parameter(self, module: nn.Module, name: str) -> None:
+        old = module._parameters[name]
+        assert old is not None
+        small = old.numel() * old.element_size() < ZERO_COPY_BYTES
+        zero = torch.zeros_like(old) if small else torch.zeros((), dtype=old.dtype, device=old.device).expand(old.shape)
+        self._swapped.append((module, name, old))
+        module._parameters[name] = nn.Parameter(zero, requires_grad=False)
+
+    def close(self) -> None:
+        while self._swapped:
+            module, name, old = self._swapped.pop()
+            module._parameters[name] = old
+        super().close()
+
+
+ZERO_COPY_BYTES = 1 << 28  # a larger parameter is zeroed by a stride-0 view, not a copy
+
+
 def probe_ids(model: nn.Module, tokens: int = PROBE_TOKENS) -> torch.Tensor:
     """Token ids spread over the vocabulary (skipping the lowest ids, where special tokens usually sit)."""
-    vocab = int(model.get_input_embeddings().weight.shape[0])
+    weight = getattr(model.get_input_embeddings(), "weight", None)
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    vocab = int(weight.shape[0]) if isinstance(weight, torch.Tensor) else int(getattr(text, "vocab_size", 256))
     start = min(vocab - 1, max(3, vocab // 16))
     step = max(1, (vocab - start) // (tokens + 1))
     return (start + step * torch.arange(tokens)).clamp_max(vocab - 1)[None]
@@ -94,12 +127,18 @@ def _hidden_arg(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor |
 
 
 def run_probe(
-    model: nn.Module, layers: Sequence[nn.Module], ids: torch.Tensor, edit: Callable[[HookSet], None] | None = None
+    model: nn.Module,
+    layers: Sequence[nn.Module],
+    ids: torch.Tensor,
+    edit: Callable[[ProbeHooks], None] | None = None,
+    order: list[int] | None = None,
 ) -> Calls:
-    """One forward pass on ``ids`` with ``edit``'s hooks in place; every layer's (input, output) per call."""
+    """One forward pass on ``ids`` with ``edit``'s hooks in place; every layer's (input, output) per call
+    (and, into ``order``, the layer index of every call as it finishes)."""
     calls: Calls = [[] for _ in layers]
+    order = [] if order is None else order
     pending: dict[int, list[torch.Tensor]] = {i: [] for i in range(len(layers))}
-    with HookSet() as hooks:
+    with ProbeHooks() as hooks:
         if edit is not None:
             edit(hooks)
         handles = []
@@ -112,6 +151,7 @@ def run_probe(
             def post(_m: nn.Module, _args: Any, output: Any, i: int = i) -> None:
                 inp = pending[i].pop() if pending[i] else torch.empty(0)
                 calls[i].append((inp, first_tensor(output).detach().float().clone()))
+                order.append(i)
 
             handles.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(layer.register_forward_hook(post))
@@ -139,12 +179,27 @@ def _zero(x: torch.Tensor) -> torch.Tensor:
     return torch.zeros_like(x)
 
 
+def _exactly_linear(module: nn.Module) -> bool:
+    """Modules whose output is ``W x + b`` by construction: zeroing the output is zeroing the weights."""
+    return isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D"
+
+
 def zero_writers(writers: Sequence[Writer]) -> Callable[[HookSet], None]:
-    modules = {id(w.module): w.module for w in writers if w.layer is not None}
+    """Zero what the weight edit edits. A linear/embedding module's output is zeroed by a hook; any other writer
+    (a fused-experts container) gets its weight and bias swapped for zeros, so that whatever it adds besides
+    its weight's output (identity experts, a scale, a constant) is still seen."""
+    by_module: dict[int, tuple[nn.Module, set[str]]] = {}
+    for w in writers:
+        if w.layer is not None:
+            by_module.setdefault(id(w.module), (w.module, set()))[1].update(n for n in (w.param, w.bias) if n)
 
     def edit(hooks: HookSet) -> None:
-        for module in modules.values():
-            hooks.on_output(module, _zero)
+        for module, names in by_module.values():
+            if _exactly_linear(module) or is_offloaded(module) or not isinstance(hooks, ProbeHooks):
+                hooks.on_output(module, _zero)
+            else:
+                for name in sorted(names):
+                    hooks.zero_parameter(module, name)
 
     return edit
 
@@ -240,6 +295,19 @@ def _width_error(base: Calls, hidden: int) -> str | None:
     return None
 
 
+def _gap(base: Calls, order: list[int]) -> str | None:
+    """Something that changes the residual between one layer's output and the next layer's input."""
+    seen = [0] * len(base)
+    previous: tuple[int, torch.Tensor] | None = None
+    for i in order:
+        inp, out = base[i][seen[i]]
+        seen[i] += 1
+        if previous is not None and (inp.shape != previous[1].shape or _ratio(inp - previous[1], previous[1]) > 1e-4):
+            return f"the residual changes between layer {previous[0]}'s output and layer {i}'s input"
+        previous = (i, out)
+    return None
+
+
 def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None = None) -> Verification:
     """Check ``anatomy`` on one short probe (three forward passes over a few tokens); raises nothing."""
     if ids is None:
@@ -248,9 +316,13 @@ def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None 
     layers = list(anatomy.layers)
     writers = anatomy.all_writers()
     basis = random_basis(anatomy.hidden_size)
-    base = run_probe(model, layers, ids)
+    order: list[int] = []
+    base = run_probe(model, layers, ids, order=order)
     result = Verification()
-    result.width_error = _width_error(base, anatomy.hidden_size)
+    if not order:
+        result.width_error = f"the probe never ran a layer of {anatomy.layers_path}"
+    else:
+        result.width_error = _width_error(base, anatomy.hidden_size) or _gap(base, order)
     if result.width_error is not None:
         return result
     zeroed = run_probe(model, layers, ids, zero_writers(writers))
