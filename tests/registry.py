@@ -295,6 +295,9 @@ class Outcome:
     status: str
     detail: str = ""
     writers: int = 0
+    per_layer: tuple[int, int] = (0, 0)  # fewest and most writers in a layer
+    post_norms: bool = False  # some writer's output is normalized before it is added
+    layers_path: str = ""
     discovered: list[str] = field(default_factory=list)
     runtime_vs_weights: float = math.nan  # max |logits(runtime ablation) - logits(orthogonalized weights)|
     residual_leak: float = math.nan  # max |h.r| / |h| over every layer's input and output under ablation
@@ -340,6 +343,9 @@ def check_type(model_type: str) -> Outcome:
         model_type,
         "supported",
         writers=len(anatomy.all_writers()),
+        per_layer=(min(map(len, anatomy.writers)), max(map(len, anatomy.writers))),
+        post_norms=any(w.post_norm is not None for w in anatomy.all_writers()),
+        layers_path=anatomy.layers_path,
         discovered=list(anatomy.discovered),
         runtime_vs_weights=float((runtime - edited).abs().max()),
         residual_leak=leak,

@@ -199,3 +199,28 @@ def test_probe_ids_avoid_low_special_ids_and_stay_in_vocabulary():
     lm = from_pretrained_objects(tiny_model("gpt2"), tiny_tokenizer())
     batch = lm.encode(lm.format(HARMFUL[:1]))
     assert lm.anatomy.verified and batch["input_ids"].shape[0] == 1
+
+
+def test_opt_with_post_layer_norm_is_refused():
+    import transformers as tf
+
+    torch.manual_seed(0)
+    config = tf.OPTConfig(
+        vocab_size=320,
+        hidden_size=64,
+        num_hidden_layers=2,
+        ffn_dim=96,
+        num_attention_heads=4,
+        word_embed_proj_dim=64,
+        do_layer_norm_before=False,  # OPT-350m: each layer normalizes the sum
+    )
+    model = tf.OPTForCausalLM(config).eval()
+    with pytest.raises(ArchitectureError, match=r"OPTForCausalLM normalizes the residual stream .* post-LN"):
+        from_pretrained_objects(model, tiny_tokenizer())
+    lm = from_pretrained_objects(
+        tf.OPTForCausalLM(tf.OPTConfig(**{**config.to_dict(), "do_layer_norm_before": True})), tiny_tokenizer()
+    )
+    assert [w.name for w in lm.anatomy.writers[0]] == [
+        "model.decoder.layers.0.self_attn.out_proj",
+        "model.decoder.layers.0.fc2",
+    ]

@@ -75,7 +75,8 @@ class Verification:
 
 
 class ProbeHooks(HookSet):
-    """Hooks for one probe run, plus parameters swapped for zeros until the run's hooks are closed."""
+    """Hooks for one probe run; :meth:`zero_weights` swaps a module's parameters for zeros during each of its calls
+    (one module's zeros exist at a time) and always puts the originals back, on exceptions too."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -84,22 +85,30 @@ class ProbeHooks(HookSet):
     def add(self, handle: RemovableHandle) -> None:
         self._handles.append(handle)
 
-    def zero_parameter(self, module: nn.Module, name: str) -> None:
-        old = module._parameters[name]
-        assert old is not None
-        small = old.numel() * old.element_size() < ZERO_COPY_BYTES
-        zero = torch.zeros_like(old) if small else torch.zeros((), dtype=old.dtype, device=old.device).expand(old.shape)
-        self._swapped.append((module, name, old))
-        module._parameters[name] = nn.Parameter(zero, requires_grad=False)
+    def zero_weights(self, scope: nn.Module, params: Sequence[tuple[nn.Module, str]]) -> None:
+        """While ``scope`` runs, each ``(module, name)`` parameter is a tensor of zeros."""
+
+        def swap_in(_scope: nn.Module, _args: Any) -> None:
+            for mod, name in params:
+                old = mod._parameters[name]
+                assert old is not None
+                self._swapped.append((mod, name, old))
+                mod._parameters[name] = nn.Parameter(torch.zeros_like(old), requires_grad=False)
+
+        def swap_out(_scope: nn.Module, _args: Any, _out: Any) -> None:
+            self._restore()
+
+        self.add(scope.register_forward_pre_hook(swap_in))
+        self.add(scope.register_forward_hook(swap_out))
+
+    def _restore(self) -> None:
+        while self._swapped:
+            mod, name, old = self._swapped.pop()
+            mod._parameters[name] = old
 
     def close(self) -> None:
-        while self._swapped:
-            module, name, old = self._swapped.pop()
-            module._parameters[name] = old
+        self._restore()
         super().close()
-
-
-ZERO_COPY_BYTES = 1 << 28  # a larger parameter is zeroed by a stride-0 view, not a copy
 
 
 def probe_ids(model: nn.Module, tokens: int = PROBE_TOKENS) -> torch.Tensor:
@@ -184,22 +193,26 @@ def _exactly_linear(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, nn.Embedding)) or type(module).__name__ == "Conv1D"
 
 
-def zero_writers(writers: Sequence[Writer]) -> Callable[[HookSet], None]:
+def zero_writers(writers: Sequence[Writer], layers: Sequence[nn.Module]) -> Callable[[ProbeHooks], None]:
     """Zero what the weight edit edits. A linear/embedding module's output is zeroed by a hook; any other writer
-    (a fused-experts container) gets its weight and bias swapped for zeros, so that whatever it adds besides
-    its weight's output (identity experts, a scale, a constant) is still seen."""
-    by_module: dict[int, tuple[nn.Module, set[str]]] = {}
+    (a fused-experts container) gets its weight and bias swapped for zeros while its layer runs (one layer's
+    zeros at a time), so that whatever it adds besides its weight's output (identity experts, a scale, a
+    constant) is still seen, wherever its parent reads the weight."""
+    hooked: dict[int, nn.Module] = {}
+    swapped: dict[int, list[tuple[nn.Module, str]]] = {}
     for w in writers:
-        if w.layer is not None:
-            by_module.setdefault(id(w.module), (w.module, set()))[1].update(n for n in (w.param, w.bias) if n)
+        if w.layer is None:
+            continue
+        if _exactly_linear(w.module) or is_offloaded(w.module):
+            hooked[id(w.module)] = w.module
+        else:
+            swapped.setdefault(w.layer, []).extend((w.module, n) for n in (w.param, w.bias) if n)
 
-    def edit(hooks: HookSet) -> None:
-        for module, names in by_module.values():
-            if _exactly_linear(module) or is_offloaded(module) or not isinstance(hooks, ProbeHooks):
-                hooks.on_output(module, _zero)
-            else:
-                for name in sorted(names):
-                    hooks.zero_parameter(module, name)
+    def edit(hooks: ProbeHooks) -> None:
+        for module in hooked.values():
+            hooks.on_output(module, _zero)
+        for layer, params in swapped.items():
+            hooks.zero_weights(layers[layer], params)
 
     return edit
 
@@ -266,7 +279,7 @@ def _post_ln(
     """Failing layers whose output, with every writer zeroed, is (a multiple of) the output of one of their own
     norms: the norm acts on the residual stream itself (post-LN, or a normalized residual branch)."""
     seen: dict[int, list[tuple[str, torch.Tensor]]] = {i: [] for i in failing}
-    zero = zero_writers(writers)
+    zero = zero_writers(writers, layers)
 
     def edit(hooks: HookSet) -> None:
         zero(hooks)
@@ -325,7 +338,7 @@ def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None 
         result.width_error = _width_error(base, anatomy.hidden_size) or _gap(base, order)
     if result.width_error is not None:
         return result
-    zeroed = run_probe(model, layers, ids, zero_writers(writers))
+    zeroed = run_probe(model, layers, ids, zero_writers(writers, layers))
     ablated = run_probe(model, layers, ids, ablate_writers([*anatomy.embeddings, *writers], basis, anatomy.hidden_size))
     dtype = anatomy.embeddings[0].weight.dtype
     for i in range(len(layers)):
