@@ -96,12 +96,18 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
         "15",
         "--max-new-tokens",
         "24",
+        "--trials",
+        "6",
     ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     metrics = json.loads((out / "metrics.json").read_text())
     assert json.loads(res.stdout)["chosen"] == metrics["chosen"]
     assert metrics["chosen"]["layer"] in (13, 15)
+    search = metrics["search"]
+    assert len(search["trials"]) == 6 and search["chosen"] in search["front"]
+    chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
+    assert chosen["refused"] < search["base_refused"], "the pick refuses less than the unedited model when judged"
     assert metrics["after"]["refusal_rate"] < metrics["before"]["refusal_rate"]
     assert metrics["after"]["over_refusal"] <= metrics["before"]["over_refusal"] + 0.125
     for name in (
@@ -114,6 +120,9 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
         "candidates.png",
         "README.md",
         "abliterate_config.json",
+        "edit.json",
+        "search_journal.log",
+        "front.png",
     ):
         assert (out / name).is_file(), name
     assert "data:image/png;base64" in (out / "report.html").read_text()

@@ -12,11 +12,12 @@ import transformers
 from test_cli import invoke
 from tiny import pretend_refusal, tiny_model, tiny_tokenizer
 
-from abliterate import cli_run, cli_tools, pipeline, report, saving, selection
+from abliterate import cli_run, cli_tools, pipeline, report, saving
 from abliterate.model import LoadedModel
+from abliterate.scorer import Scorer
 
 SMALL = ("--n-train", "6", "--n-val", "8")
-RUN = (*SMALL, "--n-test", "2", "--max-new-tokens", "2")
+RUN = (*SMALL, "--n-test", "2", "--max-new-tokens", "2", "--no-search")  # the search: test_run_search.py
 
 
 @pytest.fixture(scope="module")
@@ -85,11 +86,11 @@ def install(ctrl: CtrlC, stage: str, out: Path) -> None:
     elif stage == "capture":
         ctrl.in_capture()  # after the first batch, with the capture hooks in place
     elif stage == "sweep":
-        ctrl.wrap(selection, "first_token_logprobs", call=2)  # scoring the first candidate, under ablation
+        ctrl.wrap(Scorer, "score")  # scoring the first candidate, under ablation
     elif stage == "evaluate before":
         ctrl.wrap(LoadedModel, "generate")
     elif stage == "edit":
-        ctrl.wrap(pipeline, "orthogonalize", after=True)  # the weights in memory are edited
+        ctrl.wrap(pipeline, "apply_plan", after=True)  # the weights in memory are edited
     elif stage == "evaluate after":
         ctrl.wrap(LoadedModel, "generate", call=3)
     elif stage == "save model":

@@ -189,7 +189,7 @@ def _run_cli(model: Path, out: Path, *flags: str):
     from test_cli import invoke
     from tiny import pretend_refusal
 
-    small = ("--n-train", "6", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "4")
+    small = ("--n-train", "6", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "4", "--no-search")
     with pretend_refusal():
         res = invoke("--json", "run", str(model), "--out", str(out), *small, *flags)
     assert res.exit_code == 0, res.output
@@ -261,3 +261,45 @@ def test_bad_placement_flags_are_one_line_errors(tmp_path):
         assert not (tmp_path / "o").exists()
     res = invoke("eval", str(src), "--max-memory", "cpu=1GiB")
     assert res.exit_code != 0 and "max_memory needs a device_map" in res.output
+
+
+def test_run_searches_an_offloaded_model_through_hooks_and_streams_the_pick(tmp_path):
+    """The search scores offloaded trials with runtime hooks; the pick is written from the checkpoint."""
+    from test_cli import invoke
+    from tiny import pretend_refusal
+
+    from abliterate.directions import DirectionSet
+    from abliterate.plan import Directions, apply_plan, build_plan
+    from abliterate.space import EditSpec
+
+    src = tmp_path / "model"
+    write_model(src, "qwen2")
+    flags = ("--n-train", "6", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2", "--trials", "8")
+    with pretend_refusal():
+        res = invoke(
+            "--json",
+            "run",
+            str(src),
+            "--out",
+            str(tmp_path / "off"),
+            *flags,
+            "--kl-budget",
+            "100",
+            "--device-map",
+            "auto",
+            "--max-memory",
+            "cpu=100KB",
+            env={"ABLITERATE_SEARCH_VERIFY_TOP": "0"},
+        )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "off" / "metrics.json").read_text())
+    assert len(metrics["search"]["trials"]) == 8 and "runtime ablation hooks" in metrics["note"]
+    spec = EditSpec.from_dict(metrics["edit"]["spec"])
+    lm = load_model(str(src))
+    source = Directions.from_sets(DirectionSet.load(tmp_path / "off" / "directions.safetensors"))
+    apply_plan(lm, build_plan(lm, spec, source), mode="weights")
+    lm.model.save_pretrained(tmp_path / "want")
+    got, want = _weights(tmp_path / "off"), _weights(tmp_path / "want")
+    assert got.keys() == want.keys()
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=1e-5, msg=k)

@@ -14,7 +14,7 @@ from test_cli import invoke
 from tiny import pretend_refusal, tiny_model, tiny_tokenizer
 
 SMALL = ("--n-train", "6", "--n-val", "8")
-PLOTS = {"measure": ["candidates", "directions"], "run": ["candidates", "directions", "refusals"]}
+PLOTS = {"measure": ["candidates", "directions"], "run": ["candidates", "directions", "refusals", "front"]}
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +26,10 @@ def outputs(tmp_path_factory):
     res = invoke("measure", str(model), "--out", str(root / "measure"), *SMALL, "--position", "-1", "--position", "-2")
     assert res.exit_code == 0, res.output
     with pretend_refusal():
-        res = invoke("run", str(model), "--out", str(root / "run"), *SMALL, "--n-test", "2", "--max-new-tokens", "4")
+        args = ("--n-test", "2", "--max-new-tokens", "4", "--trials", "8", "--kl-budget", "100")
+        res = invoke(
+            "run", str(model), "--out", str(root / "run"), *SMALL, *args, env={"ABLITERATE_SEARCH_VERIFY_TOP": "0"}
+        )
     assert res.exit_code == 0, res.output
     return {"measure": root / "measure", "run": root / "run"}
 
@@ -65,7 +68,8 @@ def test_run_report_has_every_section(outputs):
         assert section in page
     metrics = json.loads((out / "metrics.json").read_text())
     assert page.count("<tr class='") == len(metrics["selection"]["candidates"])
-    assert page.count("class='refused'") + page.count("class='answered'") == 2 * 4  # 2 harmful + 2 harmless rows
+    cells = sum(page.count(f"<td class='{v}'>") for v in ("refusal", "compliance", "degenerate", "unparsed"))
+    assert cells == 2 * 4  # 2 harmful + 2 harmless rows, before and after
     assert f"<b>{metrics['chosen']['method']}</b> at layer <b>{metrics['chosen']['layer']}</b>" in page
 
 

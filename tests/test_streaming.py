@@ -385,3 +385,35 @@ def test_interrupt_while_editing_stops_the_copy(llama_src, tmp_path, monkeypatch
         stream_orthogonalize(src, tmp_path / "o", unit(64))
     assert started and not any(t.is_alive() for t in started)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]  # no output, no temporary sibling
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2_moe", "gpt2", "gemma2"])
+def test_stream_edit_of_a_searched_spec_equals_the_in_memory_plan(family, tmp_path):
+    """``apply --edit --stream``: kernels over layers, a 2-direction subspace, the embeddings, norm preservation."""
+    import math
+
+    from abliterate.directions import DirectionSet
+    from abliterate.plan import Directions, apply_plan, build_plan
+    from abliterate.space import EditSpec, Kernel
+
+    lm = tiny_lm(family)
+    src = save(lm, tmp_path / "src", sharded=True)
+    vectors = torch.randn(lm.num_layers + 1, 1, lm.hidden_size, generator=torch.Generator().manual_seed(3))
+    source = Directions.from_sets(DirectionSet(vectors.double(), [-1], "mean_diff"))
+    specs = [
+        EditSpec(
+            direction_index=1.4,
+            k=2,
+            attn=Kernel(1.0, 1.2, 0.3, 1.5),
+            mlp=Kernel(2.0, 0.8, 0.8, math.inf),
+            embedding=0.5,
+        ),
+        EditSpec(attn=Kernel(0.0, 1.0, 0.5, 2.0), mlp=None, norm_preserving=True),
+    ]
+    for i, spec in enumerate(specs):
+        st.stream_edit(src, tmp_path / f"out{i}", spec, source)
+        edited = from_pretrained_objects(copy.deepcopy(lm.model), lm.tokenizer, source=lm.source)
+        apply_plan(edited, build_plan(edited, spec, source), mode="weights")
+        edited.model.save_pretrained(tmp_path / f"ref{i}")
+        assert_same(tensors(tmp_path / f"out{i}"), tensors(tmp_path / f"ref{i}"))
+        assert (logits(tmp_path / f"out{i}") - logits(edited.model)).abs().max() < 1e-5

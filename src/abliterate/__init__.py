@@ -17,6 +17,10 @@ from .errors import (
 from .interventions import ablate, add, induce
 from .loading import from_pretrained_objects, load_model
 from .model import LoadedModel
+from .plan import AppliedEdit, Directions, EditPlan, applied, apply_plan, build_plan
+from .scorer import Score, Scorer
+from .search import SearchResult, SearchSpace
+from .space import EditSpec, Kernel
 from .weights import EditReport, bake_induction, orthogonalize, untie_embeddings
 
 __version__ = "0.1.0"
@@ -25,6 +29,18 @@ __all__ = [
     "AbliterateError",
     "Activations",
     "Anatomy",
+    "AppliedEdit",
+    "Directions",
+    "EditPlan",
+    "EditSpec",
+    "Kernel",
+    "Score",
+    "Scorer",
+    "SearchResult",
+    "SearchSpace",
+    "applied",
+    "apply_plan",
+    "build_plan",
     "ArchitectureError",
     "ChatTemplateError",
     "Direction",

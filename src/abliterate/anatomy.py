@@ -122,7 +122,9 @@ class Writer:
 
     ``out_axis`` is the weight axis of size ``hidden_size`` (the residual side). ``module`` is the
     module whose forward output is that write (the experts module for fused experts).
-    ``post_norm`` is an RMSNorm applied to the write before it is added, if any.
+    ``post_norm`` is an RMSNorm applied to the write before it is added, if any. ``kind`` is ``"attn"``
+    (attention or another token mixer), ``"mlp"`` (MLP, every MoE expert, shared experts), ``"embedding"``
+    or ``"other"`` (a custom writer pattern matching neither), from :func:`writer_kind`.
     """
 
     name: str
@@ -132,6 +134,7 @@ class Writer:
     bias: str | None
     layer: int | None
     post_norm: nn.Module | None = None
+    kind: str = "other"
 
     @property
     def weight(self) -> torch.Tensor:
@@ -259,7 +262,8 @@ def make_writer(
         if _out_size(module, axis) != hidden:
             return None
         has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
-        return Writer(f"{prefix}.{rel}", module, pname, axis, "bias" if has_bias else None, index, post)
+        bias = "bias" if has_bias else None
+        return Writer(f"{prefix}.{rel}", module, pname, axis, bias, index, post, kind=writer_kind(rel))
     fused = [
         n for n, p in module.named_parameters(recurse=False) if p.dim() in (2, 3) and _fused_axis(module, n, hidden)
     ]
@@ -272,7 +276,7 @@ def make_writer(
     axis = _fused_axis(module, param, hidden)
     assert axis is not None
     bias = f"{param}_bias" if isinstance(getattr(module, f"{param}_bias", None), torch.Tensor) else None
-    return Writer(f"{prefix}.{rel}.{param}", module, param, axis, bias, index, post)
+    return Writer(f"{prefix}.{rel}.{param}", module, param, axis, bias, index, post, kind=writer_kind(f"{rel}.{param}"))
 
 
 def _post_norm_for(layer: nn.Module, rel: str) -> nn.Module | None:
@@ -286,6 +290,15 @@ def _post_norm_for(layer: nn.Module, rel: str) -> nn.Module | None:
                     return _get(layer, norm_path)
             return None
     return None
+
+
+def writer_kind(rel: str) -> str:
+    """``"mlp"`` or ``"attn"`` for a writer's module name relative to its decoder layer, else ``"other"``.
+    An MLP writer is a down-projection (of an MLP, an expert, a shared expert) or a layer-level ``fc2``; a token
+    mixer's (attention, Mamba/SSM, conv, linear attention) out-projection is ``"attn"``."""
+    if re.fullmatch(rf"({_MLP}\.(.*\.)?{_DOWN}(\..*)?|fc2|output\.dense)", rel):
+        return "mlp"
+    return "attn" if re.match(rf"{_ATTN}\.", rel) else "other"
 
 
 def _layer_writers(layer: nn.Module, index: int, prefix: str, patterns: Sequence[str], hidden: int) -> list[Writer]:
@@ -433,4 +446,4 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
 
 
 def _embedding_writer(module: nn.Module, name: str) -> Writer:
-    return Writer(name, module, "weight", 1, None, None)
+    return Writer(name, module, "weight", 1, None, None, kind="embedding")

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from .model import LoadedModel
+from .model import LoadedModel, output_cache
 
 MIN_PREFIX = 4
 
@@ -24,7 +24,7 @@ MIN_PREFIX = 4
 @dataclass
 class Batch:
     rows: list[int]  # indices into the texts, in the caller's order
-    output: Any  # the model output (logits for the last position, past_key_values when use_cache)
+    output: Any  # the model output (logits for the last position, its KV cache when use_cache)
     attention_mask: torch.Tensor  # over prefix + batch tokens
     last_position: torch.Tensor  # [batch, 1] position id of each prompt's last token
 
@@ -48,7 +48,7 @@ class BatchRunner:
         self.use_cache = use_cache
         self.ids = [lm.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
         self.order = sorted(range(len(self.ids)), key=lambda i: len(self.ids[i]))
-        self.prefix_len = self._shared(min_suffix) if share_prefix and lm._accepts("past_key_values") else 0
+        self.prefix_len = self._shared(min_suffix) if share_prefix and lm.caps.cache_arg else 0
         self.cache: Any = None
         self.before_batch: Callable[[list[int]], None] | None = None  # called with the rows before each forward
 
@@ -68,7 +68,7 @@ class BatchRunner:
             return
         ids = torch.tensor([self.ids[0][: self.prefix_len]], device=self.lm.device)
         out = self.lm.forward({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, use_cache=True)
-        self.cache = out.past_key_values
+        self.cache = output_cache(out)
 
     def _pad(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         tails = [self.ids[r][self.prefix_len :] for r in rows]
@@ -97,7 +97,7 @@ class BatchRunner:
                 out = self.lm.forward(
                     {"input_ids": ids, "attention_mask": full},
                     use_cache=True,
-                    past_key_values=cache,
+                    cache=cache,
                     position_ids=positions,
                 )
             else:

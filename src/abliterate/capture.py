@@ -17,7 +17,7 @@ import torch
 from .batching import BatchRunner
 from .errors import PromptError
 from .hooks import HookSet
-from .model import LoadedModel, Progress
+from .model import LoadedModel, Progress, output_cache
 
 Position = int | Literal["gen"]
 MIN_PROMPTS = 2
@@ -114,6 +114,11 @@ def _run_set(
 ) -> _Collector:
     prompt_pos = [p for p in positions if p != "gen"]
     gen_slot = positions.index("gen") if "gen" in positions else None
+    if gen_slot is not None and lm.caps.cache_arg is None:
+        raise PromptError(
+            f"position 'gen' needs a KV cache, and {type(lm.model).__name__}.forward takes none; "
+            "capture prompt positions (negative offsets) instead"
+        )
     idx = torch.tensor(prompt_pos, dtype=torch.long)
     n_points = lm.num_layers + 1
     col = _Collector(n_points, len(positions), lm.hidden_size, len(prompts) if keep else None)
@@ -160,7 +165,7 @@ def _run_set(
                 lm.forward(
                     {"input_ids": next_ids, "attention_mask": mask},
                     use_cache=True,
-                    past_key_values=out.past_key_values,
+                    cache=output_cache(out),
                     position_ids=batch.last_position + 1,
                 )
                 stage.update(slot=slice(0, len(prompt_pos)), select=True)

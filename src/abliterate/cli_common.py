@@ -3,6 +3,7 @@
 import contextlib
 import functools
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +15,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from . import config as config_mod
 from .errors import AbliterateError
+from .model import CapabilityWarning
 
 app = typer.Typer(
     help="Find and remove (or induce) the refusal direction of a Hugging Face causal LM.",
@@ -123,13 +125,21 @@ def wrote(path: Any) -> None:
     STATE["wrote"] = path
 
 
+def _show_warning(message: Any, category: type, *_: Any, **__: Any) -> None:
+    err().print(f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True)
+
+
 def guarded(fn: Any) -> Any:
     """Turn library errors into one clear line and a non-zero exit; Ctrl-C exits 130."""
 
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         STATE["wrote"] = None
         try:
-            return fn(*args, **kwargs)
+            with warnings.catch_warnings():
+                # what a model's forward lacks is in metrics.json; shown here with -v
+                warnings.simplefilter("always" if STATE["verbose"] else "ignore", CapabilityWarning)
+                warnings.showwarning = _show_warning
+                return fn(*args, **kwargs)
         except AbliterateError as exc:
             fail(str(exc))
         except KeyboardInterrupt:
@@ -170,6 +180,38 @@ OFFLOAD_OPT = Annotated[str | None, Opt("--offload-folder", help="Folder for wei
 QUANTIZE_OPT = Annotated[
     str | None, Opt("--quantize", help="4bit or 8bit: load linear layers through bitsandbytes (capture, eval).")
 ]
+# How prompts are formatted: shared by every command that captures, scores or generates.
+THINKING_OPT = Annotated[
+    bool | None,
+    Opt(
+        "--disable-thinking/--enable-thinking",
+        help="Pass enable_thinking=False to the chat template (Qwen3 and alike: empty thinking block).",
+    ),
+]
+PREFIX_OPT = Annotated[
+    str | None, Opt("--response-prefix", help="Text appended after the generation prompt: every reply starts with it.")
+]
+
+
+# The final evaluation's judge: shared by run and eval.
+JUDGE_OPT = Annotated[
+    str | None,
+    Opt("--judge", help="marker (default: refusal phrases), llm:PATH (a local causal LM) or classifier:PATH."),
+]
+JUDGE_LABELS_OPT = Annotated[
+    str | None, Opt("--judge-labels", help="Classifier judge label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.")
+]
+
+DEFAULTS = config_mod.RunConfig()  # option defaults of commands that take flags only (eval)
+
+
+def prompt_format(lm: Any, disable_thinking: bool | None, response_prefix: str | None) -> Any:
+    """Apply --disable-thinking / --response-prefix to a loaded model (as ``pipeline.load_for`` does for run)."""
+    if disable_thinking:
+        lm.template_kwargs["enable_thinking"] = False
+    if response_prefix:
+        lm.response_prefix = response_prefix
+    return lm
 
 
 def placement(
@@ -197,4 +239,55 @@ def _flags(**given: Any) -> dict[str, Any]:
 
 
 def _cfg(config: Path | None, **given: Any) -> config_mod.RunConfig:
-    return config_mod.load(config, _flags(**given))
+    """The effective config; a flag named ``<section>_<key>`` (``search_trials``) sets ``section.key``."""
+    flags = {}
+    for key, value in _flags(**given).items():
+        section = next((s for s in config_mod.SECTIONS if f"{s}.{key[len(s) + 1 :]}" in config_mod.KEYS), None)
+        flags[f"{section}.{key[len(section) + 1 :]}" if section and key.startswith(section + "_") else key] = value
+    return config_mod.load(config, flags)
+
+
+RATE_LABELS = {
+    "refusal_rate": "refusals (harmful)",
+    "compliance_rate": "compliance (harmful)",
+    "degenerate_rate": "degenerate (harmful)",
+    "unparsed_rate": "unparsed (harmful)",
+    "over_refusal": "over-refusal (harmless)",
+    "harmless_degenerate_rate": "degenerate (harmless)",
+    "harmless_unparsed_rate": "unparsed (harmless)",
+}
+
+
+def rate_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
+    """Rows ``(label, cells)`` of verdict rates with 95 % Wilson intervals, one cell per measured condition;
+    "unparsed" rows only when a judge could not be read somewhere."""
+    from .evaluation import format_rate
+
+    rows = []
+    for key, label in RATE_LABELS.items():
+        if "unparsed" in key and not any(m.rate(key) for m in conditions):
+            continue
+        rows.append((label, [format_rate(m, key) for m in conditions]))
+    return rows
+
+
+def damage_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
+    """Rows of KL (first token and along the base model's answers) and perplexity, one cell per condition."""
+    k = conditions[0].kl_tokens
+    return [
+        ("KL vs base (first token, harmless)", [f"{m.kl:.4f}" for m in conditions]),
+        (f"KL vs base (first {k} answer tokens)", [f"{m.kl_answer:.4f}" for m in conditions]),
+        ("perplexity (harmless texts)", [f"{m.perplexity:.2f}" for m in conditions]),
+    ]
+
+
+def agreement_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
+    """Per other judge run on the same answers: how often it agreed with the main judge (non-degenerate answers)."""
+    names = sorted({name for m in conditions for name in m.agreement()})
+    return [
+        (
+            f"agreement with the {name} judge",
+            [f"{a['rate']:.0%} of {a['n']}" if (a := m.agreement().get(name)) else "-" for m in conditions],
+        )
+        for name in names
+    ]

@@ -12,33 +12,49 @@ from .cli_common import (
     DEVICE_MAP_OPT,
     DEVICE_OPT,
     DTYPE_OPT,
+    JUDGE_LABELS_OPT,
+    JUDGE_OPT,
     MAX_MEMORY_OPT,
     OFFLOAD_OPT,
+    PREFIX_OPT,
     QUANTIZE_OPT,
     STATE,
+    THINKING_OPT,
     Opt,
     _cfg,
+    agreement_rows,
     app,
     config_app,
+    damage_rows,
     err,
     fail,
     guarded,
     out,
     progress_bars,
+    rate_rows,
     wrote,
 )
+from .config import SEARCH_HELP
 
 
 def _summary(result: Any) -> None:
     b, a, c = result.before, result.after, result.selection.chosen
-    table = Table(title="abliterate", show_header=True)
+    table = Table(
+        title="abliterate",
+        caption=f"{b.n_harmful} harmful / {b.n_harmless} harmless held-out prompts, judge {b.judge}; "
+        "rates with 95% Wilson intervals",
+        show_header=True,
+    )
     table.add_column("")
     table.add_column("before", justify="right")
     table.add_column("after", justify="right")
-    table.add_row("refusals (held-out harmful)", f"{b.refusal_rate:.0%}", f"{a.refusal_rate:.0%}")
-    table.add_row("over-refusal (held-out harmless)", f"{b.over_refusal:.0%}", f"{a.over_refusal:.0%}")
-    table.add_row("KL (first token, harmless)", "0", f"{a.kl:.4f}")
-    table.add_row("chosen", "", f"{c.method} layer {c.layer} pos {c.position}")
+    for label, cells in rate_rows([b, a]):
+        table.add_row(label, *cells)
+    for label, cells in agreement_rows([b, a]):
+        table.add_row(label, *cells)
+    for label, cells in damage_rows([b, a]):
+        table.add_row(label, *cells)
+    table.add_row("chosen", "", result.choice.label() if result.choice else f"{c.method} layer {c.layer}")
     table.add_row("time", "", f"{result.timings.get('total', 0):.0f} s")
     out().print(table)
     if result.note:
@@ -77,7 +93,9 @@ def run(
     harmless: Annotated[list[str] | None, Opt(help="Prompt source(s) for harmless prompts.")] = None,
     n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
     n_val: Annotated[int | None, Opt(help="Validation prompts per side (candidate selection).")] = None,
-    n_test: Annotated[int | None, Opt(help="Held-out prompts per side for before/after metrics.")] = None,
+    n_test: Annotated[
+        int | None, Opt(help="Held-out prompts per side for the before/after evaluation (default 64).")
+    ] = None,
     methods: Annotated[list[str] | None, Opt("--method", help="mean_diff, slerp or projected (repeatable).")] = None,
     layers: Annotated[list[int] | None, Opt("--layer", help="Restrict candidate layers (repeatable).")] = None,
     kl_threshold: Annotated[float | None, Opt(help="Maximum KL for a candidate.")] = None,
@@ -86,12 +104,41 @@ def run(
         bool | None, Opt("--norm-preserving/--no-norm-preserving", help="Keep writer norms.")
     ] = None,
     system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
-    max_new_tokens: Annotated[int | None, Opt(help="Tokens generated per evaluation prompt.")] = None,
+    disable_thinking: THINKING_OPT = None,
+    response_prefix: PREFIX_OPT = None,
+    max_new_tokens: Annotated[
+        int | None, Opt(help="Final evaluation: at most this many new tokens per answer (default 100).")
+    ] = None,
+    min_new_tokens: Annotated[
+        int | None, Opt(help="Final evaluation: at least this many (default 0: the model may stop earlier).")
+    ] = None,
+    judge: JUDGE_OPT = None,
+    judge_labels: JUDGE_LABELS_OPT = None,
+    kl_tokens: Annotated[
+        int | None, Opt(help="Multi-token KL over this many tokens of the unedited model's answers (default 16).")
+    ] = None,
     batch_size: Annotated[int | None, Opt(help="Prompts per forward pass.")] = None,
     seed: Annotated[int | None, Opt(help="Sampling seed for prompt sets.")] = None,
     force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
+    search_enabled: Annotated[
+        bool | None, Opt("--search/--no-search", help=SEARCH_HELP["enabled"], rich_help_panel="Search")
+    ] = None,
+    search_trials: Annotated[int | None, Opt("--trials", help=SEARCH_HELP["trials"], rich_help_panel="Search")] = None,
+    search_timeout: Annotated[
+        float | None, Opt("--timeout", help=SEARCH_HELP["timeout"], rich_help_panel="Search")
+    ] = None,
+    search_kl_budget: Annotated[
+        float | None, Opt("--kl-budget", help=SEARCH_HELP["kl_budget"], rich_help_panel="Search")
+    ] = None,
+    search_trial: Annotated[int | None, Opt("--trial", help=SEARCH_HELP["trial"], rich_help_panel="Search")] = None,
+    search_resume: Annotated[bool | None, Opt("--resume", help=SEARCH_HELP["resume"], rich_help_panel="Search")] = None,
 ) -> None:
-    """Load -> capture -> choose a direction -> evaluate -> edit weights -> evaluate -> save.
+    """Load -> capture -> sweep -> search the edit -> evaluate -> edit weights -> evaluate -> save.
+
+    The search (on by default; --no-search keeps the sweep's one direction at full strength) tries edits
+    on validation prompts with cheap first-token scores, checks its Pareto front by generation, and picks
+    the fewest refusals within --kl-budget. Its journal sits beside --out until the run succeeds, so a run
+    killed mid-search continues with --resume.
 
     With --device-map (and --max-memory) or --quantize the model may not fit in memory as plain weights;
     capture and evaluation then run on the dispatched or quantized model, and the edited weights are written
@@ -122,10 +169,22 @@ def run(
         scale=scale,
         norm_preserving=norm_preserving,
         system=system,
+        disable_thinking=disable_thinking,
+        response_prefix=response_prefix,
         max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        kl_tokens=kl_tokens,
+        judge=judge,
+        judge_labels=judge_labels,
         batch_size=batch_size,
         seed=seed,
         force=force,
+        search_enabled=search_enabled,
+        search_trials=search_trials,
+        search_timeout=search_timeout,
+        search_kl_budget=search_kl_budget,
+        search_trial=search_trial,
+        search_resume=search_resume,
     )
     if not cfg.out:
         fail("no output directory; pass --out DIR (or set out in the config file)")

@@ -1,4 +1,4 @@
-"""``abliterate measure``, ``apply``, ``eval`` and ``chat``."""
+"""``abliterate measure``, ``apply`` and ``export``."""
 
 import json
 from pathlib import Path
@@ -14,12 +14,13 @@ from .cli_common import (
     DTYPE_OPT,
     MAX_MEMORY_OPT,
     OFFLOAD_OPT,
+    PREFIX_OPT,
     QUANTIZE_OPT,
     STATE,
+    THINKING_OPT,
     Opt,
     _cfg,
     app,
-    err,
     fail,
     guarded,
     out,
@@ -63,6 +64,8 @@ def measure(
     ] = None,
     n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
     n_val: Annotated[int | None, Opt(help="Validation prompts per side.")] = None,
+    disable_thinking: THINKING_OPT = None,
+    response_prefix: PREFIX_OPT = None,
     dtype: DTYPE_OPT = None,
     device: DEVICE_OPT = None,
     device_map: DEVICE_MAP_OPT = None,
@@ -91,6 +94,8 @@ def measure(
         positions=positions,
         n_train=n_train,
         n_val=n_val,
+        disable_thinking=disable_thinking,
+        response_prefix=response_prefix,
         force=force,
         dtype=dtype,
         device=device,
@@ -153,6 +158,14 @@ def apply(
     offload_folder: OFFLOAD_OPT = None,
     quantize: QUANTIZE_OPT = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing output directory.")] = False,
+    edit: Annotated[
+        Path | None,
+        Opt(
+            "--edit",
+            help="edit.json from run: apply its searched edit (kernels, k, embedding, norm preservation) "
+            "instead of --layer/--position/--scale/--norm-preserving.",
+        ),
+    ] = None,
 ) -> None:
     """Apply a saved direction to a model: at run time (--runtime-check) or to the weights (--out).
 
@@ -172,6 +185,23 @@ def apply(
         fail(f"scale must be >= 0, got {scale}")
     if not runtime_check and not out_dir:
         fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
+    if edit is not None:
+        _apply_edit(
+            model,
+            directions_file,
+            edit,
+            out_dir,
+            runtime_check,
+            stream,
+            mode,
+            force,
+            layer,
+            position,
+            scale,
+            norm_preserving,
+            placement(dtype, device, device_map, max_memory, offload_folder, quantize),
+        )
+        return
     if stream:
         if mode != "ablate" or runtime_check:
             fail("--stream edits weights only (mode ablate, no --runtime-check)")
@@ -227,66 +257,66 @@ def apply(
     out().print(f"wrote [bold]{target}[/]")
 
 
-@app.command("eval")
-@guarded
-def evaluate(
-    model: Annotated[str, typer.Argument(help="Model to measure (e.g. a saved abliterated directory).")],
-    base: Annotated[str | None, Opt(help="Base model for KL (default: the model itself).")] = None,
-    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = 16,
-    max_new_tokens: Annotated[int, Opt(help="Tokens generated per prompt.")] = 48,
-    out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
-    dtype: DTYPE_OPT = None,
-    device: DEVICE_OPT = None,
-    device_map: DEVICE_MAP_OPT = None,
-    max_memory: MAX_MEMORY_OPT = None,
-    offload_folder: OFFLOAD_OPT = None,
-    quantize: QUANTIZE_OPT = None,
+def _apply_edit(
+    model: str,
+    directions_file: Path,
+    edit: Path,
+    out_dir: str | None,
+    runtime_check: list[str] | None,
+    stream: bool,
+    mode: str,
+    force: bool,
+    layer: int | None,
+    position: int | None,
+    scale: float,
+    norm_preserving: bool,
+    where: dict[str, Any],
 ) -> None:
-    """Refusal rate, over-refusal and KL of a model against its base, on held-out bundled prompts.
-
-    Example: abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
-    """
-    from .evaluation import Evaluator, baseline_note
+    """``apply --edit``: the edit ``run`` chose (edit.json), built from the saved direction set."""
+    from .directions import DirectionSet
     from .loading import load_model
-    from .prompts import bundled
+    from .plan import Directions, applied, apply_plan, build_plan
+    from .saving import check_output
+    from .space import EditSpec
 
-    if out_file is not None and out_file.exists():
-        fail(f"{out_file} already exists; choose another path")
-    where = placement(dtype, device, device_map, max_memory, offload_folder, quantize)
-    reference = load_model(base or model, **where)
-    target = load_model(model, **where) if base else reference
-    if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
-        fail("the model and --base use different tokenizers; KL needs the same vocabulary")
-    ev = Evaluator(
-        reference,
-        bundled("harmful", "test", limit=n_test),
-        bundled("harmless", "test", limit=n_test),
-        max_new_tokens=max_new_tokens,
-    )
-    rows = {"base": ev.measure("base")} if base else {}
-    rows["model"] = ev.measure("model", model=target)
-    payload = {k: v.to_dict() for k, v in rows.items()}
-    if base:
-        payload["note"] = baseline_note(rows["base"])
-    if out_file is not None:
-        partial = out_file.with_name(f".{out_file.name}.tmp")
-        try:  # a Ctrl-C or a full disk never leaves half a file behind
-            partial.write_text(json.dumps(payload, indent=2) + "\n")
-            partial.replace(out_file)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-    if STATE["json"]:
-        out().print_json(json.dumps(payload))
+    if mode != "ablate" or layer is not None or position is not None or scale != 1.0 or norm_preserving:
+        fail("--edit applies the recorded edit as it is; drop --mode/--layer/--position/--scale/--norm-preserving")
+    try:
+        spec = EditSpec.from_dict(json.loads(edit.read_text())["spec"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        fail(f"{edit} is not an edit.json written by run ({exc}); pass the edit.json of a run's output")
+    source = Directions.from_sets(DirectionSet.load(directions_file))
+    if stream:
+        from .streaming import stream_edit
+
+        with progress_bars() as progress:
+            report = stream_edit(
+                model,
+                out_dir,
+                spec,
+                source,
+                overwrite=force,
+                progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
+            )
+        wrote(report.out_dir)
+        out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
         return
-    table = Table(title="eval")
-    for col in ("", "refusals (harmful)", "over-refusal (harmless)", "KL vs base"):
-        table.add_column(col)
-    for name, m in rows.items():
-        table.add_row(name, f"{m.refusal_rate:.0%}", f"{m.over_refusal:.0%}", f"{m.kl:.4f}")
-    out().print(table)
-    if base and payload["note"]:
-        err().print(f"[yellow]note:[/] {payload['note']}")
+    target = (
+        check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
+        if out_dir
+        else None
+    )
+    lm = load_model(model, **where)
+    if runtime_check:
+        with applied(lm, spec, source, mode="hooks"):
+            responses = lm.generate(runtime_check, max_new_tokens=64)
+        for prompt, response in zip(runtime_check, responses, strict=True):
+            out().print(f"[bold]> {prompt}[/]\n{response}\n")
+        return
+    apply_plan(lm, build_plan(lm, spec, source), mode="weights")
+    assert target is not None
+    wrote(lm.save(target, overwrite=force))
+    out().print(f"wrote [bold]{target}[/]")
 
 
 @app.command()

@@ -20,6 +20,46 @@ class ConfigError(AbliterateError):
     """A configuration file, variable or value is invalid."""
 
 
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A config field whose help text is defined once: the CLI option and the docs read it from here."""
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata={"help": help, **kw})
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class SearchConfig:
+    """The ``[search]`` table: how ``run`` chooses its edit (see abliterate.search and abliterate.space)."""
+
+    enabled: bool = _opt(True, "Search the edit space (false: the sweep's one direction at full strength).")
+    trials: int | None = _opt(
+        None, "Finished trials wanted (default 60 without --timeout; a resumed journal counts its own)."
+    )
+    timeout: float | None = _opt(None, "Wall-clock limit of the search in seconds (with or instead of trials).")
+    kl_budget: float = _opt(0.05, "Pick the fewest refusals among front trials with first-token KL <= this.")
+    trial: int | None = _opt(None, "Take this trial number from the Pareto front instead of the default policy.")
+    resume: bool = _opt(False, "Continue the search journal an interrupted run left beside --out.")
+    seed: int = _opt(0, "Sampler seed (the search is deterministic under a seed on the same machine).")
+    startup: int = _opt(8, "Random trials before TPE models the front (after the enqueued warm start).")
+    warm_start: int = _opt(3, "The sweep's best candidates tried first, at full strength.")
+    verify_top: int = _opt(6, "Front trials checked by generating and judging answers (0: cheap scores only).")
+    verify_tokens: int = _opt(24, "Tokens generated per harmful validation prompt in that check.")
+    methods: list[str] = _opt(["mean_diff", "projected"], "Direction methods searched.")
+    max_k: int = _opt(2, "Largest number of directions removed jointly.")
+    per_layer: bool = _opt(True, "Also search 'each writer removes its own layer's direction'.")
+    embedding: bool = _opt(True, "Search editing the embeddings (on/off).")
+    norm_preserving: list[bool] = _opt([False, True], "Norm-preserving edit choices searched.")
+    direction_range: list[float] = _opt([0.3, 0.9], "Direction index range, as fractions of the layer count.")
+    peak_range: list[float] = _opt([0.2, 1.0], "Kernel peak range, as fractions of the last layer index.")
+    weight_range: list[float] = _opt([0.4, 1.5], "Kernel peak weight range.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+SEARCH_HELP = {f.name: f.metadata["help"] for f in fields(SearchConfig)}
+
+
 @dataclass
 class RunConfig:
     model: str = ""
@@ -41,7 +81,7 @@ class RunConfig:
     prompt_suffix: str = ""
     n_train: int = 64
     n_val: int = 16
-    n_test: int = 16
+    n_test: int = 64  # held-out prompts per side for the final evaluation (evaluation.N_TEST)
     seed: int = 0
     positions: list[int] = field(default_factory=lambda: [-1])
     methods: list[str] = field(default_factory=lambda: ["mean_diff"])
@@ -54,17 +94,27 @@ class RunConfig:
     scale: float = 1.0
     norm_preserving: bool = False
     batch_size: int = 16
-    max_new_tokens: int = 48
+    max_new_tokens: int = 100  # final-evaluation answers: up to this many new tokens (evaluation.MAX_NEW_TOKENS)
+    min_new_tokens: int = 0  # and at least this many (0: a model that stops early is not forced on)
+    kl_tokens: int = 16  # multi-token KL: averaged over this many tokens of the base model's answers
+    judge: str = "marker"  # final-evaluation judge: marker, llm:PATH or classifier:PATH
+    judge_labels: str | None = None  # classifier judge: LABEL=refusal,OTHER=compliance
     samples: int = 6
     force: bool = False
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-KEYS = {f.name for f in fields(RunConfig)}
+SECTIONS: dict[str, type] = {"search": SearchConfig}  # TOML tables; keys "search.trials", env ABLITERATE_SEARCH_TRIALS
+KEYS = {f.name for f in fields(RunConfig) if f.name not in SECTIONS} | {
+    f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)
+}
 NON_CONFIG_ENV = frozenset({"ABLITERATE_CACHE", "ABLITERATE_TEST_CACHE"})  # cache locations, not run settings
-HINTS = get_type_hints(RunConfig)
+HINTS = get_type_hints(RunConfig) | {
+    f"{name}.{key}": hint for name, cls in SECTIONS.items() for key, hint in get_type_hints(cls).items()
+}
 
 
 def _base_type(hint: Any) -> tuple[Any, bool]:
@@ -84,6 +134,8 @@ def coerce(key: str, value: Any) -> Any:
         guess = difflib.get_close_matches(key, sorted(KEYS), n=1)
         raise ConfigError(f"unknown config key '{key}'" + (f"; did you mean '{guess[0]}'?" if guess else ""))
     hint, optional = _base_type(HINTS[key])
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
     if value is None or (optional and isinstance(value, str) and value.lower() in ("", "none")):
         if optional:
             return None
@@ -114,9 +166,21 @@ def validate(cfg: RunConfig) -> RunConfig:
     for m in cfg.methods:
         if m not in METHODS:
             raise ConfigError(f"unknown method '{m}'; use one of {', '.join(METHODS)}")
-    for key in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens"):
+    for key in ("n_train", "n_val", "n_test", "batch_size", "max_new_tokens", "kl_tokens"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"{key} must be at least 1, got {getattr(cfg, key)}")
+    if cfg.min_new_tokens < 0:
+        raise ConfigError(f"min_new_tokens must be >= 0, got {cfg.min_new_tokens}")
+    if cfg.min_new_tokens > cfg.max_new_tokens:
+        raise ConfigError(
+            f"min_new_tokens ({cfg.min_new_tokens}) is above max_new_tokens ({cfg.max_new_tokens}); "
+            "lower --min-new-tokens or raise --max-new-tokens"
+        )
+    kind, _, path = cfg.judge.partition(":")
+    if not ((kind == "marker" and not path) or (kind in ("llm", "classifier") and path)):
+        raise ConfigError(f"unknown judge {cfg.judge!r}; use marker, llm:PATH or classifier:PATH")
+    if cfg.judge_labels and kind != "classifier":
+        raise ConfigError("judge_labels is for a classifier judge (judge = classifier:PATH)")
     if cfg.scale < 0:
         raise ConfigError(f"scale must be >= 0, got {cfg.scale}")
     if not 0 <= cfg.skip_last < 1:
@@ -127,9 +191,35 @@ def validate(cfg: RunConfig) -> RunConfig:
         raise ConfigError(f"quantize must be 4bit or 8bit, got {cfg.quantize!r}")
     if cfg.max_memory is not None and cfg.device_map is None:
         raise ConfigError("max_memory needs device_map (e.g. --device-map auto)")
+    validate_search(cfg.search)
     if any(p >= 0 for p in cfg.positions):
         raise ConfigError(f"positions must be negative offsets from the prompt end (e.g. -1), got {cfg.positions}")
     return cfg
+
+
+def validate_search(sc: SearchConfig) -> None:
+    from .directions import METHODS
+
+    if sc.trials is not None and sc.trials < 1:
+        raise ConfigError(f"search.trials (--trials) must be at least 1, got {sc.trials}")
+    if sc.timeout is not None and not 0 < sc.timeout < float("inf"):
+        raise ConfigError(f"search.timeout (--timeout) must be a positive number of seconds, got {sc.timeout}")
+    if not 0 < sc.kl_budget < float("inf"):
+        raise ConfigError(f"search.kl_budget (--kl-budget) must be a positive number, got {sc.kl_budget}")
+    for key in ("startup", "warm_start", "verify_top"):
+        if getattr(sc, key) < 0:
+            raise ConfigError(f"search.{key} must be >= 0, got {getattr(sc, key)}")
+    if sc.verify_tokens < 1 or sc.max_k < 1:
+        raise ConfigError("search.verify_tokens and search.max_k must be at least 1")
+    bad = [m for m in sc.methods if m not in METHODS]
+    if not sc.methods or bad:
+        raise ConfigError(f"search.methods {sc.methods}: use some of {', '.join(METHODS)}")
+    if not sc.norm_preserving:
+        raise ConfigError("search.norm_preserving is empty; use [false], [true] or [false, true]")
+    for key in ("direction_range", "peak_range", "weight_range"):
+        pair = getattr(sc, key)
+        if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:
+            raise ConfigError(f"search.{key} must be two numbers 0 <= low <= high, got {pair}")
 
 
 def load(
@@ -145,12 +235,28 @@ def load(
             data = tomllib.loads(p.read_text(encoding="utf-8"))
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"config file {p} is not valid TOML: {exc}") from exc
-        values.update({k.replace("-", "_"): coerce(k.replace("-", "_"), v) for k, v in data.items()})
+        for k, v in data.items():
+            k = k.replace("-", "_")
+            if k in SECTIONS and isinstance(v, dict):
+                values.update(
+                    {f"{k}.{sk.replace('-', '_')}": coerce(f"{k}.{sk.replace('-', '_')}", sv) for sk, sv in v.items()}
+                )
+            else:
+                values[k] = coerce(k, v)
     environ = os.environ if env is None else env
     for name, raw in environ.items():
         if name.startswith("ABLITERATE_") and name not in NON_CONFIG_ENV:
             key = name[len("ABLITERATE_") :].lower()
+            section = next(
+                (s for s in SECTIONS if key.startswith(s + "_") and f"{s}.{key[len(s) + 1 :]}" in KEYS), None
+            )
+            key = f"{section}.{key[len(section) + 1 :]}" if section else key
             values[key] = coerce(key, raw)
     for key, value in (flags or {}).items():
         values[key] = coerce(key, value)
-    return validate(RunConfig(**values))
+    plain = {k: v for k, v in values.items() if "." not in k}
+    tables = {
+        name: cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")})
+        for name, cls in SECTIONS.items()
+    }
+    return validate(RunConfig(**plain, **tables))

@@ -355,7 +355,7 @@ def _fix_embeddings(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> st
     known = {id(w.module) for w in anatomy.embeddings}
     for name, m in ran:
         if isinstance(m, nn.Embedding) and id(m) not in known:
-            anatomy.embeddings.append(Writer(name, m, "weight", 1, None, None))
+            anatomy.embeddings.append(Writer(name, m, "weight", 1, None, None, kind="embedding"))
             anatomy.discovered.append(name)
     others = [n for n, m in ran if not isinstance(m, (nn.Embedding, nn.Dropout)) and next(m.children(), None) is None]
     return ", ".join(others) if others else None

@@ -13,55 +13,15 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import torch
 
-from .anatomy import Writer
 from .capture import Activations
 from .directions import Direction, as_basis
 from .errors import AbliterateError, DirectionError
 from .hooks import HookSet
 from .model import LoadedModel
-from .projection import Scale, layer_scales, project_out, writer_basis
+from .plan import ablate_fn, edit_plan
+from .projection import Scale, project_out
 
 Coefficient = float | Mapping[int, float] | Activations
-
-
-def _ablate_fn(basis: torch.Tensor, scale: float):
-    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = basis.to(x.device)
-        return project_out(x, cache[key], scale)
-
-    return fn
-
-
-def _writers(lm: LoadedModel, scales: dict[int, float], embeddings: bool, embedding_scale: float):
-    """(writer, scale) pairs to edit: chosen layers' writers plus, optionally, the embeddings."""
-    pairs: list[tuple[Writer, float]] = []
-    if embeddings and embedding_scale:
-        pairs += [(w, embedding_scale) for w in lm.anatomy.embeddings]
-    for layer, s in sorted(scales.items()):
-        pairs += [(w, s) for w in lm.anatomy.writers[layer]]
-    return pairs
-
-
-def edit_plan(
-    lm: LoadedModel,
-    direction: Direction | torch.Tensor,
-    layers: Sequence[int] | None,
-    scale: Scale,
-    embeddings: bool | None,
-    embedding_scale: float | None,
-) -> list[tuple[Writer, torch.Tensor, float]]:
-    """Shared by runtime ablation and weight orthogonalization: what to project out of which writer."""
-    basis = as_basis(direction, lm.hidden_size)
-    scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
-    use_emb = (layers is None) if embeddings is None else embeddings
-    emb_scale = embedding_scale if embedding_scale is not None else (1.0 if isinstance(scale, Mapping) else scale)
-    if emb_scale < 0:
-        raise AbliterateError(f"embedding_scale is negative ({emb_scale}); use a value >= 0")
-    return [(w, writer_basis(w, basis, lm.hidden_size), s) for w, s in _writers(lm, scales, use_emb, emb_scale)]
 
 
 @contextlib.contextmanager
@@ -83,8 +43,8 @@ def ablate(
     """
     plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
     with HookSet() as hooks:
-        for writer, basis, s in plan:
-            hooks.on_output(writer.module, _ablate_fn(basis, s))
+        for e in plan.edits:
+            hooks.on_output(e.writer.module, ablate_fn(e.basis, e.scale))
         yield hooks
 
 

@@ -17,17 +17,19 @@ from typing import Any
 
 from . import __version__
 from .capture import Activations, capture
+from .choosing import Choice, choose_edit, edit_directions, journal_path, with_projection
 from .config import RunConfig
 from .directions import DirectionSet
 from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
-from .interventions import ablate
+from .judge import Judge
 from .loading import load_model
 from .model import LoadedModel
+from .plan import applied, apply_plan, build_plan
 from .prompts import PromptSplits, make_splits
 from .saving import atomic_directory, check_output
+from .scorer import Scorer
 from .selection import Method, Selection, select
-from .weights import orthogonalize
 
 StageProgress = Callable[[str, int, int], None]
 
@@ -45,6 +47,8 @@ class RunResult:
     timings: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
     note: str = ""
+    capabilities: dict[str, Any] = field(default_factory=dict)  # the model's ForwardCapabilities
+    choice: Choice | None = None  # the edit made: the sweep's, or the search's pick (with every trial)
 
     def metrics(self) -> dict[str, Any]:
         chosen = self.selection.chosen
@@ -58,6 +62,9 @@ class RunResult:
             "after": self.after.to_dict(),
             "selection": self.selection.to_dict(),
             "timings_s": self.timings,
+            "model_capabilities": self.capabilities,
+            "edit": None if self.choice is None else self.choice.to_dict(),
+            "search": None if self.choice is None or self.choice.search is None else self.choice.search.to_dict(),
             "note": self.note,
         }
 
@@ -96,6 +103,14 @@ def load_for(cfg: RunConfig) -> LoadedModel:
     return lm
 
 
+def judge_for(cfg: RunConfig) -> Judge:
+    """The final-evaluation judge of ``cfg.judge`` (a judge model loaded on ``cfg.device``)."""
+    from .judges import judge_from_spec
+
+    load = {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
+    return judge_from_spec(cfg.judge, labels=cfg.judge_labels, batch_size=cfg.batch_size, **load)
+
+
 def splits_for(cfg: RunConfig) -> tuple[PromptSplits, PromptSplits]:
     common = {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test, "seed": cfg.seed}
     affix = {"prefix": cfg.prompt_prefix, "suffix": cfg.prompt_suffix}
@@ -104,8 +119,11 @@ def splits_for(cfg: RunConfig) -> tuple[PromptSplits, PromptSplits]:
     )
 
 
-def measure(cfg: RunConfig, lm: LoadedModel, progress: StageProgress | None = None) -> tuple[Activations, Selection]:
-    """Capture on the train split and sweep candidates on the validation split."""
+def measure(
+    cfg: RunConfig, lm: LoadedModel, progress: StageProgress | None = None, scorer: Scorer | None = None
+) -> tuple[Activations, Selection]:
+    """Capture on the train split and sweep candidates on the validation split (scored by ``scorer``, built
+    on the unedited model and the validation split, when given: the search then reuses it)."""
     harmful, harmless = splits_for(cfg)
     if progress:
         progress("capture", 0, len(harmful.train) + len(harmless.train))
@@ -131,6 +149,7 @@ def measure(cfg: RunConfig, lm: LoadedModel, progress: StageProgress | None = No
         min_bypass_drop=cfg.min_bypass_drop,
         batch_size=cfg.batch_size,
         progress=(lambda d, t, _s: progress("sweep", d, t)) if progress else None,
+        scorer=scorer,
     )
     return acts, sel
 
@@ -144,17 +163,29 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     timings["load"] = time.perf_counter() - t0
     why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
+    judge = judge_for(cfg)
     harmful, harmless = splits_for(cfg)
     t = time.perf_counter()
-    acts, sel = measure(cfg, lm, progress)
+    scorer = Scorer(lm, harmful.val, harmless.val, system=cfg.system, batch_size=cfg.batch_size)
+    acts, sel = measure(cfg, lm, progress, scorer)
     timings["capture_and_sweep"] = time.perf_counter() - t
     if not sel.baseline_refuses:
         raise NoRefusalError(sel.note)
-    if sel.chosen is None:
+    if sel.chosen is None and not cfg.search.enabled:
         raise AbliterateError(sel.note)
-    direction = sel.direction()
+    t = time.perf_counter()
+    choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress)
+    timings["search" if choice.search else "choose"] = time.perf_counter() - t
     evaluator = Evaluator(
-        lm, harmful.test, harmless.test, system=cfg.system, max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size
+        lm,
+        harmful.test,
+        harmless.test,
+        judge=judge,
+        system=cfg.system,
+        max_new_tokens=cfg.max_new_tokens,
+        min_new_tokens=cfg.min_new_tokens,
+        kl_tokens=cfg.kl_tokens,
+        batch_size=cfg.batch_size,
     )
 
     def evaluate(name: str, edit: Any = None) -> Metrics:
@@ -170,20 +201,17 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     before = evaluate("before")
     notes = [baseline_note(before)]
     if checkpoint is None:
-        orthogonalize(lm, direction, scale=cfg.scale, norm_preserving=cfg.norm_preserving)
+        apply_plan(lm, build_plan(lm, choice.spec, choice.source), mode="weights")  # permanent: never reverted
         after = evaluate("after")
     else:  # offloaded or quantized: measure the runtime twin, write the edit from the checkpoint
-        after = evaluate("after", lambda: ablate(lm, direction, scale=cfg.scale))
-        same = (
-            "which equal the plain edit, not the norm-preserving one written to disk"
-            if cfg.norm_preserving
-            else "which equal the weight edit"
-        )
+        after = evaluate("after", lambda: applied(lm, choice.spec, choice.source, mode="hooks"))
         notes.append(
-            f"the model was {why}, so 'after' was measured with runtime ablation hooks ({same}) and the "
-            f"weights were edited shard by shard from {checkpoint}"
+            f"the model was {why}, so 'after' was measured with runtime ablation hooks (which equal the weight "
+            f"edit) and the weights were edited shard by shard from {checkpoint}"
         )
-    result = RunResult(None, sel, before, after, timings, cfg.to_dict(), "; ".join(n for n in notes if n))
+    result = RunResult(
+        None, sel, before, after, timings, cfg.to_dict(), "; ".join(n for n in notes if n), lm.caps.to_dict(), choice
+    )
     t = time.perf_counter()
     if progress:
         progress("save", 0, 1)
@@ -191,9 +219,13 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         if checkpoint is None:
             lm.model.save_pretrained(tmp)
         else:
-            _stream_into(tmp, checkpoint, direction, cfg, progress)
+            _stream_into(tmp, checkpoint, choice, cfg, progress)
         lm.tokenizer.save_pretrained(tmp)
-        annotate(sel, acts, sel.chosen.method).save(tmp / "directions.safetensors")
+        edit_directions(acts, choice.spec, sel).save(tmp / "directions.safetensors")
+        (tmp / "edit.json").write_text(json.dumps(choice.to_dict(), indent=2) + "\n")
+        journal = journal_path(cfg.out)
+        if choice.search is not None and journal.exists():
+            os.replace(journal, tmp / "search_journal.log")  # the run succeeded: the journal goes inside
         write_artifacts(tmp, result, acts)
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
@@ -222,17 +254,16 @@ def checkpoint_dir(lm: LoadedModel, why: str) -> Path:
     return folder
 
 
-def _stream_into(tmp: Path, checkpoint: Path, direction: Any, cfg: RunConfig, progress: StageProgress | None) -> None:
+def _stream_into(tmp: Path, checkpoint: Path, choice: Choice, cfg: RunConfig, progress: StageProgress | None) -> None:
     """Write the edited checkpoint into ``tmp`` with the streaming edit (through a sub-folder moved up)."""
-    from .streaming import stream_orthogonalize
+    from .streaming import stream_edit
 
     staging = tmp / ".model"
-    stream_orthogonalize(
+    stream_edit(
         checkpoint,
         staging,
-        direction,
-        scale=cfg.scale,
-        norm_preserving=cfg.norm_preserving,
+        choice.spec,
+        choice.source,
         trust_remote_code=cfg.trust_remote_code,
         progress=(lambda d, t: progress("save model", d, t)) if progress else None,
     )
@@ -260,15 +291,8 @@ def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Sele
 def annotate(sel: Selection, acts: Activations, label: str) -> DirectionSet:
     """The direction set of method ``label`` with the chosen candidate and, per layer, the harmful
     prompts' mean projection onto the unit direction (the default induction coefficient)."""
-    ds = sel.direction_sets[label]
     position = sel.chosen.position if sel.chosen else acts.positions[-1]
-    p = acts.position_index(position)
-    units = ds.vectors[:, ds.positions.index(position)].float()
-    units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    ds.meta["harmful_projection"] = [float(x) for x in (acts.harmful_mean[:, p].float() * units).sum(-1)]
-    if sel.chosen:
-        ds.meta["chosen"] = {"layer": sel.chosen.layer, "position": sel.chosen.position, "method": label}
-    return ds
+    return with_projection(sel.direction_sets[label], acts, position, sel)
 
 
 def write_artifacts(folder: Path, result: RunResult, acts: Activations) -> None:

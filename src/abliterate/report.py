@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import base64
 import html
+import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .capture import Activations
-from .evaluation import Metrics
+from .evaluation import Metrics, Sample, format_rate
 
 if TYPE_CHECKING:
     from .pipeline import RunResult
     from .selection import Selection
-
-
-def _pct(x: float) -> str:
-    return f"{100 * x:.0f}%"
 
 
 def _pyplot():
@@ -90,15 +87,28 @@ def directions_plot(folder: Path, acts: Activations) -> Path:
 
 
 def refusals_plot(folder: Path, before: Metrics, after: Metrics) -> Path:
-    """refusals.png: refusal and over-refusal rates before and after the edit."""
-    fig, ax = _pyplot().subplots(figsize=(5, 3.2))
-    labels = ["refusal (harmful)", "over-refusal (harmless)"]
-    xs = range(len(labels))
-    ax.bar([x - 0.2 for x in xs], [before.refusal_rate, before.over_refusal], width=0.4, label="before")
-    ax.bar([x + 0.2 for x in xs], [after.refusal_rate, after.over_refusal], width=0.4, label="after")
+    """refusals.png: refusal, compliance and degenerate rates on harmful prompts and over-refusal on harmless
+    ones, before and after the edit, with 95 % Wilson intervals as error bars."""
+    fig, ax = _pyplot().subplots(figsize=(7, 3.4))
+    keys = ["refusal_rate", "compliance_rate", "degenerate_rate", "over_refusal", "harmless_degenerate_rate"]
+    labels = [
+        "refusal\n(harmful)",
+        "compliance\n(harmful)",
+        "degenerate\n(harmful)",
+        "refusal\n(harmless)",
+        "degenerate\n(harmless)",
+    ]
+    xs = range(len(keys))
+    for shift, m, label in ((-0.2, before, "before"), (0.2, after, "after")):
+        rates = [m.rate(k) for k in keys]
+        errs = [
+            [r - m.interval(k)[0] for r, k in zip(rates, keys, strict=True)],
+            [m.interval(k)[1] - r for r, k in zip(rates, keys, strict=True)],
+        ]
+        ax.bar([x + shift for x in xs], rates, width=0.4, yerr=errs, capsize=3, label=label)
     ax.set_xticks(list(xs), labels, fontsize=8)
     ax.set_ylim(0, 1)
-    ax.set_title(f"refusals on held-out prompts (KL after: {after.kl:.3f})", fontsize=9)
+    ax.set_title(f"verdicts on held-out prompts, 95% Wilson intervals (KL after: {after.kl:.3f})", fontsize=9)
     ax.legend(fontsize=8)
     return _save(fig, folder / "refusals.png")
 
@@ -108,17 +118,54 @@ def _img(path: Path) -> str:
     return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
 
 
+def _cell(sample: Sample) -> str:
+    why = f" ({sample.reason})" if sample.reason else ""
+    return (
+        f"<td class='{sample.verdict}'><span class='verdict'>{sample.verdict}{html.escape(why)}</span> "
+        f"{html.escape(sample.response)}</td>"
+    )
+
+
+def _kpi(before: Metrics, after: Metrics) -> str:
+    """The before/after table: every verdict rate with its 95 % Wilson interval, then KL."""
+    rows = [
+        ("refusal rate, held-out harmful", "refusal_rate", before.n_harmful),
+        ("compliance, held-out harmful", "compliance_rate", before.n_harmful),
+        ("degenerate, held-out harmful", "degenerate_rate", before.n_harmful),
+        ("unparsed by the judge, held-out harmful", "unparsed_rate", before.n_harmful),
+        ("over-refusal, held-out harmless", "over_refusal", before.n_harmless),
+        ("degenerate, held-out harmless", "harmless_degenerate_rate", before.n_harmless),
+        ("unparsed by the judge, held-out harmless", "harmless_unparsed_rate", before.n_harmless),
+    ]
+    body = "".join(
+        f"<tr><td>{label} ({n})</td><td>{format_rate(before, key)}</td><td>{format_rate(after, key)}</td></tr>"
+        for label, key, n in rows
+        if "unparsed" not in key or before.rate(key) or after.rate(key)
+    )
+    for name, a in after.agreement().items():
+        b = before.agreement().get(name, {"rate": 0.0, "n": 0})
+        body += (
+            f"<tr><td>agreement with the {html.escape(name)} judge (answers not degenerate)</td>"
+            f"<td>{b['rate']:.0%} of {b['n']}</td><td>{a['rate']:.0%} of {a['n']}</td></tr>"
+        )
+    return (
+        f"<p>Judge: <b>{html.escape(before.judge)}</b>. Degenerate answers (empty, non-text, repeated n-grams, "
+        "loops) are failures, never compliance. Rates with 95% Wilson intervals.</p>"
+        '<table class="kpi"><tr><th></th><th>before</th><th>after</th></tr>'
+        f"{body}<tr><td>KL(base || edited), first response token</td><td>{before.kl:.4f}</td><td>{after.kl:.4f}</td></tr>"
+        f"<tr><td>KL(base || edited), mean over the first {after.kl_tokens} tokens of the base model's answers</td>"
+        f"<td>{before.kl_answer:.4f}</td><td>{after.kl_answer:.4f}</td></tr>"
+        f"<tr><td>perplexity on harmless texts</td><td>{before.perplexity:.2f}</td><td>{after.perplexity:.2f}</td></tr></table>"
+    )
+
+
 def _samples(before: Metrics, after: Metrics, limit: int) -> str:
     rows = []
     for b, a in (
         list(zip(before.harmful_samples, after.harmful_samples, strict=True))[:limit]
         + list(zip(before.harmless_samples, after.harmless_samples, strict=True))[: max(1, limit // 2)]
     ):
-        cls = lambda s: "refused" if s.refused else "answered"  # noqa: E731
-        rows.append(
-            f"<tr><td>{html.escape(b.prompt)}</td><td class='{cls(b)}'>{html.escape(b.response)}</td>"
-            f"<td class='{cls(a)}'>{html.escape(a.response)}</td></tr>"
-        )
+        rows.append(f"<tr><td>{html.escape(b.prompt)}</td>{_cell(b)}{_cell(a)}</tr>")
     return "".join(rows)
 
 
@@ -153,7 +200,7 @@ def _page(folder: Path, title: str, body: str) -> Path:
     doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:13px;width:100%}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
-.refused{{background:#fde2e2}}.answered{{background:#e3f6e3}}.fail{{color:#888}}.pass{{font-weight:600}}
+.refusal{{background:#fde2e2}}.compliance{{background:#e3f6e3}}.degenerate{{background:#eee}}.unparsed{{background:#fff3cd}}.verdict{{font-size:11px;color:#555;display:block}}.fail{{color:#888}}.pass{{font-weight:600}}
 img{{max-width:100%}}.note{{background:#fff3cd;padding:.6em}}.kpi td{{font-size:15px}}</style></head><body>
 {body}</body></html>
 """
@@ -167,15 +214,22 @@ def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
     sel, b, a = result.selection, result.before, result.after
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     body = f"""{_header("abliterate report", result.config.get("model"), sel, result.note)}
-<table class="kpi"><tr><th></th><th>before</th><th>after</th></tr>
-<tr><td>refusal rate, held-out harmful ({b.n_harmful})</td><td>{_pct(b.refusal_rate)}</td><td>{_pct(a.refusal_rate)}</td></tr>
-<tr><td>over-refusal, held-out harmless ({b.n_harmless})</td><td>{_pct(b.over_refusal)}</td><td>{_pct(a.over_refusal)}</td></tr>
-<tr><td>KL(base || edited), first response token</td><td>0</td><td>{a.kl:.4f}</td></tr></table>
+{_kpi(b, a)}
 {plots}<h2>Refusals before / after</h2>{_img(refusals_plot(folder, b, a))}
+{_search_html(folder, result)}
 <h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
 {_samples(b, a, int(result.config.get("samples", 6)))}</table>
 {table}"""
     return _page(folder, "abliterate report", body)
+
+
+def _search_html(folder: Path, result: RunResult) -> str:
+    choice = result.choice
+    if choice is None or choice.search is None:
+        return ""
+    from .report_search import search_section
+
+    return search_section(folder, choice.search)
 
 
 def write_measure_report(folder: Path, sel: Selection, acts: Activations, config: dict[str, Any]) -> Path:
@@ -183,6 +237,17 @@ def write_measure_report(folder: Path, sel: Selection, acts: Activations, config
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     header = _header("abliterate measure report", config.get("model"), sel, "" if sel.chosen else sel.note)
     return _page(folder, "abliterate measure report", f"{header}\n{plots}{table}")
+
+
+def _edit_words(result: RunResult) -> str:
+    choice, cfg = result.choice, result.config
+    if choice is None or choice.search is None:
+        return f"every writer, scale {cfg.get('scale')}, norm-preserving: {cfg.get('norm_preserving')}"
+    n = len(choice.search.trials)
+    return (
+        f"the edit was chosen by a search of {n} trials ({choice.search.note}); its per-layer strengths are in "
+        f"`edit.json`: `{json.dumps(choice.spec.to_dict())}`"
+    )
 
 
 def model_card(result: RunResult) -> str:
@@ -195,16 +260,24 @@ base_model: {cfg.get("model")}
 # Abliterated {cfg.get("model")}
 
 Made with [abliterate](https://pypi.org/project/abliterate/): the refusal direction was found from
-{cfg.get("n_train")} harmful and {cfg.get("n_train")} harmless prompts and removed from every weight that writes
-into the residual stream (`W <- W - s r r^T W`, scale {cfg.get("scale")}, norm-preserving: {cfg.get("norm_preserving")}).
+{cfg.get("n_train")} harmful and {cfg.get("n_train")} harmless prompts and removed from the weights that write
+into the residual stream (`W <- W - s r r^T W`): {_edit_words(result)}.
 
 | | value |
 |---|---|
 | method | {c.method if c else "-"} |
 | layer / position | {c.layer if c else "-"} / {c.position if c else "-"} |
-| refusal rate on held-out harmful prompts | {_pct(b.refusal_rate)} -> {_pct(a.refusal_rate)} |
-| over-refusal on held-out harmless prompts | {_pct(b.over_refusal)} -> {_pct(a.over_refusal)} |
+| refusal rate on held-out harmful prompts ({b.n_harmful}) | {format_rate(b, "refusal_rate")} -> {format_rate(a, "refusal_rate")} |
+| compliance on held-out harmful prompts | {format_rate(b, "compliance_rate")} -> {format_rate(a, "compliance_rate")} |
+| degenerate answers to held-out harmful prompts | {format_rate(b, "degenerate_rate")} -> {format_rate(a, "degenerate_rate")} |
+| over-refusal on held-out harmless prompts ({b.n_harmless}) | {format_rate(b, "over_refusal")} -> {format_rate(a, "over_refusal")} |
+| degenerate answers to held-out harmless prompts | {format_rate(b, "harmless_degenerate_rate")} -> {format_rate(a, "harmless_degenerate_rate")} |
 | KL(base, edited), first response token | {a.kl:.4f} |
+| KL(base, edited), first {a.kl_tokens} tokens of the base model's answers | {a.kl_answer:.4f} |
+| perplexity on harmless texts | {b.perplexity:.2f} -> {a.perplexity:.2f} |
+
+Rates are judged by the {b.judge} judge (degenerate answers: empty, non-text, repeated n-grams or loops)
+with 95% Wilson intervals in parentheses.
 
 {result.note}
 

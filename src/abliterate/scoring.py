@@ -73,7 +73,7 @@ def first_token_logprobs(
 
 def refusal_scores(logprobs: torch.Tensor, refusal_ids: Sequence[int]) -> torch.Tensor:
     """Per-prompt log-odds ``log p - log(1 - p)`` of the refusal-token mass ``p``."""
-    ids = torch.tensor(list(refusal_ids), dtype=torch.long)
+    ids = torch.tensor(list(refusal_ids), dtype=torch.long, device=logprobs.device)
     log_p = torch.logsumexp(logprobs[:, ids], dim=-1)
     log_not = torch.log1p(-log_p.exp().clamp(max=1 - 1e-7))
     return log_p - log_not

@@ -25,15 +25,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-import torch
-
 from . import directions as dirs
 from .capture import Activations, Position, check_prompts
 from .directions import Direction, DirectionSet
 from .errors import PromptError
 from .interventions import ablate, add
 from .model import LoadedModel
-from .scoring import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
+from .scorer import Scorer
 
 MIN_VALIDATION = 8
 NO_REFUSAL_LOGODDS = -2.0  # mean refusal log-odds below this: the model does not refuse (p < ~0.12)
@@ -112,8 +110,26 @@ def check_validation(acts: Activations, harmful_val: Sequence[str], harmless_val
         )
 
 
-def _mean(x: torch.Tensor) -> float:
-    return float(x.mean())
+def validation_scorer(
+    lm: LoadedModel,
+    acts: Activations,
+    harmful_val: list[str],
+    harmless_val: list[str],
+    batch_size: int,
+    scorer: Scorer | None,
+) -> Scorer:
+    """``scorer`` if it holds these validation prompts and the capture's system prompt, else a new one."""
+    system = acts.meta.get("system")
+    if scorer is None:
+        return Scorer(lm, harmful_val, harmless_val, system=system, batch_size=batch_size)
+    if scorer.lm is not lm:
+        raise PromptError("the scorer was built for another model; build it with this model")
+    if scorer.harmful != harmful_val or scorer.harmless != harmless_val or scorer.system != system:
+        raise PromptError(
+            "the scorer holds other validation prompts or another system prompt than this call; "
+            "build it with the same harmful/harmless validation prompts and the capture's system prompt"
+        )
+    return scorer
 
 
 def select(
@@ -132,25 +148,21 @@ def select(
     score_skipped: bool = False,
     batch_size: int = 16,
     progress: SweepProgress | None = None,
+    scorer: Scorer | None = None,
 ) -> Selection:
     """Score every candidate direction and pick the best bypass that passes the filters.
 
     Layers in the last ``skip_last`` fraction are not scored at all unless ``score_skipped``.
+    ``scorer`` reuses a :class:`Scorer` built on the same validation prompts (and the unedited
+    model), so its base pass is not repeated; by default one is built here.
     """
     start = time.perf_counter()
     if not 0 < kl_threshold <= max_kl:
         raise PromptError(f"need 0 < kl_threshold <= max_kl, got {kl_threshold} and {max_kl}")
     harmful_val, harmless_val = list(harmful_val), list(harmless_val)
     check_validation(acts, harmful_val, harmless_val)
-    system = acts.meta.get("system")
-    ref_ids = refusal_token_ids(lm.tokenizer)
-    n_h = len(harmful_val)
-    both = harmful_val + harmless_val
-
-    base = first_token_logprobs(lm, both, system=system, batch_size=batch_size)
-    base_bypass = _mean(refusal_scores(base[:n_h], ref_ids))
-    base_induce = _mean(refusal_scores(base[n_h:], ref_ids))
-    base_harmless = base[n_h:]
+    scorer = validation_scorer(lm, acts, harmful_val, harmless_val, batch_size, scorer)
+    base_bypass, base_induce = scorer.base.refusal, scorer.base.harmless_refusal
 
     sets = {m.label: dirs.compute(acts, m.name, **m.kwargs) for m in methods}
     max_layer = int(lm.num_layers * (1.0 - skip_last))
@@ -168,20 +180,12 @@ def select(
             continue
         direction = sets[label][layer, pos]
         with ablate(lm, direction):
-            ablated = first_token_logprobs(lm, both, system=system, batch_size=batch_size)
+            ablated = scorer.score()
         p = acts.position_index(pos)
         coeff = float((acts.harmful_mean[layer, p] - acts.harmless_mean[layer, p]).float() @ direction.vector)
         with add(lm, direction, coeff, layers=[layer]):
-            induced = first_token_logprobs(lm, harmless_val, system=system, batch_size=batch_size)
-        score = CandidateScore(
-            layer=layer,
-            position=pos,
-            method=label,
-            bypass=_mean(refusal_scores(ablated[:n_h], ref_ids)),
-            induce=_mean(refusal_scores(induced, ref_ids)),
-            kl=_mean(kl_divergence(base_harmless, ablated[n_h:])),
-        )
-        table.append(score)
+            induced = scorer.induce()
+        table.append(CandidateScore(layer, pos, label, bypass=ablated.refusal, induce=induced, kl=ablated.kl))
     if progress:
         progress(len(grid), len(grid), "done")
 
@@ -236,7 +240,7 @@ def select(
         "min_induce": min_induce,
         "min_bypass_drop": min_bypass_drop,
         "kl_limit_used": limit,
-        "n_harmful_val": n_h,
+        "n_harmful_val": len(harmful_val),
         "n_harmless_val": len(harmless_val),
     }
     return Selection(

@@ -16,7 +16,7 @@ from typing import Any, BinaryIO, NamedTuple
 import torch
 
 from .errors import ModelLoadError
-from .weights import WORK_ELEMENTS
+from .kernel import WORK_ELEMENTS
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"

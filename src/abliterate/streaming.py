@@ -20,7 +20,7 @@ import shutil
 import struct
 import time
 from collections import defaultdict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, NamedTuple
@@ -31,8 +31,9 @@ from torch import nn
 from .anatomy import Writer, find_anatomy
 from .directions import Direction
 from .errors import ArchitectureError, ModelLoadError, OutputError
-from .interventions import edit_plan
+from .kernel import project_rows
 from .model import LoadedModel, Progress
+from .plan import Directions, EditPlan, build_plan, edit_plan
 from .projection import Scale, project_out
 from .saving import atomic_directory, check_output
 from .shards import (
@@ -48,7 +49,7 @@ from .shards import (
     read_shard,
     write_all,
 )
-from .weights import project_rows
+from .space import EditSpec
 
 # Weights in other formats are not copied: an unedited duplicate of the model would be a trap.
 OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".safetensors", ".index.json")
@@ -164,10 +165,13 @@ def _materialize_post_norms(model: nn.Module, writers: list[Writer], sources: So
         norm.load_state_dict(values, strict=False, assign=True)
 
 
-def _plan_edits(plan: list, sources: Sources, where: Mapping, hidden: int, norm_preserving: bool) -> dict[str, _Edit]:
+def _plan_edits(
+    plan: EditPlan, sources: Sources, where: Mapping, hidden: int, norm_preserving: bool
+) -> dict[str, _Edit]:
     """Checkpoint key -> edit, with the dtype and shape of every writer tensor checked."""
     edits: dict[str, _Edit] = {}
-    for writer, basis, s in plan:
+    for e in plan.edits:
+        writer, basis, s = e.writer, e.basis, e.scale
         owner = writer.name if writer.param == "weight" else writer.name.rsplit(".", 1)[0]
         for attr, is_bias in ((writer.param, False), (writer.bias, True)):
             if attr is None:
@@ -245,13 +249,13 @@ def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: lis
                     _edit_in_blocks(fin, fout, entry, edit, work)
 
 
-def _untie(model: nn.Module, plan: list, sources: Sources, where: Mapping) -> tuple[bool, dict[str, list]]:
+def _untie(model: nn.Module, plan: EditPlan, sources: Sources, where: Mapping) -> tuple[bool, dict[str, list]]:
     """Whether the LM head must be untied, and the copy of the original embedding to append as the LM head
     (named as ``save_pretrained`` names it), unless the checkpoint already stores one: {shard: [(key, entry)]}."""
     from transformers.core_model_loading import revert_weight_conversion
 
     out, emb = model.get_output_embeddings(), model.get_input_embeddings()
-    if out is None or out.weight is not emb.weight or not any(w.layer is None for w, _, _ in plan):
+    if out is None or out.weight is not emb.weight or not any(e.writer.layer is None for e in plan.edits):
         return False, {}
     renamed = list(revert_weight_conversion(model, {f"{_module_name(model, out)}.weight": out.weight}))
     key = renamed[0] if len(renamed) == 1 else f"{_module_name(model, out)}.weight"
@@ -320,6 +324,58 @@ def stream_orthogonalize(
     leaves a partial ``out_dir`` (a killed run may leave the hidden ``.<out_dir>.tmp-*`` sibling, which the
     next write to ``out_dir`` removes). ``progress(bytes_done, bytes_total)`` follows each shard.
     """
+    return _stream(
+        src_dir,
+        out_dir,
+        lambda lm: edit_plan(lm, direction, layers, scale, embeddings, embedding_scale),
+        norm_preserving,
+        overwrite=overwrite,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
+        layers_path=layers_path,
+        writer_patterns=writer_patterns,
+    )
+
+
+def stream_edit(
+    src_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    spec: EditSpec,
+    source: Directions,
+    *,
+    overwrite: bool = False,
+    progress: Progress | None = None,
+    trust_remote_code: bool = False,
+    layers_path: str | None = None,
+    writer_patterns: Sequence[str] | None = None,
+) -> StreamReport:
+    """The edit ``spec`` (e.g. the one ``run``'s search chose, from ``edit.json``) written shard by shard, as
+    :func:`stream_orthogonalize` writes one direction: equal to ``apply_plan(build_plan(...))`` in memory."""
+    return _stream(
+        src_dir,
+        out_dir,
+        lambda lm: build_plan(lm, spec, source),
+        spec.norm_preserving,
+        overwrite=overwrite,
+        progress=progress,
+        trust_remote_code=trust_remote_code,
+        layers_path=layers_path,
+        writer_patterns=writer_patterns,
+    )
+
+
+def _stream(
+    src_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    make_plan: Callable[[LoadedModel], EditPlan],
+    norm_preserving: bool,
+    *,
+    overwrite: bool,
+    progress: Progress | None,
+    trust_remote_code: bool,
+    layers_path: str | None,
+    writer_patterns: Sequence[str] | None,
+) -> StreamReport:
     started = time.perf_counter()
     src = Path(src_dir).expanduser().resolve()
     if not src.is_dir():
@@ -335,7 +391,7 @@ def stream_orthogonalize(
     sources = _sources(model, list(where))
     _materialize_post_norms(model, anatomy.all_writers(), sources, where)
     lm = LoadedModel(model, None, anatomy, str(src), src)
-    plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
+    plan = make_plan(lm)
     edits = _plan_edits(plan, sources, where, anatomy.hidden_size, norm_preserving)
     untie, extra = _untie(model, plan, sources, where)
 

@@ -22,8 +22,8 @@ from .directions import Direction, as_basis, mean_diff
 from .errors import DirectionError
 from .interventions import ablate
 from .model import LoadedModel
-from .scoring import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
-from .selection import check_validation
+from .scorer import Scorer
+from .selection import check_validation, validation_scorer
 
 
 def pca(acts: Activations, layer: int, position: Position = -1, k: int = 2) -> Direction:
@@ -97,28 +97,23 @@ def choose_k(
     ks: Sequence[int] = (1, 2, 3, 4),
     kl_threshold: float = 0.1,
     batch_size: int = 16,
+    scorer: Scorer | None = None,
 ) -> SubspaceChoice:
     """Score subspaces of each size in ``ks`` (bypass and KL, generation-free) and keep the
-    best bypass whose KL stays under ``kl_threshold``."""
+    best bypass whose KL stays under ``kl_threshold``. ``scorer``: as in :func:`~abliterate.selection.select`."""
     if kind not in BUILDERS:
         raise DirectionError(f"unknown subspace kind '{kind}'; use one of {', '.join(BUILDERS)}")
     harmful_val, harmless_val = list(harmful_val), list(harmless_val)
     check_validation(acts, harmful_val, harmless_val)
-    system = acts.meta.get("system")
-    ids = refusal_token_ids(lm.tokenizer)
-    both = harmful_val + harmless_val
-    n_h = len(harmful_val)
-    base = first_token_logprobs(lm, harmless_val, system=system, batch_size=batch_size)
+    scorer = validation_scorer(lm, acts, harmful_val, harmless_val, batch_size, scorer)
     scores: list[SubspaceScore] = []
     built: dict[int, Direction] = {}
     for k in ks:
         direction = BUILDERS[kind](acts, layer, position, k)
         built[k] = direction
         with ablate(lm, direction):
-            logp = first_token_logprobs(lm, both, system=system, batch_size=batch_size)
-        bypass = float(refusal_scores(logp[:n_h], ids).mean())
-        kl = float(kl_divergence(base, logp[n_h:]).mean())
-        scores.append(SubspaceScore(k, bypass, kl, kl <= kl_threshold and not math.isnan(bypass)))
+            got = scorer.score()
+        scores.append(SubspaceScore(k, got.refusal, got.kl, got.kl <= kl_threshold and not math.isnan(got.refusal)))
     passed = [s for s in scores if s.passed]
     best = min(passed, key=lambda s: s.bypass) if passed else None
     return SubspaceChoice(kind, layer, position, scores, best.k if best else None, built[best.k] if best else None)

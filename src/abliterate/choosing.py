@@ -1,0 +1,192 @@
+"""The "choose" stage of ``run``: which edit to make, from the sweep alone or from the search.
+
+* ``--no-search``: the sweep's chosen direction removed from every writer and the embeddings at ``scale``
+  (the classic abliteration, as an :class:`~abliterate.space.EditSpec`).
+* default: the search (:mod:`abliterate.search`) over the edit space, warm-started with the sweep's best
+  candidates, each trial applied in place and reverted (:func:`abliterate.plan.applied`) and scored by one
+  :class:`~abliterate.scorer.Scorer`; the front is checked by generation with the marker judge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from .capture import Activations
+from .config import RunConfig
+from .directions import DirectionSet, compute
+from .errors import AbliterateError
+from .judge import MarkerJudge
+from .model import LoadedModel
+from .plan import Directions, applied
+from .scorer import Scorer
+from .search import SearchResult, SearchSpace, full_params, search
+from .selection import Method, Selection
+from .space import EditSpec, Kernel
+
+StageProgress = Callable[[str, int, int], None]
+DEFAULT_TRIALS = 60  # when neither --trials nor --timeout is given
+
+
+@dataclass
+class Choice:
+    """The edit ``run`` makes, where it came from, and the directions that build it."""
+
+    spec: EditSpec
+    source: Directions
+    search: SearchResult | None
+    note: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"spec": self.spec.to_dict(), "note": self.note, "searched": self.search is not None}
+
+    def label(self) -> str:
+        """One line: the direction, and where the edit came from."""
+        s = self.spec
+        where = "each layer's own" if s.direction_index is None else f"layer {s.direction_index:.2f}"
+        origin = f"search trial {self.search.chosen.number}" if self.search and self.search.chosen else "sweep"
+        return f"{s.method} {where} pos {s.position}" + (f" k={s.k}" if s.k > 1 else "") + f" ({origin})"
+
+
+def method_of(label: str, methods: Sequence[Method]) -> Method:
+    """The :class:`Method` a sweep label (``"slerp(t=0.5)"``) stands for."""
+    for m in methods:
+        if m.label == label:
+            return m
+    raise AbliterateError(f"unknown method label {label!r}")
+
+
+def sweep_spec(sel: Selection, methods: Sequence[Method], scale: float, norm_preserving: bool) -> EditSpec:
+    """The sweep's chosen candidate as the classic edit: every writer and the embeddings at ``scale``."""
+    if sel.chosen is None:
+        raise AbliterateError(sel.note)
+    m = method_of(sel.chosen.method, methods)
+    flat = Kernel(peak=0.0, max_weight=scale, edge_weight=scale, width=math.inf)
+    return EditSpec(
+        method=m.name,
+        slerp_t=float(m.kwargs.get("t", 1.0)),
+        position=sel.chosen.position,
+        direction_index=float(sel.chosen.layer),
+        attn=flat,
+        mlp=flat,
+        embedding=scale,
+        norm_preserving=norm_preserving,
+    )
+
+
+def journal_path(out: str | Path) -> Path:
+    """The search journal lives beside the output until the run succeeds (then it moves inside)."""
+    out = Path(out)
+    return out.parent / f"{out.name}.search.log"
+
+
+def space_of(cfg: RunConfig, positions: Sequence[int | str]) -> SearchSpace:
+    sc = cfg.search
+    return SearchSpace(
+        methods=tuple(sc.methods),
+        positions=tuple(positions),
+        direction_range=(sc.direction_range[0], sc.direction_range[1]),
+        per_layer=sc.per_layer,
+        max_k=sc.max_k,
+        peak_range=(sc.peak_range[0], sc.peak_range[1]),
+        weight_range=(sc.weight_range[0], sc.weight_range[1]),
+        embedding=sc.embedding,
+        norm_preserving=tuple(dict.fromkeys(sc.norm_preserving)),
+    )
+
+
+def _digest(items: Sequence[str]) -> str:
+    return hashlib.sha256("\x00".join(items).encode()).hexdigest()[:16]
+
+
+def choose_edit(
+    cfg: RunConfig,
+    lm: LoadedModel,
+    acts: Activations,
+    sel: Selection,
+    methods: Sequence[Method],
+    scorer: Scorer,
+    progress: StageProgress | None = None,
+) -> Choice:
+    """The edit to make: the sweep's (``cfg.search.enabled`` false) or the search's pick, scored by ``scorer``
+    (the validation prompts, built on the unedited model)."""
+    source = Directions(acts)
+    if not cfg.search.enabled:
+        spec = sweep_spec(sel, methods, cfg.scale, cfg.norm_preserving)
+        return Choice(spec, source, None, f"the sweep's {sel.chosen.method} direction at full strength")
+    sc = cfg.search
+    space = space_of(cfg, acts.positions)
+    mode = "hooks" if lm.offloaded or lm.quantized else "weights"  # weights can only be edited in memory
+    if mode == "hooks" and any(w.weight.dim() == 3 for w in lm.anatomy.all_writers()):
+        space = replace(space, norm_preserving=(False,))  # fused experts have no runtime norm-preserving twin
+    judge = MarkerJudge()
+
+    def objective(spec: EditSpec) -> dict[str, float]:
+        with applied(lm, spec, source, mode=mode):
+            return scorer.score().to_dict()
+
+    def verify(spec: EditSpec) -> tuple[int, int]:
+        with applied(lm, spec, source, mode=mode):
+            return scorer.refusal_counts(judge, max_new_tokens=sc.verify_tokens)
+
+    ranked = sorted((c for c in sel.candidates if c.passed), key=lambda c: c.bypass) or sorted(
+        (c for c in sel.candidates if c.bypass == c.bypass), key=lambda c: c.bypass
+    )
+    warm = []
+    for c in ranked[: sc.warm_start]:
+        m = method_of(c.method, methods)
+        if m.name in space.methods:
+            warm.append(full_params(space, lm.num_layers, c.layer, m.name, c.position))
+    identity = {
+        "model": lm.source,
+        "capture": acts.prompt_hash,
+        "validation": _digest([*scorer.harmful, "\x01", *scorer.harmless]),
+        "system": cfg.system,
+        "template": repr(sorted(lm.template_kwargs.items())) + repr(lm.response_prefix),
+        "seed": sc.seed,
+    }
+    result = search(
+        objective,
+        num_layers=lm.num_layers,
+        space=space,
+        trials=sc.trials if sc.trials is not None else (None if sc.timeout else DEFAULT_TRIALS),
+        timeout=sc.timeout,
+        seed=sc.seed,
+        journal=journal_path(cfg.out),
+        resume=sc.resume,
+        identity=identity,
+        warm_start=warm,
+        startup=sc.startup,
+        verify=verify if sc.verify_top else None,
+        verify_top=sc.verify_top,
+        kl_budget=sc.kl_budget,
+        base=scorer.base.to_dict(),
+        trial=sc.trial,
+        progress=progress,
+    )
+    assert result.chosen is not None
+    return Choice(result.chosen.edit(), source, result, result.note)
+
+
+def with_projection(ds: DirectionSet, acts: Activations, position: int | str, sel: Selection) -> DirectionSet:
+    """``ds`` annotated with the sweep's pick and each point's harmful mean projection onto the unit direction
+    at ``position`` (the default induction coefficient)."""
+    p = acts.position_index(position)
+    units = ds.vectors[:, ds.positions.index(position)].float()
+    units = units / units.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    ds.meta["harmful_projection"] = [float(x) for x in (acts.harmful_mean[:, p].float() * units).sum(-1)]
+    if sel.chosen:
+        ds.meta["chosen"] = {"layer": sel.chosen.layer, "position": sel.chosen.position, "method": sel.chosen.method}
+    return ds
+
+
+def edit_directions(acts: Activations, spec: EditSpec, sel: Selection) -> DirectionSet:
+    """The direction set of the edit's method (every residual point, every position), annotated with the edit:
+    with ``edit.json`` it rebuilds the same edit elsewhere (``abliterate apply --edit``)."""
+    ds = compute(acts, spec.method, **({"t": spec.slerp_t} if spec.method == "slerp" else {}))
+    ds.meta["edit"] = spec.to_dict()
+    return with_projection(ds, acts, spec.position, sel)

@@ -1,0 +1,149 @@
+"""``abliterate eval``: verdicts with intervals, KL and perplexity of a model against its base."""
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from .cli_common import (
+    DEFAULTS,
+    DEVICE_MAP_OPT,
+    DEVICE_OPT,
+    DTYPE_OPT,
+    JUDGE_LABELS_OPT,
+    JUDGE_OPT,
+    MAX_MEMORY_OPT,
+    OFFLOAD_OPT,
+    PREFIX_OPT,
+    QUANTIZE_OPT,
+    STATE,
+    THINKING_OPT,
+    Opt,
+    agreement_rows,
+    app,
+    damage_rows,
+    err,
+    fail,
+    guarded,
+    out,
+    placement,
+    prompt_format,
+    rate_rows,
+)
+
+
+@app.command("eval")
+@guarded
+def evaluate(
+    model: Annotated[str, typer.Argument(help="Model to measure (e.g. a saved abliterated directory).")],
+    base: Annotated[str | None, Opt(help="Base model for KL (default: the model itself).")] = None,
+    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = DEFAULTS.n_test,
+    max_new_tokens: Annotated[int, Opt(help="At most this many new tokens per answer.")] = DEFAULTS.max_new_tokens,
+    min_new_tokens: Annotated[
+        int, Opt(help="At least this many new tokens (0: the model may stop earlier).")
+    ] = DEFAULTS.min_new_tokens,
+    judge: JUDGE_OPT = None,
+    judge_labels: JUDGE_LABELS_OPT = None,
+    kl_tokens: Annotated[
+        int, Opt(help="Multi-token KL over this many tokens of the base model's answers.")
+    ] = DEFAULTS.kl_tokens,
+    system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
+    disable_thinking: THINKING_OPT = None,
+    response_prefix: PREFIX_OPT = None,
+    batch_size: Annotated[int, Opt(help="Prompts per forward pass.")] = DEFAULTS.batch_size,
+    out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
+    dtype: DTYPE_OPT = None,
+    device: DEVICE_OPT = None,
+    device_map: DEVICE_MAP_OPT = None,
+    max_memory: MAX_MEMORY_OPT = None,
+    offload_folder: OFFLOAD_OPT = None,
+    quantize: QUANTIZE_OPT = None,
+) -> None:
+    """Verdicts with 95% intervals, KL and perplexity of a model against its base, on held-out prompts.
+
+    Greedy answers of up to --max-new-tokens (default 100) new tokens to --n-test (default 64) bundled
+    harmful and harmless test prompts, each judged refusal / compliance / degenerate (/ unparsed by a
+    model judge); KL of the first token and along the base model's own answers; perplexity on harmless texts.
+
+    Examples:
+      abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
+      abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct --judge llm:./judge-model
+    """
+    from .evaluation import Evaluator, baseline_note, check_lengths
+    from .judges import judge_from_spec
+    from .loading import load_model
+    from .prompts import bundled
+
+    if out_file is not None and out_file.exists():
+        fail(f"{out_file} already exists; choose another path")
+    check_lengths(min_new_tokens, max_new_tokens)
+    if min(n_test, batch_size, kl_tokens) < 1:
+        fail(f"--n-test, --batch-size and --kl-tokens must be at least 1, got {n_test}, {batch_size}, {kl_tokens}")
+    harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
+    if min(len(harmful), len(harmless)) < n_test:
+        fail(f"the bundled test split has {len(harmful)} harmful and {len(harmless)} harmless prompts; lower --n-test")
+    where = placement(dtype, device, device_map, max_memory, offload_folder, quantize)
+    reference = prompt_format(load_model(base or model, **where), disable_thinking, response_prefix)
+    target = prompt_format(load_model(model, **where), disable_thinking, response_prefix) if base else reference
+    if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
+        fail("the model and --base use different tokenizers; KL needs the same vocabulary")
+    where_judge = {k: v for k, v in where.items() if k in ("device", "dtype")}
+    the_judge = judge_from_spec(judge or "marker", labels=judge_labels, batch_size=batch_size, **where_judge)
+    ev = Evaluator(
+        reference,
+        harmful,
+        harmless,
+        system=system,
+        max_new_tokens=max_new_tokens,
+        min_new_tokens=min_new_tokens,
+        kl_tokens=kl_tokens,
+        judge=the_judge,
+        batch_size=batch_size,
+    )
+    rows = {"base": ev.measure("base")} if base else {}
+    rows["model"] = ev.measure("model", model=target)
+    payload: dict[str, Any] = {k: v.to_dict() for k, v in rows.items()}
+    payload["settings"] = {
+        "n_test": n_test,
+        "min_new_tokens": min_new_tokens,
+        "max_new_tokens": max_new_tokens,
+        "kl_tokens": kl_tokens,
+        "judge": judge or "marker",
+        "judge_labels": judge_labels,
+        "system": system,
+        "template_kwargs": reference.template_kwargs,
+        "response_prefix": reference.response_prefix,
+    }
+    if base:
+        payload["note"] = baseline_note(rows["base"])
+    if out_file is not None:
+        partial = out_file.with_name(f".{out_file.name}.tmp")
+        try:  # a Ctrl-C or a full disk never leaves half a file behind
+            partial.write_text(json.dumps(payload, indent=2) + "\n")
+            partial.replace(out_file)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+    if STATE["json"]:
+        out().print_json(json.dumps(payload))
+        return
+    first = next(iter(rows.values()))
+    table = Table(
+        title="eval",
+        caption=f"{first.n_harmful} harmful / {first.n_harmless} harmless held-out prompts, judge {first.judge}; "
+        "rates with 95% Wilson intervals",
+    )
+    table.add_column("")
+    for name in rows:
+        table.add_column(name, justify="right")
+    for label, cells in rate_rows(list(rows.values())):
+        table.add_row(label, *cells)
+    for label, cells in agreement_rows(list(rows.values())):
+        table.add_row(label, *cells)
+    for label, cells in damage_rows(list(rows.values())):
+        table.add_row(label, *cells)
+    out().print(table)
+    if base and payload["note"]:
+        err().print(f"[yellow]note:[/] {payload['note']}")

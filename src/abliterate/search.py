@@ -1,0 +1,436 @@
+"""Search the edit space for the best refusal / damage trade-off: multi-objective Optuna (TPE), seeded.
+
+Each trial samples an :class:`~abliterate.space.EditSpec` from the searched ranges (:class:`SearchSpace`),
+applies it to the model in place, scores the model's current state with cheap first-token objectives
+(refusal score on harmful validation prompts, KL on harmless ones: both minimized), and reverts it: a trial
+never reloads the model. The study starts from the sweep's best candidates (enqueued) instead of dozens of
+random trials. Every finished trial is appended to an Optuna journal on disk, so a search killed outright
+resumes with no finished trial lost.
+
+Then, multi-fidelity: the Pareto front's most promising trials are checked by generation (greedy answers
+to the harmful validation prompts, judged), and a documented policy picks one (:func:`choose`): the fewest
+judged refusals among trials whose KL is within ``kl_budget``, ties to lower KL.
+
+This module knows nothing of models: the caller passes ``objective(spec) -> dict`` (with at least
+``"refusal"`` and ``"kl"``) and optionally ``verify(spec) -> (refused, n)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import AbliterateError
+from .space import METHODS, EditSpec, Kernel
+
+Objective = Callable[[EditSpec], Mapping[str, float]]
+Verify = Callable[[EditSpec], tuple[int, int]]
+SearchProgress = Callable[[str, int, int], None]
+
+
+class SearchError(AbliterateError):
+    """A search that cannot start, resume or choose (bad budget, foreign journal, no useful trial)."""
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """The ranges the search samples (the identity of a journal: resuming with other ranges is refused).
+
+    Layer positions are fractions of the layer count ``L``; the kernel of each component is a tent over
+    layers (see :class:`~abliterate.space.Kernel`)."""
+
+    methods: tuple[str, ...] = ("mean_diff", "projected")
+    positions: tuple[int | str, ...] = (-1,)
+    direction_range: tuple[float, float] = (0.3, 0.9)  # one direction at a float point in [a L, b L]
+    per_layer: bool = True  # also try "every writer removes its own point's direction"
+    max_k: int = 2  # subspaces of up to max_k neighbouring directions
+    peak_range: tuple[float, float] = (0.2, 1.0)  # kernel peak, as a fraction of L - 1
+    weight_range: tuple[float, float] = (0.4, 1.5)  # kernel peak weight
+    mlp_optional: bool = True  # MLP writers may be left untouched
+    embedding: bool = True  # embeddings on/off is searched (else off)
+    norm_preserving: tuple[bool, ...] = (False, True)
+    slerp_t_range: tuple[float, float] = (0.3, 1.0)
+
+    def check(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if not self.methods or bad:
+            raise SearchError(f"search methods {list(self.methods)} are not all known; use some of {list(METHODS)}")
+        for name in ("direction_range", "peak_range", "weight_range", "slerp_t_range"):
+            lo, hi = getattr(self, name)
+            if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
+                raise SearchError(f"search {name} is {[lo, hi]}; use two finite numbers 0 <= low <= high")
+        if not self.positions:
+            raise SearchError("search positions are empty; give at least one captured position")
+        if self.max_k < 1:
+            raise SearchError(f"search max_k is {self.max_k}; use an integer >= 1")
+        if not self.norm_preserving:
+            raise SearchError("search norm_preserving choices are empty; use [false], [true] or both")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+def _choice(trial: Any, name: str, options: Sequence[Any]) -> Any:
+    return options[0] if len(options) == 1 else trial.suggest_categorical(name, list(options))
+
+
+def _kernel(trial: Any, prefix: str, space: SearchSpace, num_layers: int) -> Kernel:
+    last = max(num_layers - 1, 1)
+    peak = trial.suggest_float(f"{prefix}_peak", space.peak_range[0] * last, space.peak_range[1] * last)
+    weight = trial.suggest_float(f"{prefix}_weight", *space.weight_range)
+    edge = trial.suggest_float(f"{prefix}_edge", 0.0, 1.0)  # edge weight as a fraction of the peak weight
+    width = trial.suggest_float(f"{prefix}_width", 1.0, float(last))
+    return Kernel(peak=peak, max_weight=weight, edge_weight=edge * weight, width=width)
+
+
+def suggest(trial: Any, space: SearchSpace, num_layers: int) -> EditSpec:
+    """Sample one :class:`EditSpec` from ``space`` through an Optuna trial (conditional parameters)."""
+    method = _choice(trial, "method", space.methods)
+    slerp_t = trial.suggest_float("slerp_t", *space.slerp_t_range) if method == "slerp" else 1.0
+    position = _choice(trial, "position", space.positions)
+    scope = _choice(trial, "scope", ("global", "per_layer") if space.per_layer else ("global",))
+    index = None
+    if scope == "global":
+        lo, hi = space.direction_range
+        index = trial.suggest_float("direction_index", lo * num_layers, hi * num_layers)
+    k = trial.suggest_int("k", 1, space.max_k) if space.max_k > 1 else 1
+    attn = _kernel(trial, "attn", space, num_layers)
+    mlp = (
+        _kernel(trial, "mlp", space, num_layers)
+        if _choice(trial, "mlp", (True, False) if space.mlp_optional else (True,))
+        else None
+    )
+    embedding = 1.0 if _choice(trial, "embedding", (False, True) if space.embedding else (False,)) else 0.0
+    norm = _choice(trial, "norm_preserving", space.norm_preserving)
+    return EditSpec(method, slerp_t, position, index, k, attn, mlp, embedding, bool(norm))
+
+
+def full_params(
+    space: SearchSpace, num_layers: int, layer: int, method: str, position: int | str, scale: float = 1.0
+) -> dict[str, Any]:
+    """Optuna parameters of the classic edit (direction of ``layer`` at ``scale`` on every writer and the
+    embeddings), clamped into ``space``: the warm start enqueued before the sampler takes over."""
+    last = max(num_layers - 1, 1)
+    lo, hi = space.direction_range
+    params: dict[str, Any] = {}
+    if len(space.methods) > 1:
+        params["method"] = method if method in space.methods else space.methods[0]
+    if params.get("method", space.methods[0]) == "slerp":
+        params["slerp_t"] = space.slerp_t_range[1]
+    if len(space.positions) > 1:
+        params["position"] = position if position in space.positions else space.positions[-1]
+    if space.per_layer:
+        params["scope"] = "global"
+    params["direction_index"] = min(max(float(layer), lo * num_layers), hi * num_layers)
+    if space.max_k > 1:
+        params["k"] = 1
+    weight = min(max(scale, space.weight_range[0]), space.weight_range[1])
+    peak = min(max(0.5 * last, space.peak_range[0] * last), space.peak_range[1] * last)
+    for prefix in ("attn", "mlp"):
+        params.update({f"{prefix}_peak": peak, f"{prefix}_weight": weight, f"{prefix}_edge": 1.0})
+        params[f"{prefix}_width"] = float(last)
+    if space.mlp_optional:
+        params["mlp"] = True
+    if space.embedding:
+        params["embedding"] = True
+    if len(space.norm_preserving) > 1:
+        params["norm_preserving"] = False
+    return params
+
+
+@dataclass
+class TrialRecord:
+    """One finished trial: its edit, cheap scores and (when checked) judged refusals on generated answers."""
+
+    number: int
+    spec: dict[str, Any]
+    refusal: float
+    kl: float
+    scores: dict[str, float] = field(default_factory=dict)
+    refused: int | None = None  # judged refusals among `judged` generated answers (multi-fidelity check)
+    judged: int | None = None
+    seconds: float = 0.0
+    on_front: bool = False
+
+    def edit(self) -> EditSpec:
+        return EditSpec.from_dict(self.spec)
+
+
+@dataclass
+class SearchResult:
+    trials: list[TrialRecord]
+    front: list[int]  # trial numbers on the Pareto front of (refusal, kl)
+    chosen: TrialRecord | None
+    note: str
+    base: dict[str, float]
+    kl_budget: float
+    seconds: float
+    journal: str | None
+    resumed: int = 0  # finished trials found in the journal when the search started
+    base_refused: int | None = None  # the unedited model's judged refusals (same prompts as the checks)
+    space: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "chosen": None if self.chosen is None else self.chosen.number,
+            "note": self.note,
+            "base": self.base,
+            "kl_budget": self.kl_budget,
+            "seconds": self.seconds,
+            "journal": self.journal,
+            "resumed": self.resumed,
+            "base_refused": self.base_refused,
+            "front": self.front,
+            "space": self.space,
+            "trials": [asdict(t) for t in self.trials],
+        }
+
+
+def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
+    """Trials no other trial beats on both refusal and KL (and strictly on one), by refusal."""
+    front = [
+        r
+        for r in records
+        if not any(o.refusal <= r.refusal and o.kl <= r.kl and (o.refusal < r.refusal or o.kl < r.kl) for o in records)
+    ]
+    return sorted(front, key=lambda r: (r.refusal, r.kl, r.number))
+
+
+def choose(
+    records: Sequence[TrialRecord],
+    base_refusal: float,
+    kl_budget: float,
+    trial: int | None = None,
+    base_refused: int | None = None,
+) -> tuple[TrialRecord, str]:
+    """The documented default policy, or ``trial`` when given (it must be on the front).
+
+    Among front trials with KL <= ``kl_budget``: the fewest judged refusals where trials were checked by
+    generation (unchecked trials are ranked after checked ones), else the lowest refusal score; ties go to
+    the lower KL. With no front trial inside the budget, the lowest-KL front trial, and the note says so.
+    A choice that does not lower refusals below the unedited model's (its refusal score, and its judged
+    refusals ``base_refused`` where both were judged) is refused (:class:`SearchError`).
+    """
+    front = pareto_front(records)
+    if not front:
+        raise SearchError("the search finished no trial; give it more --trials or a longer --timeout")
+    if trial is not None:
+        pick = next((r for r in front if r.number == trial), None)
+        if pick is None:
+            raise SearchError(
+                f"trial {trial} is not on the Pareto front; pick one of {sorted(r.number for r in front)}"
+            )
+        return pick, f"trial {trial} chosen by --trial"
+    inside = [r for r in front if r.kl <= kl_budget]
+    if inside:
+        pick = min(inside, key=lambda r: (r.refused is None, r.refusal if r.refused is None else r.refused, r.kl))
+        how = "fewest judged refusals" if pick.refused is not None else "lowest refusal score"
+        note = f"trial {pick.number}: {how} among {len(inside)} front trial(s) with KL <= {kl_budget:g}"
+    else:
+        pick = min(front, key=lambda r: r.kl)
+        note = f"trial {pick.number}: no front trial has KL <= {kl_budget:g}; chose the lowest KL ({pick.kl:.3f})"
+    judged_worse = pick.refused is not None and base_refused is not None and pick.refused >= base_refused
+    if pick.refusal >= base_refusal or judged_worse:
+        what = (
+            f"{pick.refused} judged refusals, unedited {base_refused}"
+            if judged_worse
+            else f"refusal score {pick.refusal:.2f}, unedited {base_refusal:.2f}"
+        )
+        raise SearchError(
+            f"no trial lowers refusals (trial {pick.number}: {what}); nothing was written — "
+            "widen the search space, give it more trials or raise --kl-budget"
+        )
+    return pick, note
+
+
+def identity_of(fields: Mapping[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _record(t: Any) -> TrialRecord:
+    return TrialRecord(
+        number=t.number,
+        spec=t.user_attrs["spec"],
+        refusal=float(t.values[0]),
+        kl=float(t.values[1]),
+        scores=dict(t.user_attrs.get("scores", {})),
+        seconds=float(t.user_attrs.get("seconds", 0.0)),
+    )
+
+
+def _open_study(journal: Path | None, identity: Mapping[str, Any], seed: int, resume: bool, startup: int) -> Any:
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    with warnings.catch_warnings():  # multivariate/group TPE (conditional parameters) is "experimental"
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True)
+    if journal is None:
+        return optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
+    if journal.exists() and not resume:
+        raise SearchError(
+            f"a search journal already exists at {journal}; pass --resume to continue it, or remove it to start over"
+        )
+    if resume and not journal.exists():
+        raise SearchError(f"--resume: no search journal at {journal}; run once without --resume to start one")
+    storage = JournalStorage(JournalFileBackend(str(journal)))
+    study = optuna.create_study(
+        study_name="abliterate",
+        storage=storage,
+        directions=["minimize", "minimize"],
+        sampler=sampler,
+        load_if_exists=True,
+    )
+    stored = study.user_attrs.get("identity")
+    if stored is None:
+        study.set_user_attr("identity", dict(identity))
+    else:
+        diff = [k for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
+        if diff:
+            k = diff[0]
+            raise SearchError(
+                f"the journal at {journal} is from another search: its {k} is {stored.get(k)!r}, this run's is "
+                f"{identity.get(k)!r}; use the same model, prompts and search space, or another --out"
+            )
+    return study
+
+
+def _fail_stale(study: Any) -> None:
+    """Trials left RUNNING by a process killed mid-trial can never finish: mark them failed."""
+    from optuna.trial import TrialState
+
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+
+
+def search(
+    objective: Objective,
+    *,
+    num_layers: int,
+    space: SearchSpace = SearchSpace(),
+    trials: int | None = 40,
+    timeout: float | None = None,
+    seed: int = 0,
+    journal: str | Path | None = None,
+    resume: bool = False,
+    identity: Mapping[str, Any] | None = None,
+    warm_start: Sequence[Mapping[str, Any]] = (),
+    startup: int = 8,
+    verify: Verify | None = None,
+    verify_top: int = 4,
+    kl_budget: float = 0.05,
+    base: Mapping[str, float] | None = None,
+    trial: int | None = None,
+    progress: SearchProgress | None = None,
+) -> SearchResult:
+    """Run (or resume) the search and choose a trial; see the module docstring.
+
+    ``trials`` is the total number of finished trials wanted (a resumed journal counts its own), ``timeout``
+    a wall-clock limit in seconds for this call; at least one must be given. ``warm_start``: Optuna parameter
+    dicts (:func:`full_params`) tried first in a new study. ``verify(spec) -> (refused, n)`` judges generated
+    answers for the ``verify_top`` most promising front trials. ``base``: the unedited model's scores.
+    """
+    import optuna
+
+    if trials is None and timeout is None:
+        raise SearchError("give the search a budget: --trials N and/or --timeout SECONDS")
+    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+        raise SearchError(f"--trials must be a positive integer, got {trials!r}")
+    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+        raise SearchError(f"--timeout must be a positive number of seconds, got {timeout!r}")
+    if not (math.isfinite(kl_budget) and kl_budget > 0):
+        raise SearchError(f"--kl-budget must be a positive number, got {kl_budget!r}")
+    space.check()
+    start = time.perf_counter()
+    path = Path(journal) if journal is not None else None
+    ident = {**dict(identity or {}), "space": identity_of(space.to_dict()), "num_layers": num_layers}
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library never prints
+    try:
+        study = _open_study(path, ident, seed, resume, startup)
+        _fail_stale(study)
+        from optuna.trial import TrialState
+
+        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+        resumed = done
+        if not study.trials:
+            for params in warm_start:
+                study.enqueue_trial(dict(params), skip_if_exists=True)
+        total = trials if trials is not None else done + 10**9
+        while done < total and (timeout is None or time.perf_counter() - start < timeout):
+            if progress:
+                progress("search", done, total if trials is not None else done + 1)
+            t = study.ask()
+            try:
+                spec = suggest(t, space, num_layers)
+                t0 = time.perf_counter()
+                scores = dict(objective(spec))
+                seconds = time.perf_counter() - t0
+                t.set_user_attr("spec", spec.to_dict())
+                t.set_user_attr("scores", scores)
+                t.set_user_attr("seconds", seconds)
+            except BaseException:
+                study.tell(t, state=TrialState.FAIL)
+                raise
+            values = [float(scores["refusal"]), float(scores["kl"])]
+            if all(math.isfinite(v) for v in values):
+                study.tell(t, values)
+                done += 1
+            else:
+                study.tell(t, state=TrialState.FAIL)
+        if progress:
+            progress("search", done, done if trials is None else total)
+        records = [_record(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        front = pareto_front(records)
+        for r in front:
+            r.on_front = True
+        checked = dict(study.user_attrs.get("verified", {}))
+        if verify is not None:
+            todo = _to_verify(front, kl_budget, verify_top)
+            if "base" not in checked:
+                checked["base"] = list(verify(EditSpec()))  # the unedited model, judged the same way
+            for i, r in enumerate(todo):
+                if progress:
+                    progress("check front", i, len(todo))
+                if str(r.number) not in checked:
+                    checked[str(r.number)] = list(verify(r.edit()))
+                    study.set_user_attr("verified", checked)  # in the journal: a resume does not judge twice
+            if progress:
+                progress("check front", len(todo), len(todo))
+        for r in records:
+            if str(r.number) in checked:
+                r.refused, r.judged = checked[str(r.number)]
+        base_refusal = float((base or {}).get("refusal", math.inf))
+        base_refused = checked["base"][0] if "base" in checked else None
+        chosen, note = choose(records, base_refusal, kl_budget, trial, base_refused)
+    finally:
+        optuna.logging.set_verbosity(verbosity)
+    return SearchResult(
+        trials=records,
+        front=[r.number for r in front],
+        chosen=chosen,
+        note=note,
+        base=dict(base or {}),
+        kl_budget=kl_budget,
+        seconds=time.perf_counter() - start,
+        journal=None if path is None else str(path),
+        resumed=resumed,
+        space=space.to_dict(),
+        base_refused=base_refused,
+    )
+
+
+def _to_verify(front: Sequence[TrialRecord], kl_budget: float, top: int) -> list[TrialRecord]:
+    """The front trials worth generating for: the lowest refusal scores inside the KL budget (and the
+    lowest-KL trial when none is inside), at most ``top``."""
+    inside = [r for r in front if r.kl <= kl_budget]
+    pool = inside or sorted(front, key=lambda r: r.kl)[:1]
+    return sorted(pool, key=lambda r: (r.refusal, r.kl))[: max(top, 0)]
