@@ -15,8 +15,8 @@ from transformers import CONFIG_MAPPING, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from abliterate import ArchitectureError, LoadedModel, ablate, orthogonalize
-from abliterate.discovery import checked_anatomy
 from abliterate.hooks import HookSet
+from abliterate.selfcheck import checked_anatomy
 from abliterate.verify import forward, probe_ids
 
 VOCAB = 128

@@ -8,7 +8,7 @@ from tiny import HARMFUL, tiny_model, tiny_tokenizer
 from torch import nn
 
 from abliterate import ArchitectureError, LoadedModel, ablate, find_anatomy, from_pretrained_objects, orthogonalize
-from abliterate.discovery import checked_anatomy
+from abliterate.selfcheck import checked_anatomy
 from abliterate.verify import probe_ids, verify_anatomy
 
 HID, VOCAB = 16, 50
@@ -173,12 +173,12 @@ def test_half_precision_model_verifies():
 
 
 def test_verify_false_skips_the_probe(monkeypatch):
-    from abliterate import discovery
+    from abliterate import selfcheck
 
     def boom(*_a, **_k):
         raise AssertionError("the probe ran")
 
-    monkeypatch.setattr(discovery, "verify_anatomy", boom)
+    monkeypatch.setattr(selfcheck, "verify_anatomy", boom)
     lm = from_pretrained_objects(tiny_model("llama"), tiny_tokenizer(), verify=False)
     assert not lm.anatomy.verified
     with pytest.raises(AssertionError, match="the probe ran"):

@@ -12,9 +12,9 @@ from typing import Any
 import torch
 
 from .anatomy import Anatomy, find_anatomy
-from .discovery import checked_anatomy
 from .errors import ChatTemplateError, ModelLoadError
 from .model import LoadedModel
+from .selfcheck import checked_anatomy
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -180,7 +180,7 @@ def load_model(
 
     ``layers_path``/``writer_patterns`` name the modules of an architecture the built-in patterns do
     not know. ``verify`` (default on) checks the writers on a probe of a few tokens and discovers the ones
-    no pattern names (see :func:`abliterate.discovery.checked_anatomy`); ``verify=False`` skips that.
+    no pattern names (see :func:`abliterate.selfcheck.checked_anatomy`); ``verify=False`` skips that.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
