@@ -82,10 +82,20 @@ def test_bfloat16(tmp_path):
 
 def test_layer_and_writer_overrides_pass_through(tmp_path):
     write_model(tmp_path / "m")
-    lm = load_model(tmp_path / "m", layers_path="model.layers", writer_patterns=[r"mlp\.down_proj"])
+    # an override that names only some writers passes through unchecked with verify=False ...
+    lm = load_model(tmp_path / "m", layers_path="model.layers", writer_patterns=[r"mlp\.down_proj"], verify=False)
     assert [[w.name for w in ws] for ws in lm.anatomy.writers] == [
         [f"model.layers.{i}.mlp.down_proj"] for i in range(3)
     ]
+    assert not lm.anatomy.verified
+    # ... and is refused by the probe otherwise: the attention's write is not explained
+    with pytest.raises(ArchitectureError) as exc:
+        load_model(tmp_path / "m", layers_path="model.layers", writer_patterns=[r"mlp\.down_proj"])
+    msg = str(exc.value)
+    assert "\n" not in msg and "layer 0 of LlamaForCausalLM" in msg and "% of its residual update" in msg
+    assert "self_attn.o_proj" in msg and "verify=False" in msg
+    full = load_model(tmp_path / "m", writer_patterns=[r"self_attn\.o_proj", r"mlp\.down_proj"])
+    assert full.anatomy.verified and all(len(ws) == 2 for ws in full.anatomy.writers)
 
 
 # --- architectures the built-in patterns do not know -----------------------------------------------------------

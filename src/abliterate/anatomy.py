@@ -17,60 +17,31 @@ import torch
 from torch import nn
 
 from .errors import ArchitectureError, LayerError
-
-# Where the list of decoder layers may live, tried in order (VLM wrappers one level deeper).
-LAYER_PATHS: tuple[str, ...] = (
-    "model.layers",
-    "model.language_model.layers",
-    "model.language_model.model.layers",
-    "language_model.model.layers",
-    "model.text_model.layers",
-    "transformer.h",
-    "transformer.layers",
-    "gpt_neox.layers",
-    "model.decoder.layers",
-    "transformer.blocks",
+from .patterns import (
+    _DOWN,
+    LAYER_PATHS,
+    OTHER_TOWERS,
+    PER_LAYER_POST_NORMS,
+    POSITION_EMBEDDING_PATTERNS,
+    POST_NORMS,
+    WRITER_PATTERNS,
+    PostNormSpec,
+    writer_kind,
 )
 
-_ATTN = r"(self_attn|attn|attention|self_attention|mixer)"
-_MLP = r"(mlp|feed_forward|block_sparse_moe|ffn|moe)"
-_DOWN = r"(down_proj|c_proj|dense_4h_to_h|fc2|w2|wo)"
-
-# Relative names (within one decoder layer) of modules or 3-D parameters that write to the residual.
-WRITER_PATTERNS: tuple[str, ...] = (
-    rf"{_ATTN}\.(o_proj|out_proj|c_proj|dense|wo)",
-    rf"{_MLP}\.{_DOWN}",
-    rf"{_MLP}\.shared_experts?\.{_DOWN}",
-    rf"{_MLP}\.experts\.\d+\.{_DOWN}",
-    rf"{_MLP}\.experts\.{_DOWN}",  # fused experts: a 3-D parameter of the experts module
-)
-
-# Learned absolute position embeddings also write into the residual stream.
-POSITION_EMBEDDING_PATTERNS: tuple[str, ...] = (r"(.*\.)?wpe", r"(.*\.)?embed_positions")
-
-
-@dataclass(frozen=True)
-class PostNormSpec:
-    """Architectures that normalize a writer's output before adding it (Gemma 2/3, OLMo 2).
-
-    ``layer_class`` is matched against the decoder layer's class name; ``norms`` maps a writer
-    pattern to the attribute path of the norm applied to that writer's output.
-    """
-
-    layer_class: str
-    norms: tuple[tuple[str, str], ...]
-
-
-POST_NORMS: tuple[PostNormSpec, ...] = (
-    PostNormSpec(
-        r"(Gemma2|Gemma3|Gemma3Text|T5Gemma)DecoderLayer",
-        ((rf"{_ATTN}\..*", "post_attention_layernorm"), (rf"{_MLP}\..*", "post_feedforward_layernorm")),
-    ),
-    PostNormSpec(
-        r"Olmo(2|3)DecoderLayer",
-        ((rf"{_ATTN}\..*", "post_attention_layernorm"), (rf"{_MLP}\..*", "post_feedforward_layernorm")),
-    ),
-)
+__all__ = [
+    "LAYER_PATHS",
+    "POSITION_EMBEDDING_PATTERNS",
+    "POST_NORMS",
+    "WRITER_PATTERNS",
+    "Anatomy",
+    "PostNormSpec",
+    "Writer",
+    "find_anatomy",
+    "find_layers",
+    "make_writer",
+    "writer_kind",
+]
 
 
 @dataclass
@@ -109,6 +80,9 @@ class Anatomy:
     embeddings: list[Writer]
     writers: list[list[Writer]] = field(default_factory=list)
     hidden_size: int = 0
+    # writers no name pattern found, found by probing (abliterate.discovery), and whether a probe checked them
+    discovered: list[str] = field(default_factory=list)
+    verified: bool = False
 
     @property
     def num_layers(self) -> int:
@@ -138,32 +112,112 @@ def _get(root: nn.Module, path: str) -> nn.Module | None:
 
 
 def _hidden_size(model: nn.Module) -> int:
+    """The width of the residual stream: the input embeddings' (a model whose embeddings are projected to
+    another width has no embedding that writes the residual, and is refused)."""
     emb = model.get_input_embeddings()
-    return int(emb.weight.shape[-1])
+    weight = getattr(emb, "weight", None)
+    name = type(model).__name__
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+        raise ArchitectureError(
+            f"{name}'s input embeddings are a {type(emb).__name__}, not one embedding table; "
+            "abliterate edits models whose token embeddings write the residual stream"
+        )
+    width = int(weight.shape[-1])
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    stream = getattr(text, "hidden_size", None)
+    if isinstance(stream, int) and stream != width:
+        raise ArchitectureError(
+            f"{name}'s token embeddings are {width}-wide but its residual stream is {stream}-wide (projected in "
+            "between); abliterate edits models whose token embeddings write the residual stream directly"
+        )
+    return width
 
 
-def _linear_axis(module: nn.Module) -> tuple[str, int] | None:
-    """(param, out_axis) for a 2-D writer: Linear stores [out, in], GPT-2's Conv1D stores [in, out]."""
+def _conv1d(module: nn.Module) -> bool:
+    return type(module).__name__ == "Conv1D"
+
+
+def _linear_axis(module: nn.Module, hidden: int | None = None) -> tuple[str, int] | None:
+    """(param, out_axis) for a 2-D writer: Linear stores [out, in], GPT-2's Conv1D [in, out], an embedding
+    [rows, hidden]; another module with one 2-D ``weight`` writes along its hidden-size axis."""
     weight = getattr(module, "weight", None)
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
         return None
-    return ("weight", 1 if type(module).__name__ == "Conv1D" else 0)
+    if isinstance(module, nn.Linear):
+        return ("weight", 0)
+    if _conv1d(module) or isinstance(module, nn.Embedding):
+        return ("weight", 1)
+    if hidden is not None and weight.shape[1] == hidden and weight.shape[0] != hidden:
+        return ("weight", 1)
+    return ("weight", 0)
+
+
+def _out_size(module: nn.Module, axis: int) -> int:
+    # a quantized Linear (bitsandbytes) stores packed bytes; out_features is its real output size
+    return module.out_features if isinstance(module, nn.Linear) else module.weight.shape[axis]
+
+
+def _fused_axis(module: nn.Module, pname: str, hidden: int) -> int | None:
+    """The output axis of a fused-experts parameter, if it has a hidden-size one: 3-D ``[experts, ., .]``
+    (``is_transposed`` says which axis when both could be), or 2-D ``[experts * inner, hidden]`` (DBRX)."""
+    p = getattr(module, pname)
+    if p.dim() == 2:
+        return 1 if p.shape[1] == hidden else None
+    transposed = getattr(module, "is_transposed", None)
+    if transposed is None and p.shape[1] != hidden:  # no flag: the hidden-size axis says which
+        transposed = True
+    axis = 2 if transposed else 1
+    return axis if p.shape[axis] == hidden else None
+
+
+def make_writer(
+    layer: nn.Module,
+    module: nn.Module,
+    rel: str,
+    index: int,
+    prefix: str,
+    hidden: int,
+    post_norm: nn.Module | None = None,
+    param: str | None = None,
+) -> Writer | None:
+    """A :class:`Writer` for ``module`` (at ``rel`` inside ``layer``) whose output has the hidden size: a 2-D
+    module, or a fused-experts container (its 3-D parameter ``param``, else the one named like a down projection,
+    else its only 3-D parameter with a hidden-size output axis). ``None`` when it has no such weight."""
+    post = post_norm if post_norm is not None else _post_norm_for(layer, rel)
+    if param is None and (spec := _linear_axis(module, hidden)):
+        pname, axis = spec
+        if _out_size(module, axis) != hidden:
+            return None
+        has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
+        bias = "bias" if has_bias else None
+        return Writer(f"{prefix}.{rel}", module, pname, axis, bias, index, post, kind=writer_kind(rel))
+    fused = [
+        n for n, p in module.named_parameters(recurse=False) if p.dim() in (2, 3) and _fused_axis(module, n, hidden)
+    ]
+    if param is None:
+        named = [n for n in fused if re.fullmatch(_DOWN, n)]
+        three = [n for n in fused if getattr(module, n).dim() == 3]
+        param = named[0] if len(named) == 1 else three[0] if len(three) == 1 else None
+    if param is None or param not in fused:
+        return None
+    axis = _fused_axis(module, param, hidden)
+    assert axis is not None
+    bias = f"{param}_bias" if isinstance(getattr(module, f"{param}_bias", None), torch.Tensor) else None
+    return Writer(f"{prefix}.{rel}.{param}", module, param, axis, bias, index, post, kind=writer_kind(f"{rel}.{param}"))
 
 
 def _post_norm_for(layer: nn.Module, rel: str) -> nn.Module | None:
+    for pattern, norm_path in PER_LAYER_POST_NORMS:
+        if re.fullmatch(pattern, rel) and (norm := _get(layer, norm_path)) is not None:
+            return norm
     for spec in POST_NORMS:
-        if re.fullmatch(spec.layer_class, type(layer).__name__):
+        if all(_get(layer, path) is not None for path in spec.requires):
             for pattern, norm_path in spec.norms:
                 if re.fullmatch(pattern, rel):
                     return _get(layer, norm_path)
+            return None
     return None
-
-
-def writer_kind(rel: str) -> str:
-    """``"mlp"`` or ``"attn"`` for a writer's module name relative to its decoder layer, else ``"other"``."""
-    if re.match(rf"{_MLP}\.", rel):
-        return "mlp"
-    return "attn" if re.match(rf"{_ATTN}\.", rel) else "other"
 
 
 def _layer_writers(layer: nn.Module, index: int, prefix: str, patterns: Sequence[str], hidden: int) -> list[Writer]:
@@ -173,39 +227,91 @@ def _layer_writers(layer: nn.Module, index: int, prefix: str, patterns: Sequence
         if not rel:
             continue
         # 2-D writers: the module itself matches.
-        if any(c.fullmatch(rel) for c in compiled) and (spec := _linear_axis(module)):
-            param, axis = spec
-            # a quantized Linear (bitsandbytes) stores packed bytes; out_features is its real output size
-            out_size = module.out_features if isinstance(module, nn.Linear) else module.weight.shape[axis]
-            if out_size != hidden:
-                continue
-            has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
-            found.append(
-                Writer(
-                    f"{prefix}.{rel}",
-                    module,
-                    param,
-                    axis,
-                    "bias" if has_bias else None,
-                    index,
-                    _post_norm_for(layer, rel),
-                )
-            )
+        if any(c.fullmatch(rel) for c in compiled) and _linear_axis(module, hidden):
+            if (w := make_writer(layer, module, rel, index, prefix, hidden)) is not None:
+                found.append(w)
             continue
         # Fused experts: a 3-D parameter of this module matches.
         for pname, p in module.named_parameters(recurse=False):
-            if p.dim() != 3 or not any(c.fullmatch(f"{rel}.{pname}") for c in compiled):
-                continue
-            axis = 2 if getattr(module, "is_transposed", False) else 1
-            if p.shape[axis] != hidden:
-                continue
-            bias = f"{pname}_bias" if isinstance(getattr(module, f"{pname}_bias", None), torch.Tensor) else None
-            found.append(
-                Writer(f"{prefix}.{rel}.{pname}", module, pname, axis, bias, index, _post_norm_for(layer, rel))
-            )
-    for w in found:
-        w.kind = writer_kind(w.name[len(prefix) + 1 :])
+            if (
+                p.dim() in (2, 3)
+                and any(c.fullmatch(f"{rel}.{pname}") for c in compiled)
+                and (w := make_writer(layer, module, rel, index, prefix, hidden, param=pname)) is not None
+            ):
+                found.append(w)
     return found
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    n = getattr(text, "num_hidden_layers", None)
+    return n if isinstance(n, int) else None
+
+
+def _search_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """The layer list of an architecture no path names: a ModuleList of blocks of one class (as many as the
+    config's ``num_hidden_layers`` when it says), the one holding the most parameters."""
+    n = _num_layers(model)
+    found: list[tuple[bool, int, str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+            continue
+        if len({type(m) for m in module}) != 1 or not any(True for _ in module[0].parameters()):
+            continue
+        size = sum(p.numel() for p in module.parameters())
+        found.append((len(module) == n, size, name, module))
+    if not found:
+        return None
+    _, _, name, module = max(found, key=lambda f: (f[0], f[1]))
+    return name, module
+
+
+def find_layers(model: nn.Module, layers_path: str | None = None, *, search: bool = False) -> tuple[str, nn.ModuleList]:
+    """``(path, ModuleList)`` of the decoder layers: ``layers_path``, else a known path, else (with ``search``,
+    for a probe to verify) the ModuleList that looks like the layer stack."""
+    for path in (layers_path,) if layers_path else LAYER_PATHS:
+        candidate = _get(model, path)
+        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
+            return path, candidate
+    if search and layers_path is None and (searched := _search_layers(model)) is not None:
+        return searched
+    looked = layers_path or ", ".join(LAYER_PATHS)
+    raise ArchitectureError(
+        f"cannot find the decoder layers of {type(model).__name__}: looked for {looked}; "
+        "pass layers_path='<dotted.path.to.ModuleList>'"
+    )
+
+
+def _check_override(layers: nn.ModuleList, patterns: Sequence[str], hidden: int) -> None:
+    """A ``writer_patterns`` override must match something, and only modules that write the hidden size."""
+    for pattern in patterns:
+        matched = [
+            (rel, m)
+            for rel, m in layers[0].named_modules()
+            if rel
+            and (
+                re.fullmatch(pattern, rel)
+                or any(re.fullmatch(pattern, f"{rel}.{n}") for n, _ in m.named_parameters(recurse=False))
+            )
+        ]
+        if not matched:
+            raise ArchitectureError(
+                f"writer pattern '{pattern}' matches no module of layer 0 ({type(layers[0]).__name__}); "
+                "patterns are regular expressions on names inside one layer, e.g. 'mlp\\.down_proj'"
+            )
+        for rel, m in matched:
+            if make_writer(layers[0], m, rel, 0, "", hidden) is None and not any(
+                make_writer(layers[0], m, rel, 0, "", hidden, param=n)
+                for n, p in m.named_parameters(recurse=False)
+                if p.dim() == 3
+            ):
+                raise ArchitectureError(
+                    f"writer pattern '{pattern}' matches {rel} ({type(m).__name__}), whose output is not the hidden "
+                    f"size {hidden}; name the modules that write into the residual stream"
+                )
 
 
 def find_anatomy(
@@ -213,30 +319,25 @@ def find_anatomy(
     *,
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
+    require_writers: bool = True,
+    search_layers: bool = False,
 ) -> Anatomy:
-    """Locate the embeddings, decoder layers and residual writers of ``model``.
+    """Locate the embeddings, decoder layers and residual writers of ``model`` by name patterns.
 
     ``layers_path`` (e.g. ``"model.layers"``) and ``writer_patterns`` (regular expressions on
     module names relative to a layer, e.g. ``r"attn\\.out"``) override the built-in patterns for
-    architectures they do not cover.
+    architectures they do not cover. :func:`abliterate.selfcheck.checked_anatomy` (what loading uses) passes
+    ``require_writers=False`` (a layer without writers is left empty for discovery to fill) and
+    ``search_layers=True`` (an unknown layer list is searched for), and verifies the result on a probe.
     """
-    paths = (layers_path,) if layers_path else LAYER_PATHS
-    layers = None
-    for path in paths:
-        candidate = _get(model, path)
-        if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
-            layers, found_path = candidate, path
-            break
-    if layers is None:
-        raise ArchitectureError(
-            f"cannot find the decoder layers of {type(model).__name__}: looked for "
-            f"{', '.join(paths)}; pass layers_path='<dotted.path.to.ModuleList>'"
-        )
+    found_path, layers = find_layers(model, layers_path, search=search_layers)
     hidden = _hidden_size(model)
+    if writer_patterns:
+        _check_override(layers, writer_patterns, hidden)
     patterns = tuple(writer_patterns) if writer_patterns else WRITER_PATTERNS
     writers = [_layer_writers(layer, i, f"{found_path}.{i}", patterns, hidden) for i, layer in enumerate(layers)]
     for i, ws in enumerate(writers):
-        if not ws:
+        if not ws and require_writers:
             names = sorted({n for n, _ in layers[i].named_modules() if n})
             raise ArchitectureError(
                 f"found no residual writers in layer {i} of {type(model).__name__} "
@@ -248,6 +349,7 @@ def find_anatomy(
         if (
             isinstance(module, nn.Embedding)
             and module is not model.get_input_embeddings()
+            and not re.search(OTHER_TOWERS, name)
             and any(re.fullmatch(p, name) for p in POSITION_EMBEDDING_PATTERNS)
             and module.weight.shape[-1] == hidden
         ):

@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
-from .anatomy import find_anatomy
+from .anatomy import Anatomy, find_anatomy
 from .errors import ChatTemplateError, ModelLoadError
 from .model import LoadedModel
+from .selfcheck import checked_anatomy
 
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
@@ -161,6 +162,7 @@ def load_model(
     chat_template: str | None = None,
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
+    verify: bool = True,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, and locate its residual writers.
 
@@ -177,7 +179,8 @@ def load_model(
     edited model is written from the original checkpoint by the streaming edit.
 
     ``layers_path``/``writer_patterns`` name the modules of an architecture the built-in patterns do
-    not know.
+    not know. ``verify`` (default on) checks the writers on a probe of a few tokens and discovers the ones
+    no pattern names (see :func:`abliterate.selfcheck.checked_anatomy`); ``verify=False`` skips that.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -220,7 +223,7 @@ def load_model(
     if kind == "gguf":
         clear_gguf_marker(model)
     _prepare_tokenizer(tokenizer, chat_template, source)
-    anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
+    anatomy = _anatomy(model, tokenizer, layers_path, writer_patterns, verify)
     return LoadedModel(model, tokenizer, anatomy, source, path)
 
 
@@ -232,9 +235,25 @@ def from_pretrained_objects(
     chat_template: str | None = None,
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
+    verify: bool = True,
 ) -> LoadedModel:
-    """Wrap an already-built transformers model and tokenizer (e.g. one you constructed yourself)."""
+    """Wrap an already-built transformers model and tokenizer (e.g. one you constructed yourself);
+    ``verify`` as in :func:`load_model`."""
     model.eval()
     _prepare_tokenizer(tokenizer, chat_template, source)
-    anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
+    anatomy = _anatomy(model, tokenizer, layers_path, writer_patterns, verify)
     return LoadedModel(model, tokenizer, anatomy, source, None)
+
+
+PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
+
+
+def _anatomy(
+    model: torch.nn.Module, tokenizer: Any, layers_path: str | None, writer_patterns: Sequence[str] | None, verify: bool
+) -> Anatomy:
+    if not verify:
+        return find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
+    ids = tokenizer(PROBE_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :8]
+    return checked_anatomy(
+        model, ids=ids if ids.shape[-1] >= 2 else None, layers_path=layers_path, writer_patterns=writer_patterns
+    )

@@ -1,0 +1,136 @@
+"""The anatomy loading uses: name patterns first (:func:`abliterate.find_anatomy`), then a probe that checks them
+(:mod:`abliterate.verify`), then, for layers the patterns do not explain, writers found by probing
+(:mod:`abliterate.discovery`), checked again. Whatever still is not explained is refused in one line."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .anatomy import Anatomy, Writer, find_anatomy
+from .discovery import discover_writers, find_candidates
+from .errors import ArchitectureError
+from .hooks import HookSet
+from .placement import execution_device
+from .verify import ZERO_TOLERANCE, LayerCheck, probe_ids, run_probe, verify_anatomy
+
+
+def _names(writers: Sequence[Writer], prefix: str) -> str:
+    return ", ".join(w.name.removeprefix(prefix + ".") for w in writers) or "none"
+
+
+def _layer_error(model: nn.Module, anatomy: Anatomy, check: LayerCheck, candidates: Sequence[str]) -> ArchitectureError:
+    cls, i = type(model).__name__, check.layer
+    prefix = f"{anatomy.layers_path}.{i}"
+    found = _names(anatomy.writers[i], prefix)
+    if check.post_norm is not None:
+        return ArchitectureError(
+            f"{cls} normalizes the residual stream after each layer adds to it (layer {i}'s output is its "
+            f"{check.post_norm}'s output: a post-LN residual), so no weight edit removes a direction exactly and "
+            "abliterate cannot edit this model; only a runtime projection of the residual stream itself would"
+        )
+    if check.unexplained > ZERO_TOLERANCE:
+        return ArchitectureError(
+            f"layer {i} of {cls}: {min(check.unexplained, 1.0):.1%} of its residual update is not written by the "
+            f"writers found ({found}); modules there with a hidden-size output: {', '.join(candidates) or 'none'}; "
+            "pass writer_patterns=[...] naming the writers (or verify=False to skip this check)"
+        )
+    return ArchitectureError(
+        f"layer {i} of {cls}: after ablating a random direction from its writers ({found}) {min(check.leak, 1.0):.1%} "
+        "of it is still in the layer's residual update, so something between those writers and the residual "
+        "(an unknown post-norm or gate) changes it; abliterate cannot edit this layer exactly"
+    )
+
+
+def _outside_modules(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> list[tuple[str, nn.Module]]:
+    """Modules outside the layers that run before layer 0 and output the hidden size (embedding-side writers)."""
+    inside = {id(m) for m in anatomy.layers.modules()}
+    hidden = anatomy.hidden_size
+    ran: list[tuple[str, nn.Module]] = []
+    started = [False]
+
+    def edit(hooks: HookSet) -> None:
+        hooks.watch_input(anatomy.layers[0], lambda _x: started.__setitem__(0, True))
+        for name, m in model.named_modules():
+            if name and id(m) not in inside and not isinstance(m, nn.ModuleList):
+
+                def seen(x: torch.Tensor, name: str = name, m: nn.Module = m) -> None:
+                    if not started[0] and x.shape[-1:] == (hidden,):
+                        ran.append((name, m))
+
+                hooks.watch_output(m, seen)
+
+    run_probe(model, list(anatomy.layers), ids, edit)
+    return ran
+
+
+def _fix_embeddings(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> str | None:
+    """Add embedding tables the patterns missed; return a description of what else touches the embeddings."""
+    ran = _outside_modules(model, anatomy, ids)
+    known = {id(w.module) for w in anatomy.embeddings}
+    for name, m in ran:
+        if isinstance(m, nn.Embedding) and id(m) not in known:
+            anatomy.embeddings.append(Writer(name, m, "weight", 1, None, None, kind="embedding"))
+            anatomy.discovered.append(name)
+    others = [n for n, m in ran if not isinstance(m, (nn.Embedding, nn.Dropout)) and next(m.children(), None) is None]
+    return ", ".join(others) if others else None
+
+
+def checked_anatomy(
+    model: nn.Module,
+    *,
+    ids: torch.Tensor | None = None,
+    layers_path: str | None = None,
+    writer_patterns: Sequence[str] | None = None,
+) -> Anatomy:
+    """:func:`find_anatomy`, then a probe that checks every layer's update is explained by the writers found;
+    layers that fail get their writers discovered (unless ``writer_patterns`` overrides them) and are checked
+    again. Raises :class:`ArchitectureError` naming the layer when the writers cannot explain it."""
+    anatomy = find_anatomy(
+        model, layers_path=layers_path, writer_patterns=writer_patterns, require_writers=False, search_layers=True
+    )
+    ids = (probe_ids(model) if ids is None else ids).to(execution_device(model, anatomy.embeddings[0].module))
+    check = verify_anatomy(model, anatomy, ids)
+    if check.width_error is not None:
+        raise ArchitectureError(
+            f"{type(model).__name__}: {check.width_error}; abliterate edits models whose layers add, one after "
+            "another, to one residual stream"
+        )
+    if check.embedding_leak > check.embedding_tolerance:
+        other = _fix_embeddings(model, anatomy, ids)
+        check = verify_anatomy(model, anatomy, ids)
+        if check.embedding_leak > check.embedding_tolerance:
+            raise ArchitectureError(
+                f"{type(model).__name__} transforms the embeddings before the first layer"
+                f"{f' ({other})' if other else ''}: after ablating a random direction from the embeddings "
+                f"{min(check.embedding_leak, 1.0):.1%} of it still reaches layer 0, so abliterate cannot edit "
+                "this model exactly"
+            )
+    if check.failed:
+        first = check.failed[0]
+        if first.post_norm is not None or writer_patterns:
+            cands, _ = find_candidates(model, list(anatomy.layers), [first.layer], ids, anatomy.hidden_size)
+            raise _layer_error(model, anatomy, first, [c.rel for c in cands[first.layer] if not c.is_norm])
+        fix = [c.layer for c in check.failed]
+        found = discover_writers(model, list(anatomy.layers), anatomy.layers_path, fix, ids, anatomy.hidden_size)
+        if found.unexplained:
+            i = min(found.unexplained)
+            bad = next(c for c in check.failed if c.layer == i)
+            raise _layer_error(model, anatomy, bad, found.candidates[i])
+        for i, writers in found.writers.items():
+            old = {(w.name, id(w.post_norm)) for w in anatomy.writers[i]}
+            anatomy.writers[i] = writers
+            norms = {id(m): n for n, m in anatomy.layers[i].named_modules()}
+            anatomy.discovered += [
+                w.name + (f" (through {norms[id(w.post_norm)]})" if w.post_norm is not None else "")
+                for w in writers
+                if (w.name, id(w.post_norm)) not in old
+            ]
+        check = verify_anatomy(model, anatomy, ids)
+        if check.failed:
+            first = check.failed[0]
+            raise _layer_error(model, anatomy, first, found.candidates.get(first.layer, []))
+    anatomy.verified = True
+    return anatomy
