@@ -228,24 +228,33 @@ def choose(
                 f"trial {trial} is not on the Pareto front; pick one of {sorted(r.number for r in front)}"
             )
         return pick, f"trial {trial} chosen by --trial"
-    inside = [r for r in front if r.kl <= kl_budget]
+
+    def lowers(r: TrialRecord) -> bool:
+        judged = r.refused is not None and base_refused is not None
+        return r.refusal < base_refusal and (not judged or r.refused < base_refused)
+
+    useful = [r for r in front if lowers(r)]
+    if not useful:
+        best = min(front, key=lambda r: (r.refusal, r.kl))
+        what = (
+            f"{best.refused} judged refusals, unedited {base_refused}"
+            if best.refused is not None and base_refused is not None
+            else f"refusal score {best.refusal:.2f}, unedited {base_refusal:.2f}"
+        )
+        raise SearchError(
+            f"no trial lowers refusals (trial {best.number}: {what}); nothing was written — "
+            "widen the search space, give it more trials or raise --kl-budget"
+        )
+    inside = [r for r in useful if r.kl <= kl_budget]
     if inside:
         pick = min(inside, key=lambda r: (r.refused is None, r.refusal if r.refused is None else r.refused, r.kl))
         how = "fewest judged refusals" if pick.refused is not None else "lowest refusal score"
         note = f"trial {pick.number}: {how} among {len(inside)} front trial(s) with KL <= {kl_budget:g}"
     else:
-        pick = min(front, key=lambda r: r.kl)
-        note = f"trial {pick.number}: no front trial has KL <= {kl_budget:g}; chose the lowest KL ({pick.kl:.3f})"
-    judged_worse = pick.refused is not None and base_refused is not None and pick.refused >= base_refused
-    if pick.refusal >= base_refusal or judged_worse:
-        what = (
-            f"{pick.refused} judged refusals, unedited {base_refused}"
-            if judged_worse
-            else f"refusal score {pick.refusal:.2f}, unedited {base_refusal:.2f}"
-        )
-        raise SearchError(
-            f"no trial lowers refusals (trial {pick.number}: {what}); nothing was written — "
-            "widen the search space, give it more trials or raise --kl-budget"
+        pick = min(useful, key=lambda r: r.kl)
+        note = (
+            f"trial {pick.number}: no front trial that lowers refusals has KL <= {kl_budget:g}; chose the lowest "
+            f"KL ({pick.kl:.3f}) among those that do"
         )
     return pick, note
 
@@ -394,7 +403,7 @@ def search(
             r.on_front = True
         checked = dict(study.user_attrs.get("verified", {}))
         if verify is not None:
-            todo = _to_verify(front, kl_budget, verify_top)
+            todo = _to_verify(front, kl_budget, verify_top, float((base or {}).get("refusal", math.inf)))
             if "base" not in checked:
                 checked["base"] = list(verify(EditSpec()))  # the unedited model, judged the same way
             for i, r in enumerate(todo):
@@ -428,9 +437,9 @@ def search(
     )
 
 
-def _to_verify(front: Sequence[TrialRecord], kl_budget: float, top: int) -> list[TrialRecord]:
-    """The front trials worth generating for: the lowest refusal scores inside the KL budget (and the
-    lowest-KL trial when none is inside), at most ``top``."""
-    inside = [r for r in front if r.kl <= kl_budget]
-    pool = inside or sorted(front, key=lambda r: r.kl)[:1]
+def _to_verify(front: Sequence[TrialRecord], kl_budget: float, top: int, base_refusal: float) -> list[TrialRecord]:
+    """The front trials worth generating for: among those whose refusal score is below the unedited model's,
+    the lowest scores inside the KL budget (else the lowest-KL ones), at most ``top``."""
+    lower = [r for r in front if r.refusal < base_refusal] or list(front)
+    pool = [r for r in lower if r.kl <= kl_budget] or sorted(lower, key=lambda r: r.kl)[: max(top, 1)]
     return sorted(pool, key=lambda r: (r.refusal, r.kl))[: max(top, 0)]
