@@ -261,6 +261,8 @@ def main() -> None:
         summary["ours"] = run_ours(args.model, work / "ours" / "model", args)
         models.append((summary["ours"]["model"], "abliterate"))
         save()
+    elif "ours" in summary:
+        models.append((summary["ours"]["model"], "abliterate"))
     if not args.no_evaluate and (run_dir / "config.toml").exists():
         summary["heretic_evaluate"] = merge(
             summary.get("heretic_evaluate", []),
