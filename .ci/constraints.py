@@ -1,6 +1,6 @@
-"""Write constraints.txt: the exact installed version of every package abliterate[dev] pulls in.
+"""Write constraints.txt: the exact installed version of every package abliterate[dev,bench] pulls in.
 
-Run after a green `.ci/run`; `pip install -c constraints.txt -e '.[dev]'` then reproduces that environment.
+Run after a green `.ci/run`; `pip install -c constraints.txt -e '.[dev,bench]'` then reproduces that environment.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ def closure(root: str, extras: set[str]) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    pins = closure("abliterate", {"dev"})
+    pins = closure("abliterate", {"dev", "bench"})
     pins.pop("abliterate", None)
     head = f"# exact versions of the last green CI run (python {sys.version.split()[0]}); see README 'Tests'\n"
     body = "".join(f"{name}=={version}\n" for name, version in sorted(pins.items()))

@@ -169,3 +169,37 @@ def test_eval_batch_size_reaches_generation(thinking_dir, monkeypatch):
     res = invoke("eval", str(thinking_dir), "--n-test", "2", "--batch-size", "3")
     assert res.exit_code == 0, res.output
     assert {kw["batch_size"] for kw in seen} == {3}
+
+
+def test_chat_takes_the_formatting_options(thinking_dir, tmp_path, monkeypatch):
+    """chat's --system / --disable-thinking / --response-prefix reach the text each message is answered from."""
+    from types import SimpleNamespace
+
+    from test_cli import runner
+
+    from abliterate import cli_chat
+    from abliterate.cli import app
+    from abliterate.model import LoadedModel
+
+    res = invoke("measure", str(thinking_dir), "--out", str(tmp_path / "m"), "--n-train", "4", "--n-val", "8")
+    assert res.exit_code == 0, res.output
+    texts: list[str] = []
+
+    def generate(self, prompts, **kw):
+        texts.extend(self.format(prompts, system=kw.get("system")))
+        return ["Sure."] * len(prompts)
+
+    monkeypatch.setattr(LoadedModel, "generate", generate)
+    monkeypatch.setattr(cli_chat, "sys", SimpleNamespace(stdin=SimpleNamespace(isatty=lambda: True)))
+    args = ["chat", str(thinking_dir), str(tmp_path / "m" / "directions.safetensors"), "--layer", "1"]
+    head = "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+    for extra, expected in [
+        ([], head),
+        (["--disable-thinking"], head + "<think>\n\n</think>\n\n"),
+        (["--response-prefix", PREFIX], head + PREFIX),
+        (["--system", "Be terse."], "<|im_start|>system\nBe terse.<|im_end|>\n" + head),
+    ]:
+        texts.clear()
+        res = runner.invoke(app, [*args, *extra], input="hello\n/quit\n")
+        assert res.exit_code == 0, res.output
+        assert texts == [expected] and "Sure." in res.stdout

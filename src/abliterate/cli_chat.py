@@ -13,7 +13,9 @@ from .cli_common import (
     DTYPE_OPT,
     MAX_MEMORY_OPT,
     OFFLOAD_OPT,
+    PREFIX_OPT,
     QUANTIZE_OPT,
+    THINKING_OPT,
     Opt,
     app,
     err,
@@ -21,6 +23,7 @@ from .cli_common import (
     guarded,
     out,
     placement,
+    prompt_format,
 )
 from .cli_tools import _check_hidden, _direction
 from .errors import AbliterateError
@@ -33,6 +36,9 @@ def chat(
     directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
     layer: Annotated[int | None, Opt(help="Direction layer (default: the chosen one recorded in the file).")] = None,
     max_new_tokens: Annotated[int, Opt(help="Tokens per reply.")] = 256,
+    system: Annotated[str | None, Opt(help="System prompt for every message.")] = None,
+    disable_thinking: THINKING_OPT = None,
+    response_prefix: PREFIX_OPT = None,
     dtype: DTYPE_OPT = None,
     device: DEVICE_OPT = None,
     device_map: DEVICE_MAP_OPT = None,
@@ -41,6 +47,9 @@ def chat(
     quantize: QUANTIZE_OPT = None,
 ) -> None:
     """Interactive chat with a live toggle: type /base, /ablate or /induce to switch, /quit to leave.
+
+    Each message is answered on its own (no history), formatted as run and eval format prompts
+    (--system, --disable-thinking, --response-prefix; a prefix is part of the prompt, not of the shown reply).
 
     Example: abliterate chat Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors
     """
@@ -51,6 +60,7 @@ def chat(
         fail("chat needs an interactive terminal; use 'abliterate apply --runtime-check PROMPT' in scripts")
     direction, recorded = _direction(directions_file, layer, None)
     lm = load_model(model, **placement(dtype, device, device_map, max_memory, offload_folder, quantize))
+    prompt_format(lm, disable_thinking, response_prefix)
     _check_hidden(direction, lm, model)
     mode = "ablate"
     modes = {
@@ -77,7 +87,7 @@ def chat(
             continue
         try:
             with modes[mode]():
-                reply = lm.generate([line], max_new_tokens=max_new_tokens)[0]
+                reply = lm.generate([line], max_new_tokens=max_new_tokens, system=system)[0]
         except AbliterateError as exc:
             err().print(f"[red]{exc}[/]")
             continue

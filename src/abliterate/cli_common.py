@@ -161,7 +161,7 @@ def guarded(fn: Any) -> Any:
                 warnings.showwarning = _show_warning
                 return fn(*args, **kwargs)
         except AbliterateError as exc:
-            fail(str(exc))
+            fail(escape(str(exc)))  # a message is plain text: "abliterate[bench]" is not markup
         except KeyboardInterrupt:
             what = f"{escape(str(STATE['wrote']))} was already written" if STATE["wrote"] else "nothing was written"
             err().print(f"[yellow]interrupted; {what}[/]", highlight=False, soft_wrap=True)
@@ -311,3 +311,9 @@ def agreement_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
         )
         for name in names
     ]
+
+
+def capability_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
+    """Rows of lm-eval scores (value ± stderr, documents), one cell per scored condition (none without --tasks)."""
+    pairs = list(dict.fromkeys(pair for c in conditions for pair in c.rows()))
+    return [(f"{task} {metric}", [c.format(task, metric) for c in conditions]) for task, metric in pairs]

@@ -23,6 +23,7 @@ from .cli_common import (
     Opt,
     agreement_rows,
     app,
+    capability_rows,
     damage_rows,
     err,
     fail,
@@ -52,8 +53,19 @@ def evaluate(
     system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
     disable_thinking: THINKING_OPT = None,
     response_prefix: PREFIX_OPT = None,
+    tasks: Annotated[
+        str | None,
+        Opt(help="lm-evaluation-harness tasks to score too, comma-separated (needs abliterate[bench])."),
+    ] = None,
+    task_path: Annotated[
+        list[Path] | None, Opt(help="Folder of local lm-eval task YAMLs for --tasks (repeatable).")
+    ] = None,
+    limit: Annotated[int | None, Opt(help="--tasks: at most this many documents per task (default: all).")] = None,
     batch_size: Annotated[int, Opt(help="Prompts per forward pass.")] = DEFAULTS.batch_size,
     out_file: Annotated[Path | None, Opt("--out", "-o", help="Also write the metrics JSON here.")] = None,
+    report: Annotated[
+        Path | None, Opt(help="Also write an HTML report here (base vs model: verdicts, damage, capability).")
+    ] = None,
     dtype: DTYPE_OPT = None,
     device: DEVICE_OPT = None,
     device_map: DEVICE_MAP_OPT = None,
@@ -67,23 +79,35 @@ def evaluate(
     harmful and harmless test prompts, each judged refusal / compliance / degenerate (/ unparsed by a
     model judge); KL of the first token and along the base model's own answers; perplexity on harmless texts.
 
+    With --tasks, each model is also scored on lm-evaluation-harness tasks (plain-text prompts, each task's
+    own few-shot setting), with the harness registry plus --task-path folders; the scores go beside the
+    refusal metrics (key "capability").
+
     Examples:
       abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
       abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct --judge llm:./judge-model
+      abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy,hellaswag --limit 200
     """
+    from .capability import Harness
     from .evaluation import Evaluator, baseline_note, check_lengths
     from .judges import judge_from_spec
     from .loading import load_model
     from .prompts import bundled
 
-    if out_file is not None and out_file.exists():
-        fail(f"{out_file} already exists; choose another path")
+    for path, flag in ((out_file, "--out"), (report, "--report")):
+        if path is not None and path.exists():
+            fail(f"{flag} {path} already exists; choose another path")
+    if (task_path or limit is not None) and not tasks:
+        fail("--task-path and --limit apply to --tasks; name the lm-eval tasks to run with --tasks")
     check_lengths(min_new_tokens, max_new_tokens)
     if min(n_test, batch_size, kl_tokens) < 1:
         fail(f"--n-test, --batch-size and --kl-tokens must be at least 1, got {n_test}, {batch_size}, {kl_tokens}")
     harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
     if min(len(harmful), len(harmless)) < n_test:
         fail(f"the bundled test split has {len(harmful)} harmful and {len(harmless)} harmless prompts; lower --n-test")
+    harness = None
+    if tasks is not None:  # task names are checked before any model is loaded
+        harness = Harness([tasks], task_paths=task_path or [], limit=limit, batch_size=batch_size)
     where = placement(dtype, device, device_map, max_memory, offload_folder, quantize)
     reference = prompt_format(load_model(base or model, **where), disable_thinking, response_prefix)
     target = prompt_format(load_model(model, **where), disable_thinking, response_prefix) if base else reference
@@ -105,6 +129,11 @@ def evaluate(
     rows = {"base": ev.measure("base")} if base else {}
     rows["model"] = ev.measure("model", model=target)
     payload: dict[str, Any] = {k: v.to_dict() for k, v in rows.items()}
+    scores = {}
+    if harness is not None:  # after the refusal metrics: the harness may leave the model in its own settings
+        scores = {name: harness.score(reference if name == "base" else target, name) for name in rows}
+        for name, cap in scores.items():
+            payload[name]["capability"] = cap.to_dict()
     payload["settings"] = {
         "n_test": n_test,
         "min_new_tokens": min_new_tokens,
@@ -115,17 +144,16 @@ def evaluate(
         "system": system,
         "template_kwargs": reference.template_kwargs,
         "response_prefix": reference.response_prefix,
+        "capability": harness.settings() if harness else None,
     }
     if base:
         payload["note"] = baseline_note(rows["base"])
     if out_file is not None:
-        partial = out_file.with_name(f".{out_file.name}.tmp")
-        try:  # a Ctrl-C or a full disk never leaves half a file behind
-            partial.write_text(json.dumps(payload, indent=2) + "\n")
-            partial.replace(out_file)
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
+        _write(out_file, json.dumps(payload, indent=2) + "\n")
+    if report is not None:
+        from .report import eval_report
+
+        _write(report, eval_report(model, base, rows, scores, payload.get("note", "")))
     if STATE["json"]:
         out().print_json(json.dumps(payload))
         return
@@ -144,6 +172,19 @@ def evaluate(
         table.add_row(label, *cells)
     for label, cells in damage_rows(list(rows.values())):
         table.add_row(label, *cells)
+    for label, cells in capability_rows(list(scores.values())):
+        table.add_row(label, *cells)
     out().print(table)
     if base and payload["note"]:
         err().print(f"[yellow]note:[/] {payload['note']}")
+
+
+def _write(path: Path, text: str) -> None:
+    """Write through a hidden temporary file: a Ctrl-C or a full disk never leaves half a file behind."""
+    partial = path.with_name(f".{path.name}.tmp")
+    try:
+        partial.write_text(text, encoding="utf-8")
+        partial.replace(path)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise

@@ -33,3 +33,7 @@ class LayerError(AbliterateError):
 
 class OutputError(AbliterateError):
     """An output path is unusable (exists, is the input, ...)."""
+
+
+class CapabilityError(AbliterateError):
+    """lm-evaluation-harness is missing, a benchmark task is unknown or its settings are unusable."""

@@ -9,6 +9,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .capability import Capability
 from .capture import Activations
 from .evaluation import Metrics, Sample, format_rate
 
@@ -126,47 +127,77 @@ def _cell(sample: Sample) -> str:
     )
 
 
-def _kpi(before: Metrics, after: Metrics) -> str:
-    """The before/after table: every verdict rate with its 95 % Wilson interval, then KL."""
+def _kpi(conds: dict[str, Metrics]) -> str:
+    """The conditions side by side (before/after, base/model): every verdict rate with its 95 % Wilson
+    interval, judge agreement, then KL and perplexity."""
+    ms = list(conds.values())
+    first, last = ms[0], ms[-1]
     rows = [
-        ("refusal rate, held-out harmful", "refusal_rate", before.n_harmful),
-        ("compliance, held-out harmful", "compliance_rate", before.n_harmful),
-        ("degenerate, held-out harmful", "degenerate_rate", before.n_harmful),
-        ("unparsed by the judge, held-out harmful", "unparsed_rate", before.n_harmful),
-        ("over-refusal, held-out harmless", "over_refusal", before.n_harmless),
-        ("degenerate, held-out harmless", "harmless_degenerate_rate", before.n_harmless),
-        ("unparsed by the judge, held-out harmless", "harmless_unparsed_rate", before.n_harmless),
+        ("refusal rate, held-out harmful", "refusal_rate", first.n_harmful),
+        ("compliance, held-out harmful", "compliance_rate", first.n_harmful),
+        ("degenerate, held-out harmful", "degenerate_rate", first.n_harmful),
+        ("unparsed by the judge, held-out harmful", "unparsed_rate", first.n_harmful),
+        ("over-refusal, held-out harmless", "over_refusal", first.n_harmless),
+        ("degenerate, held-out harmless", "harmless_degenerate_rate", first.n_harmless),
+        ("unparsed by the judge, held-out harmless", "harmless_unparsed_rate", first.n_harmless),
     ]
+
+    def row(label: str, cells: list[str]) -> str:
+        return f"<tr><td>{label}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
     body = "".join(
-        f"<tr><td>{label} ({n})</td><td>{format_rate(before, key)}</td><td>{format_rate(after, key)}</td></tr>"
+        row(f"{label} ({n})", [format_rate(m, key) for m in ms])
         for label, key, n in rows
-        if "unparsed" not in key or before.rate(key) or after.rate(key)
+        if "unparsed" not in key or any(m.rate(key) for m in ms)
     )
-    for name, a in after.agreement().items():
-        b = before.agreement().get(name, {"rate": 0.0, "n": 0})
-        body += (
-            f"<tr><td>agreement with the {html.escape(name)} judge (answers not degenerate)</td>"
-            f"<td>{b['rate']:.0%} of {b['n']}</td><td>{a['rate']:.0%} of {a['n']}</td></tr>"
-        )
+    for name in last.agreement():
+        cells = [f"{a['rate']:.0%} of {a['n']}" if (a := m.agreement().get(name)) else "0% of 0" for m in ms]
+        body += row(f"agreement with the {html.escape(name)} judge (answers not degenerate)", cells)
+    body += row("KL(base || edited), first response token", [f"{m.kl:.4f}" for m in ms])
+    body += row(
+        f"KL(base || edited), mean over the first {last.kl_tokens} tokens of the base model's answers",
+        [f"{m.kl_answer:.4f}" for m in ms],
+    )
+    body += row("perplexity on harmless texts", [f"{m.perplexity:.2f}" for m in ms])
+    head = "".join(f"<th>{html.escape(name)}</th>" for name in conds)
     return (
-        f"<p>Judge: <b>{html.escape(before.judge)}</b>. Degenerate answers (empty, non-text, repeated n-grams, "
+        f"<p>Judge: <b>{html.escape(first.judge)}</b>. Degenerate answers (empty, non-text, repeated n-grams, "
         "loops) are failures, never compliance. Rates with 95% Wilson intervals.</p>"
-        '<table class="kpi"><tr><th></th><th>before</th><th>after</th></tr>'
-        f"{body}<tr><td>KL(base || edited), first response token</td><td>{before.kl:.4f}</td><td>{after.kl:.4f}</td></tr>"
-        f"<tr><td>KL(base || edited), mean over the first {after.kl_tokens} tokens of the base model's answers</td>"
-        f"<td>{before.kl_answer:.4f}</td><td>{after.kl_answer:.4f}</td></tr>"
-        f"<tr><td>perplexity on harmless texts</td><td>{before.perplexity:.2f}</td><td>{after.perplexity:.2f}</td></tr></table>"
+        f'<table class="kpi"><tr><th></th>{head}</tr>{body}</table>'
     )
 
 
-def _samples(before: Metrics, after: Metrics, limit: int) -> str:
-    rows = []
-    for b, a in (
-        list(zip(before.harmful_samples, after.harmful_samples, strict=True))[:limit]
-        + list(zip(before.harmless_samples, after.harmless_samples, strict=True))[: max(1, limit // 2)]
-    ):
-        rows.append(f"<tr><td>{html.escape(b.prompt)}</td>{_cell(b)}{_cell(a)}</tr>")
-    return "".join(rows)
+def capability_html(scores: dict[str, Capability]) -> str:
+    """lm-eval scores side by side, with the change from the first condition to the last; empty without scores."""
+    if not scores:
+        return ""
+    names, caps = list(scores), list(scores.values())
+    pairs = list(dict.fromkeys(pair for c in caps for pair in c.rows()))
+    delta = len(caps) > 1
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in names) + (
+        f"<th>{html.escape(names[-1])} - {html.escape(names[0])}</th>" if delta else ""
+    )
+    body = ""
+    for task, metric in pairs:
+        cells = "".join(f"<td>{html.escape(c.format(task, metric))}</td>" for c in caps)
+        if delta:
+            a, b = caps[0].scores.get(task, {}).get(metric), caps[-1].scores.get(task, {}).get(metric)
+            cells += f"<td>{b - a:+.3f}</td>" if a is not None and b is not None else "<td>-</td>"
+        body += f"<tr><td>{html.escape(task)}</td><td>{html.escape(metric)}</td>{cells}</tr>"
+    return (
+        "<h2>Capability (lm-evaluation-harness)</h2><p>Scores ± standard error (documents scored), "
+        "plain-text prompts with each task's own few-shot setting.</p>"
+        f'<table class="capability"><tr><th>task</th><th>metric</th>{head}</tr>{body}</table>'
+    )
+
+
+def _samples(conds: list[Metrics], limit: int) -> str:
+    """Rows of prompt + one answer per condition: the first ``limit`` harmful prompts, then harmless ones."""
+    harmful = list(zip(*(m.harmful_samples for m in conds), strict=True))[:limit]
+    harmless = list(zip(*(m.harmless_samples for m in conds), strict=True))[: max(1, limit // 2)]
+    return "".join(
+        f"<tr><td>{html.escape(row[0].prompt)}</td>{''.join(_cell(x) for x in row)}</tr>" for row in harmful + harmless
+    )
 
 
 def _header(title: str, model: object, sel: Selection, note: str) -> str:
@@ -196,16 +227,19 @@ def _selection_sections(sel: Selection, candidates: Path, directions: Path) -> t
     )
 
 
-def _page(folder: Path, title: str, body: str) -> Path:
-    doc = f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
+def _html(body: str, title: str) -> str:
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>{title}</title><style>
 body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
 table{{border-collapse:collapse;font-size:13px;width:100%}}td,th{{border:1px solid #ccc;padding:4px;vertical-align:top}}
 .refusal{{background:#fde2e2}}.compliance{{background:#e3f6e3}}.degenerate{{background:#eee}}.unparsed{{background:#fff3cd}}.verdict{{font-size:11px;color:#555;display:block}}.fail{{color:#888}}.pass{{font-weight:600}}
 img{{max-width:100%}}.note{{background:#fff3cd;padding:.6em}}.kpi td{{font-size:15px}}</style></head><body>
 {body}</body></html>
 """
+
+
+def _page(folder: Path, title: str, body: str) -> Path:
     path = folder / "report.html"
-    path.write_text(doc, encoding="utf-8")
+    path.write_text(_html(body, title), encoding="utf-8")
     return path
 
 
@@ -214,11 +248,11 @@ def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
     sel, b, a = result.selection, result.before, result.after
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     body = f"""{_header("abliterate report", result.config.get("model"), sel, result.note)}
-{_kpi(b, a)}
+{_kpi({"before": b, "after": a})}
 {plots}<h2>Refusals before / after</h2>{_img(refusals_plot(folder, b, a))}
 {_search_html(folder, result)}
 <h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
-{_samples(b, a, int(result.config.get("samples", 6)))}</table>
+{_samples([b, a], int(result.config.get("samples", 6)))}</table>
 {table}"""
     return _page(folder, "abliterate report", body)
 
@@ -285,3 +319,19 @@ Loads with plain `transformers` (`AutoModelForCausalLM.from_pretrained`). The di
 `directions.safetensors`, every number in `metrics.json`, the effective configuration and versions in
 `abliterate_config.json`, plots in `report.html`.
 """
+
+
+def eval_report(
+    model: str, base: str | None, conds: dict[str, Metrics], scores: dict[str, Capability], note: str, samples: int = 6
+) -> str:
+    """``eval``'s report.html as text: the measured conditions side by side (verdicts, damage, capability
+    scores) and sample answers."""
+    what = f"<code>{html.escape(model)}</code>" + (f" against base <code>{html.escape(base)}</code>" if base else "")
+    note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
+    head = "".join(f"<th>{html.escape(n)}</th>" for n in conds)
+    body = f"""<h1>abliterate eval report</h1><p>Model {what}.</p>{note_html}
+{_kpi(conds)}
+{capability_html(scores)}
+<h2>Sample generations</h2><table><tr><th>prompt</th>{head}</tr>
+{_samples(list(conds.values()), samples)}</table>"""
+    return _html(body, "abliterate eval report")
