@@ -158,6 +158,32 @@ def test_failed_upload_after_a_run_keeps_the_run(hub, cached_model, tmp_path):
     assert card["library_name"] == "transformers" and card["base_model_relation"] == "finetune"
 
 
+def test_apply_and_export_push_their_folders(hub, pushed, cached_model, tmp_path):
+    out, _ = pushed
+    directions = str(out / "directions.safetensors")
+    hub_flags = ("--endpoint", hub.url)
+    res = invoke("apply", str(cached_model), directions, "--out", str(tmp_path / "a"), "--push-to-hub", "me/applied",
+                 *hub_flags)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert hub.repos["me/applied"].files == folder_files(tmp_path / "a") and hub.repos["me/applied"].private
+    assert "model.safetensors" in hub.repos["me/applied"].files
+    res = invoke("export", directions, "--format", "peft", "--model", str(cached_model), "--out", str(tmp_path / "e"),
+                 "--push-to-hub", "me/exported", "--public", *hub_flags)  # fmt: skip
+    assert res.exit_code == 0, res.output
+    repo = hub.repos["me/exported"]
+    assert repo.files == folder_files(tmp_path / "e") and "adapter_model.safetensors" in repo.files
+    assert repo.private is False
+    # a command that writes no folder has nothing to upload: refused before it starts
+    res = invoke("apply", str(cached_model), directions, "--runtime-check", "hi", "--push-to-hub", "me/x", *hub_flags)
+    one_line(res, 2, "pass --out DIR")
+    res = invoke("export", directions, "--model", str(cached_model), "--out", str(tmp_path / "v.gguf"),
+                 "--push-to-hub", "me/x", *hub_flags)  # fmt: skip
+    one_line(res, 2, "use it with --format peft")
+    res = invoke("apply", str(cached_model), directions, "--out", str(tmp_path / "b"), "--push-to-hub", "me/x/y")
+    one_line(res, 2, "is not a hub repo id")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "e"] and "me/x" not in hub.repos
+
+
 @pytest.mark.parametrize(
     ("repo_id", "env", "fragments"),
     [

@@ -3,6 +3,7 @@ manifest of ``apply``'s outputs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -40,6 +41,23 @@ def hub_destination(repo_id: str | None, public: bool, endpoint: str | None) -> 
     from .hub import hub_target
 
     return hub_target(repo_id, private=not public, endpoint=endpoint)
+
+
+def pushes_output(fn: Any) -> Any:
+    """For a command that writes an ``--out`` folder (``out_dir``) and takes the hub options: check them before the
+    command runs, and upload the folder it wrote (``wrote``) once it has succeeded."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hub = hub_destination(kwargs.get("push_to_hub"), bool(kwargs.get("public")), kwargs.get("endpoint"))
+        if hub is not None and not kwargs.get("out_dir"):
+            fail("--push-to-hub uploads the --out folder; pass --out DIR")
+        result = fn(*args, **kwargs)
+        if hub is not None:
+            upload(Path(STATE["wrote"]), hub)
+        return result
+
+    return wrapper
 
 
 def upload(folder: Path, target: Any) -> None:
