@@ -179,6 +179,17 @@ def test_run_writes_a_manifest(ran):
         assert manifest["edit"] == json.loads((out / "edit.json").read_text())
 
 
+def test_card_of_a_local_model(ran):
+    """A local input folder has no hub id: the card omits base_model and says why; the rest of the metadata parses."""
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(ran[3] / "README.md")
+    data = card.data.to_dict()
+    assert "base_model" not in data and data["library_name"] == "transformers" and "abliterated" in data["tags"]
+    assert "`base_model` is omitted from the metadata: the input model was the local folder model" in card.text
+    assert "license was not found" in card.text and "AutoModelForCausalLM.from_pretrained(" in card.text
+
+
 def test_verify_reports_each_problem(ran, tmp_path):
     _, _, _, out = ran
     res = invoke("verify", str(out))

@@ -8,7 +8,7 @@ from typing import Annotated, Any
 import typer
 
 from .cli_common import Opt, app, err, fail, guarded, out, wrote
-from .cli_share import load_edit
+from .cli_share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destination, load_edit, upload
 from .cli_tools import _direction
 
 
@@ -99,6 +99,9 @@ def export(
         Opt("--edit", help="peft: edit.json from run: export its searched edit instead of --layer/--position/--scale."),
     ] = None,
     force: Annotated[bool, Opt("--force", help="Replace an existing file.")] = False,
+    push_to_hub: PUSH_OPT = None,
+    public: PUBLIC_OPT = False,
+    endpoint: ENDPOINT_OPT = None,
 ) -> None:
     """Export a direction set as a llama.cpp control vector, or the ablation as a PEFT LoRA adapter.
 
@@ -109,7 +112,8 @@ def export(
     --format peft: the edit of `apply` (or of --edit edit.json) is a rank-k update of each edited module, written
     exactly as a LoRA adapter (adapter_config.json + adapter_model.safetensors, with manifest.json) that
     peft.PeftModel.from_pretrained(base, OUT) loads. Edits PEFT cannot hold exactly are refused (norm-preserving,
-    writer biases next to embedding edits, quantized or offloaded models).
+    writer biases next to embedding edits, quantized or offloaded models). --push-to-hub REPO_ID uploads that folder
+    once it is written (see abliterate push).
 
     Examples:
       abliterate export run-out/directions.safetensors --model Qwen/Qwen2.5-0.5B-Instruct --out refusal.gguf
@@ -120,6 +124,9 @@ def export(
 
     if fmt not in ("gguf", "peft"):
         fail(f"unknown --format '{fmt}'; use gguf or peft")
+    if push_to_hub is not None and fmt != "peft":
+        fail("--push-to-hub uploads a folder: use it with --format peft (or upload the .gguf yourself)")
+    hub = hub_destination(push_to_hub, public, endpoint)
     if fmt == "peft":
         if model is None or model_hint is not None:
             fail("--format peft needs --model (the base model the adapter is for), and no --model-hint")
@@ -131,6 +138,8 @@ def export(
             None if edit is not None else _direction(directions_file, layers[0] if layers else None, position)[0]
         )
         export_peft(model, directions_file, out_file, edit=edit, direction=direction, scale=scale, force=force)
+        if hub is not None:
+            upload(out_file, hub)
         return
     if edit is not None:
         fail("--edit applies to --format peft only")

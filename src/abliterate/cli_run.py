@@ -34,6 +34,7 @@ from .cli_common import (
     rate_rows,
     wrote,
 )
+from .cli_share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destination, upload
 from .config import SEARCH_HELP
 
 
@@ -62,7 +63,8 @@ def _summary(result: Any) -> None:
     out().print(f"wrote [bold]{result.out}[/] (report: {result.out / 'report.html'})")
 
 
-def _execute(cfg: config_mod.RunConfig) -> None:
+def _execute(cfg: config_mod.RunConfig, hub: Any = None) -> None:
+    """Run the pipeline, print its summary, then upload the finished folder to ``hub`` (a checked target) if any."""
     from .cli_pick import pick_for
     from .pipeline import run as run_pipeline
 
@@ -73,6 +75,8 @@ def _execute(cfg: config_mod.RunConfig) -> None:
         out().print_json(json.dumps(result.metrics()))
     else:
         _summary(result)
+    if hub is not None:
+        upload(result.out, hub)
 
 
 @app.command()
@@ -144,6 +148,9 @@ def run(
     search_pick_wait: Annotated[
         float | None, Opt("--pick-wait", help=SEARCH_HELP["pick_wait"], rich_help_panel="Search")
     ] = None,
+    push_to_hub: PUSH_OPT = None,
+    public: PUBLIC_OPT = False,
+    endpoint: ENDPOINT_OPT = None,
 ) -> None:
     """Load -> capture -> sweep -> search the edit -> evaluate -> edit weights -> evaluate -> save.
 
@@ -156,8 +163,12 @@ def run(
     capture and evaluation then run on the dispatched or quantized model, and the edited weights are written
     shard by shard from the original safetensors checkpoint.
 
+    --push-to-hub REPO_ID uploads the finished folder (private unless --public) once the run has succeeded;
+    the repo id and the token (HF_TOKEN or `hf auth login`) are checked before the model is loaded.
+
     Examples:
       abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-abliterated
+      abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-lora --as-adapter --push-to-hub me/qwen-abliterated-lora
       abliterate run meta-llama/Llama-3.1-70B-Instruct --device-map auto --max-memory 0=70GiB,cpu=100GiB --out l70
     """
     cfg = _cfg(
@@ -202,7 +213,7 @@ def run(
     )
     if not cfg.out:
         fail("no output directory; pass --out DIR (or set out in the config file)")
-    _execute(cfg)
+    _execute(cfg, hub_destination(push_to_hub, public, endpoint))
 
 
 @app.command()

@@ -1,7 +1,9 @@
-"""``abliterate verify`` and ``reproduce`` (manifests), and the manifest of ``apply``'s outputs."""
+"""``abliterate verify``, ``reproduce`` (manifests) and ``push`` (hub upload); the hub options of ``run`` and the
+manifest of ``apply``'s outputs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -11,6 +13,72 @@ from typing import Annotated, Any
 import typer
 
 from .cli_common import STATE, Opt, app, err, fail, guarded, out, progress_bars, wrote
+
+PUSH_OPT = Annotated[
+    str | None,
+    Opt(
+        "--push-to-hub",
+        help="After a successful run, upload the output folder to this hub repo (NAME or NAMESPACE/NAME); the repo "
+        "id and token are checked first.",
+        rich_help_panel="Hub",
+    ),
+]
+PUBLIC_OPT = Annotated[
+    bool, Opt("--public", help="Create the hub repo public (default: private).", rich_help_panel="Hub")
+]
+ENDPOINT_OPT = Annotated[
+    str | None,
+    Opt("--endpoint", help="Hub endpoint (default: $HF_ENDPOINT, else https://huggingface.co).", rich_help_panel="Hub"),
+]
+
+
+def hub_destination(repo_id: str | None, public: bool, endpoint: str | None) -> Any:
+    """The checked :class:`~abliterate.hub.HubTarget` of ``--push-to-hub`` (None without it), before any work."""
+    if repo_id is None:
+        if public or endpoint:
+            fail("--public and --endpoint apply to an upload; add --push-to-hub REPO_ID")
+        return None
+    from .hub import hub_target
+
+    return hub_target(repo_id, private=not public, endpoint=endpoint)
+
+
+def pushes_output(fn: Any) -> Any:
+    """For a command that writes an ``--out`` folder (``out_dir``) and takes the hub options: check them before the
+    command runs, and upload the folder it wrote (``wrote``) once it has succeeded."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        hub = hub_destination(kwargs.get("push_to_hub"), bool(kwargs.get("public")), kwargs.get("endpoint"))
+        if hub is not None and not kwargs.get("out_dir"):
+            fail("--push-to-hub uploads the --out folder; pass --out DIR")
+        result = fn(*args, **kwargs)
+        if hub is not None:
+            upload(Path(STATE["wrote"]), hub)
+        return result
+
+    return wrapper
+
+
+def upload(folder: Path, target: Any) -> None:
+    """Push a finished ``folder`` to ``target``; a failed upload is one line and exit 1, the folder kept."""
+    from .hub import UploadError, push
+
+    if STATE["quiet"] or STATE["json"]:
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+    try:
+        pushed = push(folder, target)
+    except UploadError as exc:
+        fail(str(exc), code=1)
+    visibility = {True: "private", False: "public", None: "visibility unknown"}[pushed.private]
+    kept = " (it existed already: its visibility was left as it was)" if pushed.existed else ""
+    line = f"uploaded {pushed.files} files to [bold]{pushed.url}[/] ({visibility}){kept}"
+    if STATE["json"]:
+        err().print(line, soft_wrap=True)
+    else:
+        out().print(line, soft_wrap=True)
 
 
 def load_edit(path: Path) -> tuple[Any, dict[str, Any]]:
@@ -130,3 +198,25 @@ def reproduce(
         out().print(f"differs: {difference}", markup=False, highlight=False, soft_wrap=True)
     if difference is not None:
         raise typer.Exit(1)
+
+
+@app.command()
+@guarded
+def push(
+    folder: Annotated[Path, typer.Argument(help="An output folder of run, apply or export (with its manifest.json).")],
+    repo_id: Annotated[str, typer.Argument(help="Hub repo: NAME (under your user) or NAMESPACE/NAME.")],
+    public: PUBLIC_OPT = False,
+    endpoint: ENDPOINT_OPT = None,
+) -> None:
+    """Upload an output folder to the Hugging Face hub, in one commit.
+
+    The folder must match its own manifest.json (complete and unchanged: see abliterate verify). The repo is
+    created private unless --public (an existing repo is kept with its visibility). The token is HF_TOKEN, else
+    the one `hf auth login` saved. A failed upload leaves the folder as it is and exits 1.
+
+    Example: abliterate push qwen-abliterated me/qwen-abliterated
+    """
+    from .hub import check_folder
+
+    check_folder(folder)  # before the token check: a folder that cannot go up is said first
+    upload(folder, hub_destination(repo_id, public, endpoint))

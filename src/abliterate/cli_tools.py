@@ -28,7 +28,7 @@ from .cli_common import (
     progress_bars,
     wrote,
 )
-from .cli_share import seal_apply
+from .cli_share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, pushes_output, seal_apply
 
 
 def _direction(path: Path, layer: int | None, position: int | None) -> tuple[Any, float | None]:
@@ -127,6 +127,7 @@ def measure(
 
 @app.command()
 @guarded
+@pushes_output
 def apply(
     model: Annotated[str, typer.Argument(help="Model to edit (hub id, directory or .gguf).")],
     directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
@@ -167,8 +168,13 @@ def apply(
             "instead of --layer/--position/--scale/--norm-preserving.",
         ),
     ] = None,
+    push_to_hub: PUSH_OPT = None,
+    public: PUBLIC_OPT = False,
+    endpoint: ENDPOINT_OPT = None,
 ) -> None:
     """Apply a saved direction to a model: at run time (--runtime-check) or to the weights (--out).
+
+    --push-to-hub REPO_ID uploads the --out folder once it is written (see abliterate push).
 
     Examples:
       abliterate apply Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors --out edited

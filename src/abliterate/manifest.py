@@ -112,12 +112,21 @@ def _content_hash(spec: str) -> str:
     return hashlib.sha256(json.dumps(load_source(spec)).encode()).hexdigest()
 
 
+# What the hub adds to a repository and ``hf download --local-dir`` to a copy of it: not the folder's content
+HUB_ADDED = (".gitattributes", ".cache/huggingface/")
+
+
+def _ours(name: str) -> bool:
+    return name != MANIFEST and not any(name == h or (h.endswith("/") and name.startswith(h)) for h in HUB_ADDED)
+
+
 def output_hashes(folder: Path) -> dict[str, str]:
-    """sha256 of every file under ``folder`` except the manifest, by POSIX path relative to it."""
+    """sha256 of every file under ``folder`` except the manifest (and what the hub adds to a downloaded copy:
+    ``.gitattributes``, ``.cache/huggingface/``), by POSIX path relative to it."""
     return {
         p.relative_to(folder).as_posix(): sha256_file(p)
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.relative_to(folder).as_posix() != MANIFEST
+        if p.is_file() and _ours(p.relative_to(folder).as_posix())
     }
 
 

@@ -315,7 +315,8 @@ def annotate(sel: Selection, acts: Activations, label: str) -> DirectionSet:
 
 def write_artifacts(folder: Path, result: RunResult, acts: Activations) -> None:
     """Effective config + versions, model card and HTML report."""
-    from .report import model_card, write_report
+    from .card import model_card
+    from .report import write_report
 
     (folder / "abliterate_config.json").write_text(
         json.dumps({"config": result.config, "versions": versions()}, indent=2) + "\n"

@@ -1,10 +1,10 @@
-"""Human-readable outputs of ``run`` and ``measure``: PNG plots, a self-contained HTML report and a model card."""
+"""Human-readable outputs of ``run`` and ``measure``: PNG plots and a self-contained HTML report (the model card
+is in :mod:`abliterate.card`)."""
 
 from __future__ import annotations
 
 import base64
 import html
-import json
 import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -271,54 +271,6 @@ def write_measure_report(folder: Path, sel: Selection, acts: Activations, config
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     header = _header("abliterate measure report", config.get("model"), sel, "" if sel.chosen else sel.note)
     return _page(folder, "abliterate measure report", f"{header}\n{plots}{table}")
-
-
-def _edit_words(result: RunResult) -> str:
-    choice, cfg = result.choice, result.config
-    if choice is None or choice.search is None:
-        return f"every writer, scale {cfg.get('scale')}, norm-preserving: {cfg.get('norm_preserving')}"
-    n = len(choice.search.trials)
-    return (
-        f"the edit was chosen by a search of {n} trials ({choice.search.note}); its per-layer strengths are in "
-        f"`edit.json`: `{json.dumps(choice.spec.to_dict())}`"
-    )
-
-
-def model_card(result: RunResult) -> str:
-    sel, b, a, cfg = result.selection, result.before, result.after, result.config
-    c = sel.chosen
-    return f"""---
-tags: [abliterate, abliteration, refusal-direction]
-base_model: {cfg.get("model")}
----
-# Abliterated {cfg.get("model")}
-
-Made with [abliterate](https://pypi.org/project/abliterate/): the refusal direction was found from
-{cfg.get("n_train")} harmful and {cfg.get("n_train")} harmless prompts and removed from the weights that write
-into the residual stream (`W <- W - s r r^T W`): {_edit_words(result)}.
-
-| | value |
-|---|---|
-| method | {c.method if c else "-"} |
-| layer / position | {c.layer if c else "-"} / {c.position if c else "-"} |
-| refusal rate on held-out harmful prompts ({b.n_harmful}) | {format_rate(b, "refusal_rate")} -> {format_rate(a, "refusal_rate")} |
-| compliance on held-out harmful prompts | {format_rate(b, "compliance_rate")} -> {format_rate(a, "compliance_rate")} |
-| degenerate answers to held-out harmful prompts | {format_rate(b, "degenerate_rate")} -> {format_rate(a, "degenerate_rate")} |
-| over-refusal on held-out harmless prompts ({b.n_harmless}) | {format_rate(b, "over_refusal")} -> {format_rate(a, "over_refusal")} |
-| degenerate answers to held-out harmless prompts | {format_rate(b, "harmless_degenerate_rate")} -> {format_rate(a, "harmless_degenerate_rate")} |
-| KL(base, edited), first response token | {a.kl:.4f} |
-| KL(base, edited), first {a.kl_tokens} tokens of the base model's answers | {a.kl_answer:.4f} |
-| perplexity on harmless texts | {b.perplexity:.2f} -> {a.perplexity:.2f} |
-
-Rates are judged by the {b.judge} judge (degenerate answers: empty, non-text, repeated n-grams or loops)
-with 95% Wilson intervals in parentheses.
-
-{result.note}
-
-Loads with plain `transformers` (`AutoModelForCausalLM.from_pretrained`). The direction set is in
-`directions.safetensors`, every number in `metrics.json`, the effective configuration and versions in
-`abliterate_config.json`, plots in `report.html`.
-"""
 
 
 def eval_report(
