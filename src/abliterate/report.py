@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .capture import Activations
-from .evaluation import Metrics, Sample, format_rate
+from .evaluation import Metrics, Sample, behaviour_label, format_rate
 
 if TYPE_CHECKING:
     from .pipeline import RunResult
@@ -98,6 +98,8 @@ def refusals_plot(folder: Path, before: Metrics, after: Metrics) -> Path:
         "refusal\n(harmless)",
         "degenerate\n(harmless)",
     ]
+    if before.behaviour != "refusal":  # another behaviour profile: "flowery shown (behaviour prompts)"
+        labels = [behaviour_label(k, before.behaviour).replace(" (", "\n(") for k in keys]
     xs = range(len(keys))
     for shift, m, label in ((-0.2, before, "before"), (0.2, after, "after")):
         rates = [m.rate(k) for k in keys]
@@ -137,6 +139,8 @@ def _kpi(before: Metrics, after: Metrics) -> str:
         ("degenerate, held-out harmless", "harmless_degenerate_rate", before.n_harmless),
         ("unparsed by the judge, held-out harmless", "harmless_unparsed_rate", before.n_harmless),
     ]
+    if before.behaviour != "refusal":
+        rows = [(behaviour_label(key, before.behaviour) + ", held-out", key, n) for _, key, n in rows]
     body = "".join(
         f"<tr><td>{label} ({n})</td><td>{format_rate(before, key)}</td><td>{format_rate(after, key)}</td></tr>"
         for label, key, n in rows
@@ -215,7 +219,7 @@ def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     body = f"""{_header("abliterate report", result.config.get("model"), sel, result.note)}
 {_kpi(b, a)}
-{plots}<h2>Refusals before / after</h2>{_img(refusals_plot(folder, b, a))}
+{plots}<h2>{"Refusals" if b.behaviour == "refusal" else html.escape(b.behaviour)} before / after</h2>{_img(refusals_plot(folder, b, a))}
 {_search_html(folder, result)}
 <h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
 {_samples(b, a, int(result.config.get("samples", 6)))}</table>
