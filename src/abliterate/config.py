@@ -246,7 +246,7 @@ def profile_defaults(behaviour: str) -> dict[str, Any]:
     try:
         return {k: coerce(k, v) for k, v in flat.items()}
     except ConfigError as exc:
-        raise ProfileError(f"behaviour profile {profile.path} [defaults]: {exc}") from exc
+        raise ProfileError(f"behaviour profile {profile.path}, table defaults: {exc}") from exc
 
 
 def load(
