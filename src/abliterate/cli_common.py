@@ -216,7 +216,7 @@ PREFIX_OPT = Annotated[
 # The final evaluation's judge: shared by run and eval.
 JUDGE_OPT = Annotated[
     str | None,
-    Opt("--judge", help="marker (default: refusal phrases), llm:PATH (a local causal LM) or classifier:PATH."),
+    Opt("--judge", help="marker (default: the behaviour profile's phrases), llm:PATH (a local LM) or classifier:PATH."),
 ]
 JUDGE_LABELS_OPT = Annotated[
     str | None, Opt("--judge-labels", help="Classifier judge label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.")
