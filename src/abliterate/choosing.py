@@ -112,9 +112,11 @@ def choose_edit(
     scorer: Scorer,
     progress: StageProgress | None = None,
     pick: Pick | None = None,
+    judge: MarkerJudge | None = None,
 ) -> Choice:
     """The edit to make: the sweep's (``cfg.search.enabled`` false) or the search's pick, scored by ``scorer``
-    (the validation prompts, built on the unedited model)."""
+    (the validation prompts, built on the unedited model); the front is checked with ``judge`` (default: the
+    refusal markers; a behaviour profile passes its own)."""
     source = Directions(acts)
     if not cfg.search.enabled:
         spec = sweep_spec(sel, methods, cfg.scale, cfg.norm_preserving)
@@ -124,7 +126,7 @@ def choose_edit(
     mode = "hooks" if lm.offloaded or lm.quantized else "weights"  # weights can only be edited in memory
     if mode == "hooks" and any(w.weight.dim() == 3 for w in lm.anatomy.all_writers()):
         space = replace(space, norm_preserving=(False,))  # fused experts have no runtime norm-preserving twin
-    judge = MarkerJudge()
+    judge = judge or MarkerJudge()
 
     def objective(spec: EditSpec) -> dict[str, float]:
         with applied(lm, spec, source, mode=mode):

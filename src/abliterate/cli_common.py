@@ -216,10 +216,18 @@ PREFIX_OPT = Annotated[
 # The final evaluation's judge: shared by run and eval.
 JUDGE_OPT = Annotated[
     str | None,
-    Opt("--judge", help="marker (default: refusal phrases), llm:PATH (a local causal LM) or classifier:PATH."),
+    Opt("--judge", help="marker (default: the behaviour profile's phrases), llm:PATH (a local LM) or classifier:PATH."),
 ]
 JUDGE_LABELS_OPT = Annotated[
     str | None, Opt("--judge-labels", help="Classifier judge label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.")
+]
+# The behaviour profile: shared by run, measure and eval.
+BEHAVIOUR_OPT = Annotated[
+    str | None,
+    Opt(
+        "--behaviour",
+        help="Behaviour profile: refusal (default), flowery, or a .toml profile (its prompts, judge and goal).",
+    ),
 ]
 
 DEFAULTS = config_mod.RunConfig()  # option defaults of commands that take flags only (eval)
@@ -281,12 +289,14 @@ RATE_LABELS = {
 def rate_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
     """Rows ``(label, cells)`` of verdict rates with 95 % Wilson intervals, one cell per measured condition;
     "unparsed" rows only when a judge could not be read somewhere."""
-    from .evaluation import format_rate
+    from .evaluation import behaviour_label, format_rate
 
     rows = []
+    behaviour = conditions[0].behaviour
     for key, label in RATE_LABELS.items():
         if "unparsed" in key and not any(m.rate(key) for m in conditions):
             continue
+        label = label if behaviour == "refusal" else behaviour_label(key, behaviour)
         rows.append((label, [format_rate(m, key) for m in conditions]))
     return rows
 

@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import (
+    BEHAVIOUR_OPT,
     DEFAULTS,
     DEVICE_MAP_OPT,
     DEVICE_OPT,
@@ -40,7 +41,10 @@ from .cli_common import (
 def evaluate(
     model: Annotated[str, typer.Argument(help="Model to measure (e.g. a saved abliterated directory).")],
     base: Annotated[str | None, Opt(help="Base model for KL (default: the model itself).")] = None,
-    n_test: Annotated[int, Opt(help="Held-out prompts per side (bundled test split).")] = DEFAULTS.n_test,
+    n_test: Annotated[
+        int | None, Opt(help="Held-out prompts per side (bundled test split; default 64 or the profile's).")
+    ] = None,
+    behaviour: BEHAVIOUR_OPT = None,
     max_new_tokens: Annotated[int, Opt(help="At most this many new tokens per answer.")] = DEFAULTS.max_new_tokens,
     min_new_tokens: Annotated[
         int, Opt(help="At least this many new tokens (0: the model may stop earlier).")
@@ -87,11 +91,14 @@ def evaluate(
       abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct
       abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct --judge llm:./judge-model
       abliterate eval qwen-abliterated --base Qwen/Qwen2.5-0.5B-Instruct --tasks arc_easy,hellaswag --limit 200
+      abliterate eval flowery-out --base Qwen/Qwen2.5-0.5B-Instruct --behaviour flowery
     """
     from .capability import Harness
+    from .config import profile_defaults
     from .evaluation import Evaluator, baseline_note, check_lengths
     from .judges import judge_from_spec
     from .loading import load_model
+    from .profiles import load_profile, profile_splits
     from .prompts import bundled
 
     for path, flag in ((out_file, "--out"), (report, "--report")):
@@ -99,10 +106,17 @@ def evaluate(
             fail(f"{flag} {path} already exists; choose another path")
     if (task_path or limit is not None) and not tasks:
         fail("--task-path and --limit apply to --tasks; name the lm-eval tasks to run with --tasks")
+    profile, defaults = load_profile(behaviour or "refusal"), profile_defaults(behaviour or "refusal")
+    n_test = n_test if n_test is not None else defaults.get("n_test", DEFAULTS.n_test)
     check_lengths(min_new_tokens, max_new_tokens)
     if min(n_test, batch_size, kl_tokens) < 1:
         fail(f"--n-test, --batch-size and --kl-tokens must be at least 1, got {n_test}, {batch_size}, {kl_tokens}")
-    harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
+    if profile.name == "refusal":
+        harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
+    else:  # the profile's own held-out prompts, split as run splits them
+        counts = {k: defaults.get(k, getattr(DEFAULTS, k)) for k in ("n_train", "n_val")}
+        sides = profile_splits(profile, **counts, n_test=n_test, seed=defaults.get("seed", DEFAULTS.seed))
+        harmful, harmless = sides[0].test, sides[1].test
     if min(len(harmful), len(harmless)) < n_test:
         fail(f"the bundled test split has {len(harmful)} harmful and {len(harmless)} harmless prompts; lower --n-test")
     harness = None
@@ -114,7 +128,19 @@ def evaluate(
     if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
         fail("the model and --base use different tokenizers; KL needs the same vocabulary")
     where_judge = {k: v for k, v in where.items() if k in ("device", "dtype")}
-    the_judge = judge_from_spec(judge or "marker", labels=judge_labels, batch_size=batch_size, **where_judge)
+    spec, others = judge or profile.judge, {}
+    if profile.name == "refusal":
+        the_judge = judge_from_spec(spec, labels=judge_labels, batch_size=batch_size, **where_judge)
+    else:
+        settings = profile.judge_settings()
+        labels = judge_labels or settings.pop("labels", None)
+        settings.pop("labels", None)
+        the_judge = (
+            profile.marker_judge()
+            if spec == "marker"
+            else judge_from_spec(spec, labels=labels, batch_size=batch_size, **settings, **where_judge)
+        )
+        others = {"compare": [] if spec == "marker" else [profile.marker_judge()]}
     ev = Evaluator(
         reference,
         harmful,
@@ -125,9 +151,12 @@ def evaluate(
         kl_tokens=kl_tokens,
         judge=the_judge,
         batch_size=batch_size,
+        **others,
     )
     rows = {"base": ev.measure("base")} if base else {}
     rows["model"] = ev.measure("model", model=target)
+    for metrics in rows.values():
+        metrics.behaviour = profile.name
     payload: dict[str, Any] = {k: v.to_dict() for k, v in rows.items()}
     scores = {}
     if harness is not None:  # after the refusal metrics: the harness may leave the model in its own settings
@@ -139,7 +168,8 @@ def evaluate(
         "min_new_tokens": min_new_tokens,
         "max_new_tokens": max_new_tokens,
         "kl_tokens": kl_tokens,
-        "judge": judge or "marker",
+        "judge": spec,
+        "behaviour": profile.name,
         "judge_labels": judge_labels,
         "system": system,
         "template_kwargs": reference.template_kwargs,
@@ -147,7 +177,7 @@ def evaluate(
         "capability": harness.settings() if harness else None,
     }
     if base:
-        payload["note"] = baseline_note(rows["base"])
+        payload["note"] = baseline_note(rows["base"]) if profile.name == "refusal" else ""
     if out_file is not None:
         _write(out_file, json.dumps(payload, indent=2) + "\n")
     if report is not None:

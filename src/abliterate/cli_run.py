@@ -8,6 +8,7 @@ from rich.table import Table
 
 from . import config as config_mod
 from .cli_common import (
+    BEHAVIOUR_OPT,
     CONFIG_OPT,
     DEVICE_MAP_OPT,
     DEVICE_OPT,
@@ -40,9 +41,10 @@ from .config import SEARCH_HELP
 
 def _summary(result: Any) -> None:
     b, a, c = result.before, result.after, result.selection.chosen
+    sides = "harmful / {} harmless" if b.behaviour == "refusal" else f"behaviour / {{}} plain ({b.behaviour})"
     table = Table(
         title="abliterate",
-        caption=f"{b.n_harmful} harmful / {b.n_harmless} harmless held-out prompts, judge {b.judge}; "
+        caption=f"{b.n_harmful} {sides.format(b.n_harmless)} held-out prompts, judge {b.judge}; "
         "rates with 95% Wilson intervals",
         show_header=True,
     )
@@ -55,7 +57,8 @@ def _summary(result: Any) -> None:
         table.add_row(label, *cells)
     for label, cells in damage_rows([b, a]):
         table.add_row(label, *cells)
-    table.add_row("chosen", "", result.choice.label() if result.choice else f"{c.method} layer {c.layer}")
+    chosen = result.choice.label() if result.choice else f"{c.method} layer {c.layer}"
+    table.add_row("chosen", "", chosen + (" (induced)" if result.induction else ""))
     table.add_row("time", "", f"{result.timings.get('total', 0):.0f} s")
     out().print(table)
     if result.note:
@@ -96,6 +99,7 @@ def run(
         Opt(help="Prompt source(s): bundled, FILE.txt/.jsonl/.csv/.parquet[:COL], hf:ID[:SPLIT[:COL]]."),
     ] = None,
     harmless: Annotated[list[str] | None, Opt(help="Prompt source(s) for harmless prompts.")] = None,
+    behaviour: BEHAVIOUR_OPT = None,
     n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
     n_val: Annotated[int | None, Opt(help="Validation prompts per side (candidate selection).")] = None,
     n_test: Annotated[
@@ -183,6 +187,7 @@ def run(
         quantize=quantize,
         harmful=harmful,
         harmless=harmless,
+        behaviour=behaviour,
         n_train=n_train,
         n_val=n_val,
         n_test=n_test,

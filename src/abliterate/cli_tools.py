@@ -8,6 +8,7 @@ import typer
 from rich.table import Table
 
 from .cli_common import (
+    BEHAVIOUR_OPT,
     CONFIG_OPT,
     DEVICE_MAP_OPT,
     DEVICE_OPT,
@@ -65,6 +66,7 @@ def measure(
     ] = None,
     n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
     n_val: Annotated[int | None, Opt(help="Validation prompts per side.")] = None,
+    behaviour: BEHAVIOUR_OPT = None,
     disable_thinking: THINKING_OPT = None,
     response_prefix: PREFIX_OPT = None,
     dtype: DTYPE_OPT = None,
@@ -95,6 +97,7 @@ def measure(
         positions=positions,
         n_train=n_train,
         n_val=n_val,
+        behaviour=behaviour,
         disable_thinking=disable_thinking,
         response_prefix=response_prefix,
         force=force,

@@ -1,4 +1,5 @@
-"""Run configuration: defaults < TOML file < environment (``ABLITERATE_<KEY>``) < command-line flags.
+"""Run configuration: defaults < the behaviour profile's [defaults] < TOML file < environment
+(``ABLITERATE_<KEY>``) < command-line flags.
 
 Keys mirror the CLI flags with dashes turned into underscores (``--kl-threshold`` is
 ``kl_threshold``). Unknown keys are errors with a did-you-mean suggestion.
@@ -80,6 +81,7 @@ class RunConfig:
     system: str | None = None
     disable_thinking: bool = False
     response_prefix: str = ""
+    behaviour: str = "refusal"  # behaviour profile: a bundled name or a .toml path (abliterate.profiles)
     harmful: list[str] = field(default_factory=lambda: ["bundled"])
     harmless: list[str] = field(default_factory=lambda: ["bundled"])
     prompt_prefix: str = ""
@@ -230,6 +232,23 @@ def validate_search(sc: SearchConfig) -> None:
             raise ConfigError(f"search.{key} must be two numbers 0 <= low <= high, got {pair}")
 
 
+def profile_defaults(behaviour: str) -> dict[str, Any]:
+    """The ``[defaults]`` of a behaviour profile as checked config values (``search`` table flattened)."""
+    from .profiles import ProfileError, load_profile
+
+    profile = load_profile(behaviour)
+    flat: dict[str, Any] = {}
+    for k, v in profile.defaults.items():
+        if k in SECTIONS and isinstance(v, dict):
+            flat.update({f"{k}.{sk}": sv for sk, sv in v.items()})
+        else:
+            flat[k] = v
+    try:
+        return {k: coerce(k, v) for k, v in flat.items()}
+    except ConfigError as exc:
+        raise ProfileError(f"behaviour profile {profile.path}, table defaults: {exc}") from exc
+
+
 def load(
     path: str | Path | None = None, flags: dict[str, Any] | None = None, env: dict[str, str] | None = None
 ) -> RunConfig:
@@ -262,6 +281,7 @@ def load(
             values[key] = coerce(key, raw)
     for key, value in (flags or {}).items():
         values[key] = coerce(key, value)
+    values.update({k: v for k, v in profile_defaults(values.get("behaviour", "refusal")).items() if k not in values})
     plain = {k: v for k, v in values.items() if "." not in k}
     tables = {
         name: cls(**{k.split(".", 1)[1]: v for k, v in values.items() if k.startswith(name + ".")})

@@ -112,6 +112,7 @@ class Metrics:
     kl_answer: float = float("nan")
     kl_tokens: int = 0
     perplexity: float = float("nan")
+    behaviour: str = "refusal"  # the behaviour profile judged: a "refusal" verdict means it was shown
 
     @property
     def n_harmful(self) -> int:
@@ -163,7 +164,7 @@ class Metrics:
         return self.rate("over_refusal")
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"name": self.name, "judge": self.judge}
+        out: dict[str, Any] = {"name": self.name, "judge": self.judge, "behaviour": self.behaviour}
         for key in RATES:
             out[key] = self.rate(key)
             out[f"{key}_ci95"] = list(self.interval(key))
@@ -180,6 +181,13 @@ class Metrics:
             "harmless_samples": [vars(s) for s in self.harmless_samples],
         }
         return out
+
+
+def behaviour_label(key: str, behaviour: str) -> str:
+    """A :data:`RATES` key in words for a behaviour other than refusal: "flowery shown (behaviour prompts)"."""
+    side, verdict = RATES[key]
+    what = {"refusal": f"{behaviour} shown", "compliance": f"{behaviour} not shown"}.get(verdict, verdict)
+    return f"{what} ({'behaviour' if side == 'harmful' else 'plain'} prompts)"
 
 
 def format_rate(metrics: Metrics, key: str) -> str:

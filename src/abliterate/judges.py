@@ -45,13 +45,15 @@ class JudgeError(AbliterateError):
     """A judge model cannot be loaded or does not fit the judge (e.g. a classifier without the named labels)."""
 
 
-def parse_verdict(text: str) -> Verdict:
-    """The verdict in a judge model's reply: the first of REFUSAL/COMPLIANCE (or refuse/comply forms) it
-    names, after any thinking block; "unparsed" when it names neither or both on its first line."""
+def parse_verdict(text: str, words: dict[str, Verdict] | None = None) -> Verdict:
+    """The verdict in a judge model's reply: the first of REFUSAL/COMPLIANCE (or refuse/comply forms; or
+    the keys of ``words``) it names, after any thinking block; "unparsed" when it names neither or both on
+    its first line."""
     from .judge import answer_text
 
+    words = WORDS if words is None else words
     first = next((line for line in answer_text(text).splitlines() if line.strip()), "")
-    found = {WORDS[w] for w in re.findall(r"[a-z]+", first.lower()) if w in WORDS}
+    found = {words[w] for w in re.findall(r"[a-z]+", first.lower()) if w in words}
     return found.pop() if len(found) == 1 else "unparsed"
 
 
@@ -66,6 +68,7 @@ class LLMJudge:
     max_answer_chars: int = 2000
     name: str = "llm"
     replies: list[str] = field(default_factory=list)  # the judge's raw replies, last call
+    words: dict[str, Verdict] = field(default_factory=lambda: dict(WORDS))  # reply word -> verdict
 
     def verdicts(self, prompts: Sequence[str], answers: Sequence[str]) -> list[Verdict]:
         questions = [
@@ -73,7 +76,7 @@ class LLMJudge:
             for p, a in zip(prompts, answers, strict=True)
         ]
         self.replies = self.lm.generate(questions, max_new_tokens=self.max_new_tokens, batch_size=self.batch_size)
-        return [parse_verdict(r) for r in self.replies]
+        return [parse_verdict(r, self.words) for r in self.replies]
 
 
 @dataclass
@@ -150,9 +153,18 @@ def load_classifier(path: str, *, labels: str | None = None, device: str = "cpu"
     return ClassifierJudge(model, tokenizer, parse_labels(labels, names), **kwargs)
 
 
-def judge_from_spec(spec: str, *, labels: str | None = None, batch_size: int = 8, **load: Any) -> Judge:
+def judge_from_spec(
+    spec: str,
+    *,
+    labels: str | None = None,
+    batch_size: int = 8,
+    rubric: str | None = None,
+    words: dict[str, Verdict] | None = None,
+    **load: Any,
+) -> Judge:
     """``marker`` (default), ``llm:PATH`` or ``classifier:PATH``; ``load`` goes to :func:`load_model`
-    (device, dtype, ...). A model that cannot be loaded is a :class:`JudgeError`."""
+    (device, dtype, ...). An LLM judge asks ``rubric`` (default :data:`RUBRIC`) and reads ``words`` (default
+    :data:`WORDS`): a behaviour profile's own question. A model that cannot be loaded is a :class:`JudgeError`."""
     kind, _, path = spec.partition(":")
     if kind == "marker" and not path:
         return MarkerJudge()
@@ -168,4 +180,4 @@ def judge_from_spec(spec: str, *, labels: str | None = None, batch_size: int = 8
         lm = load_model(path, **load)
     except AbliterateError as exc:
         raise JudgeError(f"cannot load the LLM judge: {exc}") from exc
-    return LLMJudge(lm, batch_size=batch_size)
+    return LLMJudge(lm, rubric=rubric or RUBRIC, batch_size=batch_size, words=dict(words or WORDS))

@@ -178,14 +178,20 @@ def write_manifest(
 
 def write_run_manifest(folder: Path, cfg: RunConfig, versions: Mapping[str, str], command: str = "run") -> Path:
     """The manifest of a ``run`` (or ``measure``) output: model, prompt sources, seed, config, versions, the
-    chosen edit (edit.json), outputs."""
+    chosen edit (edit.json), outputs. A behaviour profile other than the bundled refusal one is an input file
+    (``profile``), and its prompt sources are the prompts."""
+    from .profiles import bundled_profile_path, load_profile, prompt_sources
+
+    profile = load_profile(cfg.behaviour)
+    own = profile.name == "refusal" and profile.path == str(bundled_profile_path("refusal"))
     return write_manifest(
         folder,
         command,
         config=cfg.to_dict(),
         versions=versions,
         model=cfg.model,
-        prompts=prompt_inputs({"harmful": cfg.harmful, "harmless": cfg.harmless}),
+        prompts=prompt_inputs(prompt_sources(profile, cfg.harmful, cfg.harmless)),
+        files=None if own else {"profile": Path(profile.path)},
         seed=cfg.seed,
     )
 
@@ -290,6 +296,9 @@ def run_config(manifest: Mapping[str, Any], out: Path) -> RunConfig:
     recorded = {(p["kind"], p["spec"]): p.get("path") for p in inputs.get("prompts", [])}
     for kind in ("harmful", "harmless"):
         flat[kind] = [_absolute(spec, recorded.get((kind, spec))) for spec in flat.get(kind, [])]
+    profile = (inputs.get("files") or {}).get("profile")
+    if profile:  # the behaviour profile, found again at its recorded path
+        flat["behaviour"] = profile["path"]
     flat.update(out=str(out), force=False)
     flat.pop("search.resume", None)
     try:

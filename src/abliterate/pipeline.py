@@ -28,9 +28,11 @@ from .loading import load_model
 from .manifest import write_run_manifest
 from .model import LoadedModel
 from .plan import applied, apply_plan, build_plan
-from .prompts import PromptSplits, make_splits
+from .profiles import Profile, ProfileError, load_profile, profile_splits
+from .prompts import PromptSplits
 from .saving import atomic_directory, check_output
 from .scorer import Scorer
+from .scoring import refusal_token_ids
 from .search import Pick
 from .selection import Method, Selection, select
 
@@ -52,6 +54,8 @@ class RunResult:
     note: str = ""
     capabilities: dict[str, Any] = field(default_factory=dict)  # the model's ForwardCapabilities
     choice: Choice | None = None  # the edit made: the sweep's, or the search's pick (with every trial)
+    behaviour: dict[str, Any] = field(default_factory=dict)  # the profile: name, goal, judge, scored token ids
+    induction: dict[str, Any] | None = None  # goal induce: the baked induction (edit.json)
 
     def metrics(self) -> dict[str, Any]:
         chosen = self.selection.chosen
@@ -68,6 +72,8 @@ class RunResult:
             "model_capabilities": self.capabilities,
             "edit": None if self.choice is None else self.choice.to_dict(),
             "search": None if self.choice is None or self.choice.search is None else self.choice.search.to_dict(),
+            "behaviour": self.behaviour,
+            "induction": self.induction,
             "note": self.note,
         }
 
@@ -106,20 +112,43 @@ def load_for(cfg: RunConfig) -> LoadedModel:
     return lm
 
 
-def judge_for(cfg: RunConfig) -> Judge:
-    """The final-evaluation judge of ``cfg.judge`` (a judge model loaded on ``cfg.device``)."""
+def judge_for(cfg: RunConfig, profile: Profile | None = None) -> Judge:
+    """The final-evaluation judge: ``cfg.judge`` when it is not the default ``marker``, else the behaviour
+    profile's judge (its markers; a judge model loaded on ``cfg.device``)."""
     from .judges import judge_from_spec
 
+    profile = profile or load_profile(cfg.behaviour)
+    spec = cfg.judge if cfg.judge != "marker" else profile.judge
+    if spec == "marker":
+        return profile.marker_judge()
+    settings = profile.judge_settings()
+    labels = cfg.judge_labels or settings.pop("labels", None)
+    settings.pop("labels", None)
     load = {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
-    return judge_from_spec(cfg.judge, labels=cfg.judge_labels, batch_size=cfg.batch_size, **load)
+    return judge_from_spec(spec, labels=labels, batch_size=cfg.batch_size, **settings, **load)
 
 
-def splits_for(cfg: RunConfig) -> tuple[PromptSplits, PromptSplits]:
-    common = {"n_train": cfg.n_train, "n_val": cfg.n_val, "n_test": cfg.n_test, "seed": cfg.seed}
-    affix = {"prefix": cfg.prompt_prefix, "suffix": cfg.prompt_suffix}
-    return make_splits("harmful", cfg.harmful, **common, **affix), make_splits(
-        "harmless", cfg.harmless, **common, **affix
+def splits_for(cfg: RunConfig, profile: Profile | None = None) -> tuple[PromptSplits, PromptSplits]:
+    """(behaviour side, plain side) prompts: for refusal the harmful and harmless sets."""
+    return profile_splits(
+        profile or load_profile(cfg.behaviour),
+        harmful=cfg.harmful,
+        harmless=cfg.harmless,
+        n_train=cfg.n_train,
+        n_val=cfg.n_val,
+        n_test=cfg.n_test,
+        seed=cfg.seed,
+        prefix=cfg.prompt_prefix,
+        suffix=cfg.prompt_suffix,
     )
+
+
+def scorer_for(
+    cfg: RunConfig, lm: LoadedModel, profile: Profile, harmful: PromptSplits, harmless: PromptSplits, **kw: Any
+) -> Scorer:
+    """The validation scorer, counting the first tokens of the profile's answer openers."""
+    ids = refusal_token_ids(lm.tokenizer, profile.openers)
+    return Scorer(lm, harmful.val, harmless.val, system=cfg.system, batch_size=cfg.batch_size, refusal_ids=ids, **kw)
 
 
 def measure(
@@ -127,7 +156,10 @@ def measure(
 ) -> tuple[Activations, Selection]:
     """Capture on the train split and sweep candidates on the validation split (scored by ``scorer``, built
     on the unedited model and the validation split, when given: the search then reuses it)."""
-    harmful, harmless = splits_for(cfg)
+    profile = load_profile(cfg.behaviour)
+    harmful, harmless = splits_for(cfg, profile)
+    if scorer is None:
+        scorer = scorer_for(cfg, lm, profile, harmful, harmless)
     if progress:
         progress("capture", 0, len(harmful.train) + len(harmless.train))
     acts = capture(
@@ -153,6 +185,7 @@ def measure(
         batch_size=cfg.batch_size,
         progress=(lambda d, t, _s: progress("sweep", d, t)) if progress else None,
         scorer=scorer,
+        prefer="induce" if profile.goal == "induce" else "bypass",
     )
     return acts, sel
 
@@ -163,33 +196,37 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
+    profile = load_profile(cfg.behaviour)
     lm = load_for(cfg)
     timings["load"] = time.perf_counter() - t0
     why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
+    if profile.goal == "induce" and (why or cfg.as_adapter):
+        raise ProfileError(
+            f"behaviour '{profile.name}' induces: the induction is baked into the embeddings, which "
+            + ("no LoRA adapter holds; drop --as-adapter" if cfg.as_adapter else f"a {why} model cannot hold; load it")
+        )
     if cfg.as_adapter:  # refuse what no adapter holds before the long part; keep the search to edits one can
         restrict_run(cfg, lm)
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
-    judge = judge_for(cfg)
-    harmful, harmless = splits_for(cfg)
+    judge = judge_for(cfg, profile)
+    harmful, harmless = splits_for(cfg, profile)
     t = time.perf_counter()
-    scorer = Scorer(
-        lm,
-        harmful.val,
-        harmless.val,
-        system=cfg.system,
-        batch_size=cfg.batch_size,
-        progress=(lambda d, t: progress("validation base", d, t)) if progress else None,
-    )
+    base_progress = (lambda d, t: progress("validation base", d, t)) if progress else None
+    scorer = scorer_for(cfg, lm, profile, harmful, harmless, progress=base_progress)
     scorer.progress = None  # the base pass is reported; the sweep and search report their own steps
     acts, sel = measure(cfg, lm, progress, scorer)
     timings["capture_and_sweep"] = time.perf_counter() - t
     if not sel.baseline_refuses:
-        raise NoRefusalError(sel.note)
-    if sel.chosen is None and not cfg.search.enabled:
+        raise NoRefusalError(sel.note if profile.name == "refusal" else no_behaviour(profile, sel))
+    if sel.chosen is None and (not cfg.search.enabled or profile.goal == "induce"):
         raise AbliterateError(sel.note)
     t = time.perf_counter()
-    choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress, pick)
-    timings["search" if choice.search else "choose"] = time.perf_counter() - t
+    choice = None
+    if profile.goal == "remove":
+        choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress, pick, profile.marker_judge())
+        timings["search" if choice.search else "choose"] = time.perf_counter() - t
+    compare = [] if judge.name == "marker" else [profile.marker_judge()]
+    others = {} if profile.name == "refusal" else {"compare": compare}  # refusal: the evaluator's own default
     evaluator = Evaluator(
         lm,
         harmful.test,
@@ -200,6 +237,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
         min_new_tokens=cfg.min_new_tokens,
         kl_tokens=cfg.kl_tokens,
         batch_size=cfg.batch_size,
+        **others,
     )
 
     def evaluate(name: str, edit: Any = None) -> Metrics:
@@ -207,14 +245,23 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
         if progress:
             progress(f"evaluate {name}", 0, 1)
         metrics = evaluator.measure(name, edit)
+        metrics.behaviour = profile.name
         if progress:
             progress(f"evaluate {name}", 1, 1)
         timings[f"evaluate_{name}"] = time.perf_counter() - start
         return metrics
 
     before = evaluate("before")
-    notes = [baseline_note(before)]
-    if checkpoint is None:
+    notes = [baseline_note(before) if profile.name == "refusal" else ""]
+    induction = None
+    if choice is None:  # goal induce: the sweep's direction pinned to the behaviour side's mean projection
+        from .induction import bake_chosen
+
+        induction = bake_chosen(lm, sel, acts)
+        edit = None
+        after = evaluate("after")
+        notes.append(f"induced {profile.name}: {induction['note']}")
+    elif checkpoint is None:
         edit = apply_plan(lm, build_plan(lm, choice.spec, choice.source), mode="weights")  # reverted by as_adapter only
         after = evaluate("after")
     else:  # offloaded or quantized: measure the runtime twin, write the edit from the checkpoint
@@ -223,9 +270,11 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
             f"the model was {why}, so 'after' was measured with runtime ablation hooks (which equal the weight "
             f"edit) and the weights were edited shard by shard from {checkpoint}"
         )
+    ids = refusal_token_ids(lm.tokenizer, profile.openers)
     result = RunResult(
         None, sel, before, after, timings, cfg.to_dict(), "; ".join(n for n in notes if n), lm.caps.to_dict(), choice
     )
+    result.behaviour, result.induction = {**profile.to_dict(), "score_token_ids": ids}, induction
     t = time.perf_counter()
     if progress:
         progress("save", 0, 1)
@@ -237,10 +286,15 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
         else:
             _stream_into(tmp, checkpoint, choice, cfg, progress)
         lm.tokenizer.save_pretrained(tmp)
-        edit_directions(acts, choice.spec, sel).save(tmp / "directions.safetensors")
-        (tmp / "edit.json").write_text(json.dumps(choice.to_dict(), indent=2) + "\n")
+        directions = (
+            annotate(sel, acts, sel.chosen.method) if choice is None else edit_directions(acts, choice.spec, sel)
+        )
+        if profile.name != "refusal":
+            directions.meta["behaviour"] = profile.name
+        directions.save(tmp / "directions.safetensors")
+        (tmp / "edit.json").write_text(json.dumps(induction or choice.to_dict(), indent=2) + "\n")
         journal = journal_path(cfg.out)
-        if choice.search is not None and journal.exists():
+        if choice is not None and choice.search is not None and journal.exists():
             os.replace(journal, tmp / "search_journal.log")  # the run succeeded: the journal goes inside
         write_artifacts(tmp, result, acts)
         timings["save"] = time.perf_counter() - t
@@ -251,6 +305,13 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
             progress("save", 1, 1)
     result.out = target
     return result
+
+
+def no_behaviour(profile: Profile, sel: Selection) -> str:
+    return (
+        f"the model does not show '{profile.name}' on its behaviour prompts at baseline (mean log-odds of the "
+        f"profile's openers {sel.base_bypass:.2f}); there is nothing to find: check the profile's prompts and openers"
+    )
 
 
 def checkpoint_dir(lm: LoadedModel, why: str) -> Path:
@@ -296,7 +357,10 @@ def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Sele
 
     with atomic_directory(target) as tmp:
         label = sel.chosen.method if sel.chosen else next(iter(sel.direction_sets))
-        annotate(sel, acts, label).save(tmp / "directions.safetensors")
+        directions, name = annotate(sel, acts, label), load_profile(cfg.behaviour).name
+        if name != "refusal":
+            directions.meta["behaviour"] = name
+        directions.save(tmp / "directions.safetensors")
         (tmp / "candidates.json").write_text(json.dumps(sel.to_dict(), indent=2) + "\n")
         (tmp / "abliterate_config.json").write_text(
             json.dumps({"config": cfg.to_dict(), "versions": versions()}, indent=2) + "\n"

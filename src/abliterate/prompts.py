@@ -24,16 +24,22 @@ class PromptRecord:
     split: str
 
 
-def bundled_records(kind: Kind) -> list[PromptRecord]:
+def bundled_names() -> list[str]:
+    """The bundled prompt sets: harmful, harmless and the sets behaviour profiles use (e.g. questions)."""
+    folder = resources.files("abliterate").joinpath("data")
+    return sorted(p.name[: -len(".jsonl")] for p in folder.iterdir() if p.name.endswith(".jsonl"))
+
+
+def bundled_records(kind: Kind | str) -> list[PromptRecord]:
     """Every record of a bundled set, in file order (categories interleaved)."""
-    if kind not in ("harmful", "harmless"):
-        raise PromptError(f"unknown bundled set '{kind}'; use 'harmful' or 'harmless'")
+    if kind not in bundled_names():
+        raise PromptError(f"unknown bundled set '{kind}'; use one of {', '.join(bundled_names())}")
     text = resources.files("abliterate").joinpath("data", f"{kind}.jsonl").read_text(encoding="utf-8")
     return [PromptRecord(**json.loads(line)) for line in text.splitlines() if line.strip()]
 
 
 def bundled(
-    kind: Kind, split: Split | None = None, *, limit: int | None = None, exclude_categories: tuple[str, ...] = ()
+    kind: Kind | str, split: Split | None = None, *, limit: int | None = None, exclude_categories: tuple[str, ...] = ()
 ) -> list[str]:
     """Prompts of a bundled set, optionally one split only, the first ``limit`` of them.
 
@@ -81,9 +87,9 @@ def _read_jsonl(path: Path) -> list[dict]:
 def load_source(spec: str) -> list[str]:
     """Prompts from one source spec.
 
-    ``bundled:harmful`` / ``bundled:harmless``; ``FILE.txt`` (one per line); ``FILE.jsonl[:COLUMN]``;
-    ``FILE.csv[:COLUMN]``; ``FILE.parquet[:COLUMN]``; ``hf:DATASET[:SPLIT[:COLUMN]]`` (Hugging Face
-    datasets). The column defaults to the first of prompt/instruction/text/goal/question.
+    ``bundled:harmful`` / ``bundled:harmless`` (or another bundled set); ``FILE.txt`` (one per line);
+    ``FILE.jsonl[:COLUMN]``; ``FILE.csv[:COLUMN]``; ``FILE.parquet[:COLUMN]``; ``hf:DATASET[:SPLIT[:COLUMN]]``
+    (Hugging Face datasets). The column defaults to the first of prompt/instruction/text/goal/question.
     """
     if spec.startswith("bundled:"):
         return bundled(spec.split(":", 1)[1])  # type: ignore[arg-type]
@@ -137,7 +143,7 @@ def dedupe(prompts: list[str]) -> list[str]:
 
 
 def make_splits(
-    kind: Kind,
+    kind: Kind | str,
     sources: list[str],
     *,
     n_train: int,

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from .capability import Capability
 from .capture import Activations
-from .evaluation import Metrics, Sample, format_rate
+from .evaluation import Metrics, Sample, behaviour_label, format_rate
 
 if TYPE_CHECKING:
     from .pipeline import RunResult
@@ -99,6 +99,8 @@ def refusals_plot(folder: Path, before: Metrics, after: Metrics) -> Path:
         "refusal\n(harmless)",
         "degenerate\n(harmless)",
     ]
+    if before.behaviour != "refusal":  # another behaviour profile: "flowery shown (behaviour prompts)"
+        labels = [behaviour_label(k, before.behaviour).replace(" (", "\n(") for k in keys]
     xs = range(len(keys))
     for shift, m, label in ((-0.2, before, "before"), (0.2, after, "after")):
         rates = [m.rate(k) for k in keys]
@@ -141,6 +143,8 @@ def _kpi(conds: dict[str, Metrics]) -> str:
         ("degenerate, held-out harmless", "harmless_degenerate_rate", first.n_harmless),
         ("unparsed by the judge, held-out harmless", "harmless_unparsed_rate", first.n_harmless),
     ]
+    if first.behaviour != "refusal":
+        rows = [(behaviour_label(key, first.behaviour) + ", held-out", key, n) for _, key, n in rows]
 
     def row(label: str, cells: list[str]) -> str:
         return f"<tr><td>{label}</td>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
@@ -249,7 +253,7 @@ def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     body = f"""{_header("abliterate report", result.config.get("model"), sel, result.note)}
 {_kpi({"before": b, "after": a})}
-{plots}<h2>Refusals before / after</h2>{_img(refusals_plot(folder, b, a))}
+{plots}<h2>{"Refusals" if b.behaviour == "refusal" else html.escape(b.behaviour)} before / after</h2>{_img(refusals_plot(folder, b, a))}
 {_search_html(folder, result)}
 <h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
 {_samples([b, a], int(result.config.get("samples", 6)))}</table>

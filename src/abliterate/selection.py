@@ -149,13 +149,17 @@ def select(
     batch_size: int = 16,
     progress: SweepProgress | None = None,
     scorer: Scorer | None = None,
+    prefer: str = "bypass",
 ) -> Selection:
     """Score every candidate direction and pick the best bypass that passes the filters.
 
     Layers in the last ``skip_last`` fraction are not scored at all unless ``score_skipped``.
     ``scorer`` reuses a :class:`Scorer` built on the same validation prompts (and the unedited
-    model), so its base pass is not repeated; by default one is built here.
+    model), so its base pass is not repeated; by default one is built here. ``prefer="induce"`` picks the
+    passing candidate that raises the score on harmless prompts the most (for inducing), not the best bypass.
     """
+    if prefer not in ("bypass", "induce"):
+        raise PromptError(f"prefer must be bypass or induce, got {prefer!r}")
     start = time.perf_counter()
     if not 0 < kl_threshold <= max_kl:
         raise PromptError(f"need 0 < kl_threshold <= max_kl, got {kl_threshold} and {max_kl}")
@@ -212,7 +216,8 @@ def select(
         if passed or limit >= max_kl:
             break
         limit = min(limit * 2, max_kl)
-    chosen = min(passed, key=lambda c: c.bypass) if passed else None
+    best = (lambda c: c.bypass) if prefer == "bypass" else (lambda c: -c.induce)
+    chosen = min(passed, key=best) if passed else None
     refuses = base_bypass > NO_REFUSAL_LOGODDS
     if not refuses:
         note = (
@@ -239,6 +244,7 @@ def select(
         "kl_threshold": kl_threshold,
         "min_induce": min_induce,
         "min_bypass_drop": min_bypass_drop,
+        **({"prefer": prefer} if prefer != "bypass" else {}),
         "kl_limit_used": limit,
         "n_harmful_val": len(harmful_val),
         "n_harmless_val": len(harmless_val),
