@@ -114,6 +114,9 @@ def test_flowery_templates_its_prompts_and_judges_with_its_markers(model_dir, tm
     report = (tmp_path / "f" / "report.html").read_text()
     assert "flowery shown (behaviour prompts), held-out" in report and "flowery before / after" in report
     assert DirectionSet.load(tmp_path / "f" / "directions.safetensors").meta["behaviour"] == "flowery"
+    card = (tmp_path / "f" / "README.md").read_text()
+    assert "behaviour profile `flowery`" in card and "flowery shown (behaviour prompts), held-out" in card
+    assert "refusal rate on held-out" not in card
     manifest = json.loads((tmp_path / "f" / "manifest.json").read_text())
     assert [(p["kind"], p["spec"], p["bundled"]) for p in manifest["inputs"]["prompts"]] == [
         ("prompts", "bundled:questions", "data/questions.jsonl")
@@ -150,6 +153,7 @@ def test_induce_goal_bakes_the_direction_and_exports_a_control_vector(model_dir,
     induction = json.loads((out / "edit.json").read_text())
     assert induction == metrics["induction"] and induction["goal"] == "induce" and metrics["edit"] is None
     assert metrics["search"] is None and "(induced)" in res.stdout and "induced gush" in metrics["note"]
+    assert "and induced (baked into the weights" in (out / "README.md").read_text()
     assert metrics["before"]["counts"]["harmful"]["refusal"] == 3  # "wonderful" in the answers to gush prompts
     # the saved model carries the induction: the residual's component along the direction is pinned
     edited = AutoModelForCausalLM.from_pretrained(out)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .evaluation import Metrics, format_rate
+from .evaluation import Metrics, behaviour_label, format_rate
 
 if TYPE_CHECKING:
     from .pipeline import RunResult
@@ -121,6 +121,7 @@ def _edit_words(result: RunResult) -> str:
     )
 
 
+HARMFUL_KEYS = ("refusal_rate", "compliance_rate", "degenerate_rate")
 RATES = (
     ("refusal rate on held-out harmful prompts ({h})", "refusal_rate"),
     ("compliance on held-out harmful prompts", "compliance_rate"),
@@ -133,10 +134,13 @@ RATES = (
 def _table(b: Metrics, a: Metrics, chosen: Any, label: str) -> str:
     where = f"{chosen.method}, {chosen.layer} / {chosen.position}" if chosen else "-"
     cells = [f"| chosen edit | {label} |", f"| sweep's direction: method, layer / position | {where} |"]
-    cells += [
-        f"| {name.format(h=b.n_harmful, n=b.n_harmless)} | {format_rate(b, key)} -> {format_rate(a, key)} |"
-        for name, key in RATES
-    ]
+
+    def words(name: str, key: str) -> str:
+        if b.behaviour == "refusal":
+            return name.format(h=b.n_harmful, n=b.n_harmless)
+        return f"{behaviour_label(key, b.behaviour)}, held-out ({b.n_harmful if key in HARMFUL_KEYS else b.n_harmless})"
+
+    cells += [f"| {words(name, key)} | {format_rate(b, key)} -> {format_rate(a, key)} |" for name, key in RATES]
     cells += [
         f"| KL(base, edited), first response token | {a.kl:.4f} |",
         f"| KL(base, edited), first {a.kl_tokens} tokens of the base model's answers | {a.kl_answer:.4f} |",
@@ -159,6 +163,20 @@ def _contract(cfg: dict[str, Any], b: Metrics) -> str:
         f"- KL: on the harmless prompts, first response token and mean over the first {cfg.get('kl_tokens')} tokens of "
         "the unedited model's answers"
     )
+
+
+def _how(result: RunResult) -> str:
+    if result.induction:
+        return f"and induced (baked into the weights, see `edit.json`): {result.induction.get('note', '')}"
+    where = "the weights that write into the residual stream (`W <- W - s r r^T W`)"
+    return f"and removed from {where}: {_edit_words(result)}"
+
+
+def _found(b: Metrics, cfg: dict[str, Any]) -> str:
+    n = cfg.get("n_train")
+    if b.behaviour == "refusal":
+        return f"The refusal direction was found from {n} harmful and {n} harmless prompts"
+    return f"The direction of the behaviour profile `{b.behaviour}` was found from {n} behaviour and {n} plain prompts"
 
 
 def _usage(base: BaseModel, adapter: bool) -> str:
@@ -188,9 +206,8 @@ def model_card(result: RunResult) -> str:
     return f"""{front_matter(base, adapter=adapter)}
 # {title}, abliterated{" (LoRA adapter)" if adapter else ""}
 
-Made with [abliterate](https://pypi.org/project/abliterate/) {__version__} from `{cfg.get("model")}`. The refusal
-direction was found from {cfg.get("n_train")} harmful and {cfg.get("n_train")} harmless prompts and removed from the
-weights that write into the residual stream (`W <- W - s r r^T W`): {_edit_words(result)}.
+Made with [abliterate](https://pypi.org/project/abliterate/) {__version__} from `{cfg.get("model")}`. {_found(b, cfg)}
+{_how(result)}.
 {" ".join(missing)}
 
 ## Before / after
