@@ -111,7 +111,7 @@ def checked_anatomy(
     if check.failed:
         first = check.failed[0]
         if first.post_norm is not None or writer_patterns:
-            cands, _ = find_candidates(model, list(anatomy.layers), [first.layer], ids, anatomy.hidden_size)
+            cands = find_candidates(model, list(anatomy.layers), [first.layer], ids, anatomy.hidden_size)
             raise _layer_error(model, anatomy, first, [c.rel for c in cands[first.layer] if not c.is_norm])
         fix = [c.layer for c in check.failed]
         found = discover_writers(model, list(anatomy.layers), anatomy.layers_path, fix, ids, anatomy.hidden_size)
@@ -132,5 +132,11 @@ def checked_anatomy(
         if check.failed:
             first = check.failed[0]
             raise _layer_error(model, anatomy, first, found.candidates.get(first.layer, []))
+    silent = [i for i in check.not_run if not anatomy.writers[i]]
+    if silent:
+        raise ArchitectureError(
+            f"layer {silent[0]} of {type(model).__name__} never ran on the probe and no pattern names its writers; "
+            "pass writer_patterns=[...] naming them"
+        )
     anatomy.verified = True
     return anatomy
