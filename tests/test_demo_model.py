@@ -107,7 +107,9 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
     search = metrics["search"]
     assert len(search["trials"]) == 6 and search["chosen"] in search["front"]
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
-    assert chosen["refused"] < search["base_refused"], "the pick refuses less than the unedited model when judged"
+    assert chosen["refusal"] < search["base"]["refusal"], "the pick lowers the refusal score"
+    if chosen["refused"] is not None:  # checked by generation: it refuses less than the unedited model
+        assert chosen["refused"] < search["base_refused"]
     assert metrics["after"]["refusal_rate"] < metrics["before"]["refusal_rate"]
     assert metrics["after"]["over_refusal"] <= metrics["before"]["over_refusal"] + 0.125
     for name in (

@@ -51,6 +51,7 @@ def test_measure_writes_a_report_of_what_it_knows(outputs):
         "directions.json",
         "directions.png",
         "directions.safetensors",
+        "manifest.json",
         "report.html",
     ]
     table = json.loads((out / "candidates.json").read_text())

@@ -146,3 +146,32 @@ def test_search_bad_input_writes_nothing(model_dir, tmp_path):
         )
     assert res.exit_code == 2 and "trial 999 is not on the Pareto front" in res.output
     assert not out.exists()
+
+
+def test_demo_flags_reach_the_run(model_dir, tmp_path, monkeypatch):
+    """`abliterate demo` with the demo model swapped for the tiny one: its evaluation and search flags take effect."""
+    from abliterate import demo
+
+    monkeypatch.setattr(demo, "demo_model_path", lambda step=None: model_dir)
+    out = tmp_path / "demo"
+    with pretend_refusal():
+        res = invoke(
+            "demo",
+            "--out",
+            str(out),
+            "--n-train",
+            "4",
+            "--n-test",
+            "2",
+            "--max-new-tokens",
+            "2",
+            "--trials",
+            "5",
+            env={"ABLITERATE_N_VAL": "8", "ABLITERATE_SEARCH_KL_BUDGET": "100"},
+        )
+    assert res.exit_code == 0, res.output
+    assert "below the full contract" in res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["before"]["n_harmful"] == 2 and len(metrics["search"]["trials"]) == 5
+    config = json.loads((out / "abliterate_config.json").read_text())["config"]
+    assert config["max_new_tokens"] == 2 and config["n_test"] == 2 and config["search"]["trials"] == 5

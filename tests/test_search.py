@@ -94,7 +94,7 @@ def test_choose_prefers_judged_refusals_then_lower_kl():
     tie = [rec(0, -1.0, 0.02, refused=2), rec(1, -2.0, 0.04, refused=2)]
     assert choose(tie, 1.0, 0.05, base_refused=8)[0].number == 0  # ties go to the lower KL
     pick, note = choose(records, base_refusal=1.0, kl_budget=0.01)
-    assert pick.number == 0 and "no front trial has KL <= 0.01" in note
+    assert pick.number == 0 and "no front trial that lowers refusals has KL <= 0.01" in note
     assert choose(records, 1.0, 0.05, trial=2)[0].number == 2
     with pytest.raises(SearchError, match=r"trial 3 is not on the Pareto front; pick one of \[0, 1, 2\]"):
         choose(records, 1.0, 0.05, trial=3)
@@ -103,6 +103,10 @@ def test_choose_prefers_judged_refusals_then_lower_kl():
     with pytest.raises(SearchError, match="3 judged refusals, unedited 3"):
         choose([rec(0, -2.0, 0.01, refused=3)], base_refusal=1.0, kl_budget=0.05, base_refused=3)
     assert [r.number for r in pareto_front(records)] == [2, 1, 0]
+    # inside the budget only a trial that does not refuse less when judged: the cheapest one that does is taken
+    weak = [rec(0, -0.5, 0.01, refused=8), rec(1, -2.0, 0.2, refused=1), rec(2, -2.5, 0.4, refused=0)]
+    pick, note = choose(weak, base_refusal=1.0, kl_budget=0.05, base_refused=8)
+    assert pick.number == 1 and "no front trial that lowers refusals has KL <= 0.05" in note
 
 
 def test_verification_judges_the_front_once_and_is_kept_in_the_journal(tmp_path):

@@ -2,7 +2,7 @@
 
 import sys
 
-from . import cli_chat, cli_eval, cli_run, cli_tools  # noqa: F401  (registers the commands)
+from . import cli_chat, cli_eval, cli_export, cli_run, cli_share, cli_tools  # noqa: F401  (registers the commands)
 from .cli_common import app
 
 

@@ -28,6 +28,7 @@ from .cli_common import (
     progress_bars,
     wrote,
 )
+from .cli_share import seal_apply
 
 
 def _direction(path: Path, layer: int | None, position: int | None) -> tuple[Any, float | None]:
@@ -185,6 +186,18 @@ def apply(
         fail(f"scale must be >= 0, got {scale}")
     if not runtime_check and not out_dir:
         fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
+    settings = {
+        "model": model,
+        "directions": str(directions_file),
+        "mode": mode,
+        "layer": layer,
+        "position": position,
+        "scale": scale,
+        "coefficient": coefficient,
+        "norm_preserving": norm_preserving,
+        "stream": stream,
+        "edit": None if edit is None else str(edit),
+    }
     if edit is not None:
         _apply_edit(
             model,
@@ -218,6 +231,7 @@ def apply(
                 overwrite=force,
                 progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
             )
+        seal_apply(report.out_dir, settings, directions_file, None, direction)
         wrote(report.out_dir)
         out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
         return
@@ -253,7 +267,9 @@ def apply(
             through_layer=direction.layer if direction.layer < lm.num_layers else lm.num_layers - 1,
         )
     assert target is not None
-    wrote(lm.save(target, overwrite=force))
+    lm.save(target, overwrite=force)
+    seal_apply(target, settings, directions_file, None, direction)
+    wrote(target)
     out().print(f"wrote [bold]{target}[/]")
 
 
@@ -298,6 +314,7 @@ def _apply_edit(
                 overwrite=force,
                 progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
             )
+        seal_apply(report.out_dir, {"model": model, "edit": str(edit), "stream": True}, directions_file, edit, None)
         wrote(report.out_dir)
         out().print(f"wrote [bold]{report.out_dir}[/] ({len(report.edited)} tensors edited, {report.seconds:.0f} s)")
         return
@@ -315,54 +332,7 @@ def _apply_edit(
         return
     apply_plan(lm, build_plan(lm, spec, source), mode="weights")
     assert target is not None
-    wrote(lm.save(target, overwrite=force))
+    lm.save(target, overwrite=force)
+    seal_apply(target, {"model": model, "edit": str(edit), "stream": False}, directions_file, edit, None)
+    wrote(target)
     out().print(f"wrote [bold]{target}[/]")
-
-
-@app.command()
-@guarded
-def export(
-    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
-    out_file: Annotated[Path, Opt("--out", "-o", help="The control-vector .gguf to write.")],
-    model: Annotated[
-        str | None, Opt(help="Model the directions came from (its config gives the llama.cpp architecture).")
-    ] = None,
-    model_hint: Annotated[
-        str | None, Opt(help="llama.cpp architecture name, e.g. llama, qwen2 (instead of --model).")
-    ] = None,
-    layers: Annotated[
-        list[int] | None, Opt("--layer", help="Residual points to export (default: every one llama.cpp can steer).")
-    ] = None,
-    position: Annotated[int | None, Opt(help="Captured position to export (default: the chosen or first one).")] = None,
-    scale: Annotated[float, Opt(help="Multiplier of each unit direction.")] = 1.0,
-    force: Annotated[bool, Opt("--force", help="Replace an existing file.")] = False,
-) -> None:
-    """Export a direction set as a llama.cpp control vector (for --control-vector / --control-vector-scaled).
-
-    Point p (input of layer p) is written as llama.cpp's direction.(p-1). To turn an abliterated model itself
-    into GGUF, use llama.cpp's converter: python convert_hf_to_gguf.py OUT_DIR --outfile model.gguf --outtype f16
-
-    Example: abliterate export run-out/directions.safetensors --model Qwen/Qwen2.5-0.5B-Instruct --out refusal.gguf
-    """
-    from .control_vector import export_control_vector, model_hint_for
-    from .directions import DirectionSet
-
-    if out_file.exists() and not force:
-        fail(f"{out_file} already exists; pass --force to replace it")
-    if (model is None) == (model_hint is None):
-        fail("pass exactly one of --model (to read its architecture) or --model-hint")
-    if model is not None:
-        from transformers import AutoConfig
-
-        try:
-            model_type = AutoConfig.from_pretrained(model).model_type
-        except (OSError, ValueError) as exc:
-            fail(f"cannot read the config of {model}: {str(exc).splitlines()[0]}")
-        model_hint = model_hint_for(model_type)
-    ds = DirectionSet.load(directions_file)
-    if position is None:
-        position = (ds.meta.get("chosen") or {}).get("position", ds.positions[0])
-    path = export_control_vector(
-        ds, out_file, model_hint=str(model_hint), scale=scale, layers=layers, position=position
-    )
-    out().print(f"wrote [bold]{path}[/] (model hint {model_hint})")

@@ -101,6 +101,7 @@ class RunConfig:
     judge_labels: str | None = None  # classifier judge: LABEL=refusal,OTHER=compliance
     samples: int = 6
     force: bool = False
+    as_adapter: bool = False
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .adapter import restrict_run, write_run_adapter
 from .capture import Activations, capture
 from .choosing import Choice, choose_edit, edit_directions, journal_path, with_projection
 from .config import RunConfig
@@ -24,6 +25,7 @@ from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
 from .judge import Judge
 from .loading import load_model
+from .manifest import write_run_manifest
 from .model import LoadedModel
 from .plan import applied, apply_plan, build_plan
 from .prompts import PromptSplits, make_splits
@@ -162,11 +164,21 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     lm = load_for(cfg)
     timings["load"] = time.perf_counter() - t0
     why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
+    if cfg.as_adapter:  # refuse what no adapter holds before the long part; keep the search to edits one can
+        restrict_run(cfg, lm)
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
     judge = judge_for(cfg)
     harmful, harmless = splits_for(cfg)
     t = time.perf_counter()
-    scorer = Scorer(lm, harmful.val, harmless.val, system=cfg.system, batch_size=cfg.batch_size)
+    scorer = Scorer(
+        lm,
+        harmful.val,
+        harmless.val,
+        system=cfg.system,
+        batch_size=cfg.batch_size,
+        progress=(lambda d, t: progress("validation base", d, t)) if progress else None,
+    )
+    scorer.progress = None  # the base pass is reported; the sweep and search report their own steps
     acts, sel = measure(cfg, lm, progress, scorer)
     timings["capture_and_sweep"] = time.perf_counter() - t
     if not sel.baseline_refuses:
@@ -201,7 +213,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     before = evaluate("before")
     notes = [baseline_note(before)]
     if checkpoint is None:
-        apply_plan(lm, build_plan(lm, choice.spec, choice.source), mode="weights")  # permanent: never reverted
+        edit = apply_plan(lm, build_plan(lm, choice.spec, choice.source), mode="weights")  # reverted by as_adapter only
         after = evaluate("after")
     else:  # offloaded or quantized: measure the runtime twin, write the edit from the checkpoint
         after = evaluate("after", lambda: applied(lm, choice.spec, choice.source, mode="hooks"))
@@ -216,7 +228,9 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     if progress:
         progress("save", 0, 1)
     with atomic_directory(target) as tmp:
-        if checkpoint is None:
+        if cfg.as_adapter:  # the adapter (read off the original weights) instead of the edited model
+            result.note = "; ".join([result.note, *write_run_adapter(tmp, lm, edit)]).strip("; ")
+        elif checkpoint is None:
             lm.model.save_pretrained(tmp)
         else:
             _stream_into(tmp, checkpoint, choice, cfg, progress)
@@ -230,6 +244,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
+        write_run_manifest(tmp, cfg, versions())  # last: it hashes every file written
         if progress:  # before the rename, so that nothing runs between the rename and the return
             progress("save", 1, 1)
     result.out = target
@@ -285,6 +300,7 @@ def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Sele
             json.dumps({"config": cfg.to_dict(), "versions": versions()}, indent=2) + "\n"
         )
         write_measure_report(tmp, sel, acts, cfg.to_dict())
+        write_run_manifest(tmp, cfg, versions(), command="measure")
     return target
 
 

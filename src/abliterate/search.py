@@ -27,122 +27,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import AbliterateError
-from .space import METHODS, EditSpec, Kernel
+from .search_space import SearchError, SearchSpace, full_params, suggest
+from .space import EditSpec
 
 Objective = Callable[[EditSpec], Mapping[str, float]]
 Verify = Callable[[EditSpec], tuple[int, int]]
 SearchProgress = Callable[[str, int, int], None]
-
-
-class SearchError(AbliterateError):
-    """A search that cannot start, resume or choose (bad budget, foreign journal, no useful trial)."""
-
-
-@dataclass(frozen=True)
-class SearchSpace:
-    """The ranges the search samples (the identity of a journal: resuming with other ranges is refused).
-
-    Layer positions are fractions of the layer count ``L``; the kernel of each component is a tent over
-    layers (see :class:`~abliterate.space.Kernel`)."""
-
-    methods: tuple[str, ...] = ("mean_diff", "projected")
-    positions: tuple[int | str, ...] = (-1,)
-    direction_range: tuple[float, float] = (0.3, 0.9)  # one direction at a float point in [a L, b L]
-    per_layer: bool = True  # also try "every writer removes its own point's direction"
-    max_k: int = 2  # subspaces of up to max_k neighbouring directions
-    peak_range: tuple[float, float] = (0.2, 1.0)  # kernel peak, as a fraction of L - 1
-    weight_range: tuple[float, float] = (0.4, 1.5)  # kernel peak weight
-    mlp_optional: bool = True  # MLP writers may be left untouched
-    embedding: bool = True  # embeddings on/off is searched (else off)
-    norm_preserving: tuple[bool, ...] = (False, True)
-    slerp_t_range: tuple[float, float] = (0.3, 1.0)
-
-    def check(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if not self.methods or bad:
-            raise SearchError(f"search methods {list(self.methods)} are not all known; use some of {list(METHODS)}")
-        for name in ("direction_range", "peak_range", "weight_range", "slerp_t_range"):
-            lo, hi = getattr(self, name)
-            if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
-                raise SearchError(f"search {name} is {[lo, hi]}; use two finite numbers 0 <= low <= high")
-        if not self.positions:
-            raise SearchError("search positions are empty; give at least one captured position")
-        if self.max_k < 1:
-            raise SearchError(f"search max_k is {self.max_k}; use an integer >= 1")
-        if not self.norm_preserving:
-            raise SearchError("search norm_preserving choices are empty; use [false], [true] or both")
-
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-
-def _choice(trial: Any, name: str, options: Sequence[Any]) -> Any:
-    return options[0] if len(options) == 1 else trial.suggest_categorical(name, list(options))
-
-
-def _kernel(trial: Any, prefix: str, space: SearchSpace, num_layers: int) -> Kernel:
-    last = max(num_layers - 1, 1)
-    peak = trial.suggest_float(f"{prefix}_peak", space.peak_range[0] * last, space.peak_range[1] * last)
-    weight = trial.suggest_float(f"{prefix}_weight", *space.weight_range)
-    edge = trial.suggest_float(f"{prefix}_edge", 0.0, 1.0)  # edge weight as a fraction of the peak weight
-    width = trial.suggest_float(f"{prefix}_width", 1.0, float(last))
-    return Kernel(peak=peak, max_weight=weight, edge_weight=edge * weight, width=width)
-
-
-def suggest(trial: Any, space: SearchSpace, num_layers: int) -> EditSpec:
-    """Sample one :class:`EditSpec` from ``space`` through an Optuna trial (conditional parameters)."""
-    method = _choice(trial, "method", space.methods)
-    slerp_t = trial.suggest_float("slerp_t", *space.slerp_t_range) if method == "slerp" else 1.0
-    position = _choice(trial, "position", space.positions)
-    scope = _choice(trial, "scope", ("global", "per_layer") if space.per_layer else ("global",))
-    index = None
-    if scope == "global":
-        lo, hi = space.direction_range
-        index = trial.suggest_float("direction_index", lo * num_layers, hi * num_layers)
-    k = trial.suggest_int("k", 1, space.max_k) if space.max_k > 1 else 1
-    attn = _kernel(trial, "attn", space, num_layers)
-    mlp = (
-        _kernel(trial, "mlp", space, num_layers)
-        if _choice(trial, "mlp", (True, False) if space.mlp_optional else (True,))
-        else None
-    )
-    embedding = 1.0 if _choice(trial, "embedding", (False, True) if space.embedding else (False,)) else 0.0
-    norm = _choice(trial, "norm_preserving", space.norm_preserving)
-    return EditSpec(method, slerp_t, position, index, k, attn, mlp, embedding, bool(norm))
-
-
-def full_params(
-    space: SearchSpace, num_layers: int, layer: int, method: str, position: int | str, scale: float = 1.0
-) -> dict[str, Any]:
-    """Optuna parameters of the classic edit (direction of ``layer`` at ``scale`` on every writer and the
-    embeddings), clamped into ``space``: the warm start enqueued before the sampler takes over."""
-    last = max(num_layers - 1, 1)
-    lo, hi = space.direction_range
-    params: dict[str, Any] = {}
-    if len(space.methods) > 1:
-        params["method"] = method if method in space.methods else space.methods[0]
-    if params.get("method", space.methods[0]) == "slerp":
-        params["slerp_t"] = space.slerp_t_range[1]
-    if len(space.positions) > 1:
-        params["position"] = position if position in space.positions else space.positions[-1]
-    if space.per_layer:
-        params["scope"] = "global"
-    params["direction_index"] = min(max(float(layer), lo * num_layers), hi * num_layers)
-    if space.max_k > 1:
-        params["k"] = 1
-    weight = min(max(scale, space.weight_range[0]), space.weight_range[1])
-    peak = min(max(0.5 * last, space.peak_range[0] * last), space.peak_range[1] * last)
-    for prefix in ("attn", "mlp"):
-        params.update({f"{prefix}_peak": peak, f"{prefix}_weight": weight, f"{prefix}_edge": 1.0})
-        params[f"{prefix}_width"] = float(last)
-    if space.mlp_optional:
-        params["mlp"] = True
-    if space.embedding:
-        params["embedding"] = True
-    if len(space.norm_preserving) > 1:
-        params["norm_preserving"] = False
-    return params
+__all__ = [
+    "SearchError",
+    "SearchResult",
+    "SearchSpace",
+    "TrialRecord",
+    "choose",
+    "full_params",
+    "pareto_front",
+    "search",
+    "suggest",
+]
 
 
 @dataclass
@@ -228,24 +129,33 @@ def choose(
                 f"trial {trial} is not on the Pareto front; pick one of {sorted(r.number for r in front)}"
             )
         return pick, f"trial {trial} chosen by --trial"
-    inside = [r for r in front if r.kl <= kl_budget]
+
+    def lowers(r: TrialRecord) -> bool:
+        judged = r.refused is not None and base_refused is not None
+        return r.refusal < base_refusal and (not judged or r.refused < base_refused)
+
+    useful = [r for r in front if lowers(r)]
+    if not useful:
+        best = min(front, key=lambda r: (r.refusal, r.kl))
+        what = (
+            f"{best.refused} judged refusals, unedited {base_refused}"
+            if best.refused is not None and base_refused is not None
+            else f"refusal score {best.refusal:.2f}, unedited {base_refusal:.2f}"
+        )
+        raise SearchError(
+            f"no trial lowers refusals (trial {best.number}: {what}); nothing was written — "
+            "widen the search space, give it more trials or raise --kl-budget"
+        )
+    inside = [r for r in useful if r.kl <= kl_budget]
     if inside:
         pick = min(inside, key=lambda r: (r.refused is None, r.refusal if r.refused is None else r.refused, r.kl))
         how = "fewest judged refusals" if pick.refused is not None else "lowest refusal score"
         note = f"trial {pick.number}: {how} among {len(inside)} front trial(s) with KL <= {kl_budget:g}"
     else:
-        pick = min(front, key=lambda r: r.kl)
-        note = f"trial {pick.number}: no front trial has KL <= {kl_budget:g}; chose the lowest KL ({pick.kl:.3f})"
-    judged_worse = pick.refused is not None and base_refused is not None and pick.refused >= base_refused
-    if pick.refusal >= base_refusal or judged_worse:
-        what = (
-            f"{pick.refused} judged refusals, unedited {base_refused}"
-            if judged_worse
-            else f"refusal score {pick.refusal:.2f}, unedited {base_refusal:.2f}"
-        )
-        raise SearchError(
-            f"no trial lowers refusals (trial {pick.number}: {what}); nothing was written — "
-            "widen the search space, give it more trials or raise --kl-budget"
+        pick = min(useful, key=lambda r: r.kl)
+        note = (
+            f"trial {pick.number}: no front trial that lowers refusals has KL <= {kl_budget:g}; chose the lowest "
+            f"KL ({pick.kl:.3f}) among those that do"
         )
     return pick, note
 
@@ -315,7 +225,7 @@ def search(
     objective: Objective,
     *,
     num_layers: int,
-    space: SearchSpace = SearchSpace(),
+    space: SearchSpace | None = None,
     trials: int | None = 40,
     timeout: float | None = None,
     seed: int = 0,
@@ -348,6 +258,7 @@ def search(
         raise SearchError(f"--timeout must be a positive number of seconds, got {timeout!r}")
     if not (math.isfinite(kl_budget) and kl_budget > 0):
         raise SearchError(f"--kl-budget must be a positive number, got {kl_budget!r}")
+    space = space or SearchSpace()
     space.check()
     start = time.perf_counter()
     path = Path(journal) if journal is not None else None
@@ -394,7 +305,7 @@ def search(
             r.on_front = True
         checked = dict(study.user_attrs.get("verified", {}))
         if verify is not None:
-            todo = _to_verify(front, kl_budget, verify_top)
+            todo = _to_verify(front, kl_budget, verify_top, float((base or {}).get("refusal", math.inf)))
             if "base" not in checked:
                 checked["base"] = list(verify(EditSpec()))  # the unedited model, judged the same way
             for i, r in enumerate(todo):
@@ -428,9 +339,9 @@ def search(
     )
 
 
-def _to_verify(front: Sequence[TrialRecord], kl_budget: float, top: int) -> list[TrialRecord]:
-    """The front trials worth generating for: the lowest refusal scores inside the KL budget (and the
-    lowest-KL trial when none is inside), at most ``top``."""
-    inside = [r for r in front if r.kl <= kl_budget]
-    pool = inside or sorted(front, key=lambda r: r.kl)[:1]
+def _to_verify(front: Sequence[TrialRecord], kl_budget: float, top: int, base_refusal: float) -> list[TrialRecord]:
+    """The front trials worth generating for: among those whose refusal score is below the unedited model's,
+    the lowest scores inside the KL budget (else the lowest-KL ones), at most ``top``."""
+    lower = [r for r in front if r.refusal < base_refusal] or list(front)
+    pool = [r for r in lower if r.kl <= kl_budget] or sorted(lower, key=lambda r: r.kl)[: max(top, 1)]
     return sorted(pool, key=lambda r: (r.refusal, r.kl))[: max(top, 0)]

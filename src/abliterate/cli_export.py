@@ -1,0 +1,155 @@
+"""``abliterate export``: a llama.cpp control vector, or the ablation as a PEFT LoRA adapter folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from .cli_common import Opt, app, err, fail, guarded, out, wrote
+from .cli_share import load_edit
+from .cli_tools import _direction
+
+
+def export_peft(
+    model: str,
+    directions_file: Path,
+    out_dir: Path,
+    *,
+    edit: Path | None,
+    direction: Any,
+    scale: float,
+    force: bool,
+) -> None:
+    """``export --format peft``: the edit (``edit.json``'s, else ``direction`` removed from every writer and the
+    embeddings at ``scale``, as ``apply`` does) as a PEFT LoRA adapter folder with its manifest."""
+    from .adapter import Adapter, check_spec
+    from .directions import DirectionSet
+    from .loading import load_model
+    from .manifest import write_manifest
+    from .pipeline import versions
+    from .plan import Directions, build_plan, edit_plan
+    from .saving import atomic_directory, check_output
+
+    target = check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
+    spec, recorded = load_edit(edit) if edit is not None else (None, None)
+    if spec is not None:
+        check_spec(spec)  # before loading the model
+    lm = load_model(model)
+    if spec is not None and recorded is not None:
+        plan = build_plan(lm, spec, Directions.from_sets(DirectionSet.load(directions_file)))
+        chosen: dict[str, Any] = recorded
+    else:
+        plan = edit_plan(lm, direction, None, scale, None, None)
+        where = {"layer": direction.layer, "position": direction.position, "method": direction.method}
+        chosen = {"direction": where, "scale": scale}
+    adapter = Adapter.of(lm, plan)
+    settings = {"format": "peft", "model": model, "directions": str(directions_file), "scale": scale}
+    with atomic_directory(target) as tmp:
+        adapter.write(tmp)
+        write_manifest(
+            tmp,
+            "export",
+            config={**settings, "edit": None if edit is None else str(edit)},
+            versions=versions(),
+            model=model,
+            files={"directions": directions_file, "edit": edit},
+            edit=chosen,
+        )
+    wrote(target)
+    for note in adapter.notes:
+        err().print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    targets = len(adapter.config["target_modules"]) + len(adapter.config["target_parameters"] or [])
+    out().print(
+        f"wrote [bold]{target}[/] (LoRA rank {adapter.config['r']} on {targets} modules; load it with PEFT)",
+        soft_wrap=True,
+    )
+
+
+@app.command()
+@guarded
+def export(
+    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    out_file: Annotated[
+        Path, Opt("--out", "-o", help="The control-vector .gguf to write (--format peft: the adapter folder).")
+    ],
+    model: Annotated[
+        str | None,
+        Opt(help="Model the directions came from (gguf: its config gives the architecture; peft: the base to adapt)."),
+    ] = None,
+    model_hint: Annotated[
+        str | None, Opt(help="llama.cpp architecture name, e.g. llama, qwen2 (instead of --model).")
+    ] = None,
+    layers: Annotated[
+        list[int] | None,
+        Opt(
+            "--layer",
+            help="gguf: residual points to export (default: every one llama.cpp can steer); "
+            "peft: the direction's layer (default: the chosen one).",
+        ),
+    ] = None,
+    position: Annotated[int | None, Opt(help="Captured position to export (default: the chosen or first one).")] = None,
+    scale: Annotated[float, Opt(help="gguf: multiplier of each unit direction; peft: fraction removed.")] = 1.0,
+    fmt: Annotated[
+        str, Opt("--format", help="gguf (llama.cpp control vector) or peft (LoRA adapter of the ablation).")
+    ] = "gguf",
+    edit: Annotated[
+        Path | None,
+        Opt("--edit", help="peft: edit.json from run: export its searched edit instead of --layer/--position/--scale."),
+    ] = None,
+    force: Annotated[bool, Opt("--force", help="Replace an existing file.")] = False,
+) -> None:
+    """Export a direction set as a llama.cpp control vector, or the ablation as a PEFT LoRA adapter.
+
+    --format gguf: point p (input of layer p) is written as llama.cpp's direction.(p-1), for --control-vector /
+    --control-vector-scaled. To turn an abliterated model itself into GGUF, use llama.cpp's converter:
+    python convert_hf_to_gguf.py OUT_DIR --outfile model.gguf --outtype f16
+
+    --format peft: the edit of `apply` (or of --edit edit.json) is a rank-k update of each edited module, written
+    exactly as a LoRA adapter (adapter_config.json + adapter_model.safetensors, with manifest.json) that
+    peft.PeftModel.from_pretrained(base, OUT) loads. Edits PEFT cannot hold exactly are refused (norm-preserving,
+    writer biases next to embedding edits, quantized or offloaded models).
+
+    Examples:
+      abliterate export run-out/directions.safetensors --model Qwen/Qwen2.5-0.5B-Instruct --out refusal.gguf
+      abliterate export run-out/directions.safetensors --format peft --model MODEL --edit run-out/edit.json -o adapter
+    """
+    from .control_vector import export_control_vector, model_hint_for
+    from .directions import DirectionSet
+
+    if fmt not in ("gguf", "peft"):
+        fail(f"unknown --format '{fmt}'; use gguf or peft")
+    if fmt == "peft":
+        if model is None or model_hint is not None:
+            fail("--format peft needs --model (the base model the adapter is for), and no --model-hint")
+        if edit is not None and (layers or position is not None or scale != 1.0):
+            fail("--edit exports the recorded edit as it is; drop --layer/--position/--scale")
+        if layers and len(layers) > 1:
+            fail("--format peft removes one direction: pass at most one --layer")
+        direction = (
+            None if edit is not None else _direction(directions_file, layers[0] if layers else None, position)[0]
+        )
+        export_peft(model, directions_file, out_file, edit=edit, direction=direction, scale=scale, force=force)
+        return
+    if edit is not None:
+        fail("--edit applies to --format peft only")
+    if out_file.exists() and not force:
+        fail(f"{out_file} already exists; pass --force to replace it")
+    if (model is None) == (model_hint is None):
+        fail("pass exactly one of --model (to read its architecture) or --model-hint")
+    if model is not None:
+        from transformers import AutoConfig
+
+        try:
+            model_type = AutoConfig.from_pretrained(model).model_type
+        except (OSError, ValueError) as exc:
+            fail(f"cannot read the config of {model}: {str(exc).splitlines()[0]}")
+        model_hint = model_hint_for(model_type)
+    ds = DirectionSet.load(directions_file)
+    if position is None:
+        position = (ds.meta.get("chosen") or {}).get("position", ds.positions[0])
+    path = export_control_vector(
+        ds, out_file, model_hint=str(model_hint), scale=scale, layers=layers, position=position
+    )
+    out().print(f"wrote [bold]{path}[/] (model hint {model_hint})")
