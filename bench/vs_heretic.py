@@ -135,26 +135,34 @@ def run_heretic(exe: Path, run_dir: Path, args: argparse.Namespace, log: Any) ->
     return saved, wall
 
 
-def heretic_evaluate(exe: Path, run_dir: Path, model: str, log_path: Path) -> dict[str, Any]:
-    """``heretic --evaluate-model`` in a fresh folder with the search's config (its prompts, markers, system prompt)."""
+def heretic_evaluate(exe: Path, run_dir: Path, base: str, model: str, log_path: Path) -> dict[str, Any]:
+    """``heretic --evaluate-model`` in a fresh folder with the search's config (its prompts, markers, system prompt).
+
+    ``--model`` is passed explicitly: without it heretic takes a trailing non-flag argument for the model and
+    inserts ``--model`` before it, which breaks ``--evaluate-model PATH``.
+    """
     eval_dir = log_path.parent
     eval_dir.mkdir(parents=True, exist_ok=True)
     (eval_dir / "config.toml").write_text((run_dir / "config.toml").read_text())
     t0 = time.perf_counter()
     proc = subprocess.run(
-        [str(exe), "--evaluate-model", model], cwd=eval_dir, env=offline_env(), capture_output=True, text=True
+        [str(exe), "--evaluate-model", model, "--model", base],
+        cwd=eval_dir,
+        env=offline_env(),
+        capture_output=True,
+        text=True,
     )
     text = ANSI.sub("", proc.stdout + proc.stderr)
     log_path.write_text(text)
     kl = re.findall(r"KL divergence: ([0-9.]+)", text)
     ref = re.findall(r"\* Refusals: (\d+)/(\d+)", text)
-    base = re.findall(r"Initial refusals: (\d+)/(\d+)", text)
+    initial = re.findall(r"Initial refusals: (\d+)/(\d+)", text)
     return {
         "model": model,
         "rc": proc.returncode,
         "kl": float(kl[-1]) if kl else None,
         "refusals": f"{ref[-1][0]}/{ref[-1][1]}" if ref else None,
-        "base_refusals": f"{base[-1][0]}/{base[-1][1]}" if base else None,
+        "base_refusals": f"{initial[-1][0]}/{initial[-1][1]}" if initial else None,
         "seconds": round(time.perf_counter() - t0, 1),
         "log": str(log_path),
     }
@@ -243,6 +251,8 @@ def main() -> None:
         summary["heretic"] = {"wall_s": round(wall, 1), "trials": trials, "front": pareto(trials), "saved": saved}
         models += [(m, f"heretic {Path(m).name}") for m in saved]
         save()
+    elif "heretic" in summary:  # saved by an earlier run in this --work: cross-check and judge them too
+        models += [(m, f"heretic {Path(m).name}") for m in summary["heretic"]["saved"]]
     if args.abliterix_trials > 0:
         summary["abliterix"] = run_abliterix(args.model, files, work, args)
         models.append((summary["abliterix"]["model"], "abliterix"))
@@ -251,11 +261,15 @@ def main() -> None:
         summary["ours"] = run_ours(args.model, work / "ours" / "model", args)
         models.append((summary["ours"]["model"], "abliterate"))
         save()
+    elif "ours" in summary:
+        models.append((summary["ours"]["model"], "abliterate"))
     if not args.no_evaluate and (run_dir / "config.toml").exists():
         summary["heretic_evaluate"] = merge(
             summary.get("heretic_evaluate", []),
             [
-                heretic_evaluate(exe, run_dir, m, work / "heretic-eval" / "_".join(Path(m).parts[-2:]) / "evaluate.log")
+                heretic_evaluate(
+                    exe, run_dir, args.model, m, work / "heretic-eval" / "_".join(Path(m).parts[-2:]) / "evaluate.log"
+                )
                 for m, _ in models
             ],
         )

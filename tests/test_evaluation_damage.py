@@ -126,7 +126,19 @@ def test_eval_reports_multi_token_kl_and_perplexity(two_models):
 
 def test_run_records_multi_token_kl_and_perplexity(two_models, tmp_path):
     base, _ = two_models
-    args = ["run", str(base), "--out", str(tmp_path / "o"), "--n-train", "4", "--n-val", "8", "--n-test", "3"]
+    args = [
+        "run",
+        str(base),
+        "--out",
+        str(tmp_path / "o"),
+        "--n-train",
+        "4",
+        "--n-val",
+        "8",
+        "--n-test",
+        "3",
+        "--no-search",
+    ]
     with pretend_refusal():
         res = invoke(*args, "--layer", "1", "--max-new-tokens", "2", "--kl-tokens", "5")
     assert res.exit_code == 0, res.output

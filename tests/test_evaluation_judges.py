@@ -175,7 +175,19 @@ def test_run_with_an_llm_judge_counts_unreadable_verdicts_as_unparsed(scripted_m
     from tiny import pretend_refusal
 
     out = tmp_path / "run"
-    args = ["run", str(models / "model"), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "4"]
+    args = [
+        "run",
+        str(models / "model"),
+        "--out",
+        str(out),
+        "--n-train",
+        "4",
+        "--n-val",
+        "8",
+        "--n-test",
+        "4",
+        "--no-search",
+    ]
     with pretend_refusal():
         res = invoke(
             *args, "--layer", "1", "--max-new-tokens", "3", "--kl-tokens", "2", "--judge", f"llm:{models / 'judge'}"

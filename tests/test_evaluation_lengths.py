@@ -41,7 +41,7 @@ def letters_dir(tmp_path_factory):
 
 
 def _answers(model, out, *extra):
-    args = ["run", str(model), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "6"]
+    args = ["run", str(model), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "6", "--no-search"]
     with pretend_refusal():
         res = invoke(*args, "--layer", "1", "--max-new-tokens", "8", *extra)
     assert res.exit_code == 0, res.output

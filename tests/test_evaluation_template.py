@@ -89,7 +89,7 @@ def thinking_dir(tmp_path_factory):
 
 
 def _run(model, out, *extra):
-    args = ["run", str(model), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "2"]
+    args = ["run", str(model), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "2", "--no-search"]
     args += ["--max-new-tokens", "3", "--layer", "1", *extra]
     with pretend_refusal():
         res = invoke(*args)

@@ -76,7 +76,7 @@ def tiny_dir(tmp_path_factory):
 
 def test_run_writes_and_shows_every_verdict_with_intervals(scripted, tiny_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["run", str(tiny_dir), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "4"]
+    args = ["run", str(tiny_dir), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "4", "--no-search"]
     with pretend_refusal():
         res = invoke(*args, "--layer", "1", "--max-new-tokens", "3")
     assert res.exit_code == 0, res.output

@@ -45,11 +45,11 @@ class Choice:
         return {"spec": self.spec.to_dict(), "note": self.note, "searched": self.search is not None}
 
     def label(self) -> str:
-        """One line: the direction, and where the edit came from."""
-        s = self.spec
-        where = "each layer's own" if s.direction_index is None else f"layer {s.direction_index:.2f}"
-        origin = f"search trial {self.search.chosen.number}" if self.search and self.search.chosen else "sweep"
-        return f"{s.method} {where} pos {s.position}" + (f" k={s.k}" if s.k > 1 else "") + f" ({origin})"
+        """One line: the direction, and the search trial it came from."""
+        s, index = self.spec, self.spec.direction_index
+        where = "own layers" if index is None else f"layer {int(index) if index == int(index) else round(index, 2)}"
+        trial = f" (trial {self.search.chosen.number})" if self.search and self.search.chosen else ""
+        return f"{s.method} {where} pos {s.position}" + (f" k={s.k}" if s.k > 1 else "") + trial
 
 
 def method_of(label: str, methods: Sequence[Method]) -> Method:
