@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from tiny import tiny_lm
 from transformers import AutoModelForCausalLM
 
-from abliterate import DirectionError, LayerError, ModelLoadError, OutputError, orthogonalize, shards
+from abliterate import DirectionError, LayerError, ModelLoadError, OutputError, orthogonalize, shard_edit, shards
 from abliterate import streaming as st
 from abliterate.loading import from_pretrained_objects
 from abliterate.streaming import stream_orthogonalize
@@ -316,7 +316,7 @@ def test_output_must_not_be_the_input(llama_src, tmp_path):
 
 def test_out_of_disk_space_leaves_nothing(llama_src, tmp_path, monkeypatch):
     lm, src = llama_src
-    real, calls = st._write_shard, []
+    real, calls = st.write_shard, []
 
     def full_disk(shard, dst, *args):
         calls.append(dst)
@@ -325,7 +325,7 @@ def test_out_of_disk_space_leaves_nothing(llama_src, tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         real(shard, dst, *args)
 
-    monkeypatch.setattr(st, "_write_shard", full_disk)
+    monkeypatch.setattr(st, "write_shard", full_disk)
     fails(OutputError, "No space left on device; nothing was written", src, tmp_path / "o", unit(64))
     monkeypatch.setattr(st, "free_space", lambda path: 1000)
     fails(OutputError, "not enough disk space", src, tmp_path / "o", unit(64))
@@ -380,7 +380,7 @@ def test_interrupt_while_editing_stops_the_copy(llama_src, tmp_path, monkeypatch
         raise KeyboardInterrupt
 
     monkeypatch.setattr(shards.BackgroundCopy, "__enter__", enter)
-    monkeypatch.setattr(st, "_edit_in_blocks", interrupted)
+    monkeypatch.setattr(shard_edit, "edit_in_blocks", interrupted)
     with pytest.raises(KeyboardInterrupt):
         stream_orthogonalize(src, tmp_path / "o", unit(64))
     assert started and not any(t.is_alive() for t in started)

@@ -24,7 +24,7 @@ from .judge import MarkerJudge
 from .model import LoadedModel
 from .plan import Directions, applied
 from .scorer import Scorer
-from .search import SearchResult, SearchSpace, full_params, search
+from .search import Pick, SearchResult, SearchSpace, full_params, search
 from .selection import Method, Selection
 from .space import EditSpec, Kernel
 
@@ -111,6 +111,7 @@ def choose_edit(
     methods: Sequence[Method],
     scorer: Scorer,
     progress: StageProgress | None = None,
+    pick: Pick | None = None,
 ) -> Choice:
     """The edit to make: the sweep's (``cfg.search.enabled`` false) or the search's pick, scored by ``scorer``
     (the validation prompts, built on the unedited model)."""
@@ -167,6 +168,7 @@ def choose_edit(
         base=scorer.base.to_dict(),
         trial=sc.trial,
         progress=progress,
+        pick=pick,
     )
     assert result.chosen is not None
     return Choice(result.chosen.edit(), source, result, result.note)

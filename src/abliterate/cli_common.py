@@ -117,7 +117,27 @@ def progress_bars() -> Iterator[Any]:
         bars.update(tasks[stage], completed=done, total=max(total, 1))
 
     with bars:
-        yield update
+        _LIVE.append(bars)
+        try:
+            yield update
+        finally:
+            _LIVE.remove(bars)
+
+
+_LIVE: list[Any] = []  # the rich progress display while one is shown (paused_bars stops it for a prompt)
+
+
+@contextlib.contextmanager
+def paused_bars() -> Iterator[None]:
+    """Stop the live progress bars (if any) while the user is asked something, and show them again after."""
+    live = list(_LIVE)
+    for bars in live:
+        bars.stop()
+    try:
+        yield
+    finally:
+        for bars in live:
+            bars.start()
 
 
 def wrote(path: Any) -> None:

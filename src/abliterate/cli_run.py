@@ -63,10 +63,11 @@ def _summary(result: Any) -> None:
 
 
 def _execute(cfg: config_mod.RunConfig) -> None:
+    from .cli_pick import pick_for
     from .pipeline import run as run_pipeline
 
     with progress_bars() as progress:
-        result = run_pipeline(cfg, progress)
+        result = run_pipeline(cfg, progress, pick_for(cfg, STATE["json"]))
     wrote(result.out)
     if STATE["json"]:
         out().print_json(json.dumps(result.metrics()))
@@ -140,6 +141,9 @@ def run(
     ] = None,
     search_trial: Annotated[int | None, Opt("--trial", help=SEARCH_HELP["trial"], rich_help_panel="Search")] = None,
     search_resume: Annotated[bool | None, Opt("--resume", help=SEARCH_HELP["resume"], rich_help_panel="Search")] = None,
+    search_pick_wait: Annotated[
+        float | None, Opt("--pick-wait", help=SEARCH_HELP["pick_wait"], rich_help_panel="Search")
+    ] = None,
 ) -> None:
     """Load -> capture -> sweep -> search the edit -> evaluate -> edit weights -> evaluate -> save.
 
@@ -194,6 +198,7 @@ def run(
         search_kl_budget=search_kl_budget,
         search_trial=search_trial,
         search_resume=search_resume,
+        search_pick_wait=search_pick_wait,
     )
     if not cfg.out:
         fail("no output directory; pass --out DIR (or set out in the config file)")

@@ -39,6 +39,11 @@ class SearchConfig:
     kl_budget: float = _opt(0.05, "Pick the fewest refusals among front trials with first-token KL <= this.")
     trial: int | None = _opt(None, "Take this trial number from the Pareto front instead of the default policy.")
     resume: bool = _opt(False, "Continue the search journal an interrupted run left beside --out.")
+    pick_wait: float = _opt(
+        60.0,
+        "On a terminal, seconds the Pareto-front prompt waits for a trial number before keeping the default "
+        "pick (0: never ask; never asked off a terminal, with --trial or --json).",
+    )
     seed: int = _opt(0, "Sampler seed (the search is deterministic under a seed on the same machine).")
     startup: int = _opt(8, "Random trials before TPE models the front (after the enqueued warm start).")
     warm_start: int = _opt(3, "The sweep's best candidates tried first, at full strength.")
@@ -205,6 +210,8 @@ def validate_search(sc: SearchConfig) -> None:
         raise ConfigError(f"search.trials (--trials) must be at least 1, got {sc.trials}")
     if sc.timeout is not None and not 0 < sc.timeout < float("inf"):
         raise ConfigError(f"search.timeout (--timeout) must be a positive number of seconds, got {sc.timeout}")
+    if not (isinstance(sc.pick_wait, (int, float)) and 0 <= sc.pick_wait < float("inf")):
+        raise ConfigError(f"search.pick_wait (--pick-wait) must be 0 or a number of seconds, got {sc.pick_wait}")
     if not 0 < sc.kl_budget < float("inf"):
         raise ConfigError(f"search.kl_budget (--kl-budget) must be a positive number, got {sc.kl_budget}")
     for key in ("startup", "warm_start", "verify_top"):

@@ -31,6 +31,7 @@ from .plan import applied, apply_plan, build_plan
 from .prompts import PromptSplits, make_splits
 from .saving import atomic_directory, check_output
 from .scorer import Scorer
+from .search import Pick
 from .selection import Method, Selection, select
 
 StageProgress = Callable[[str, int, int], None]
@@ -156,8 +157,9 @@ def measure(
     return acts, sel
 
 
-def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
-    """``abliterate run``: writes the edited model, directions, metrics, config and report to ``cfg.out``."""
+def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None = None) -> RunResult:
+    """``abliterate run``: writes the edited model, directions, metrics, config and report to ``cfg.out``.
+    ``pick``: asked for the search's trial after its default policy chose (see :func:`abliterate.search.search`)."""
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
@@ -186,7 +188,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None) -> RunResult:
     if sel.chosen is None and not cfg.search.enabled:
         raise AbliterateError(sel.note)
     t = time.perf_counter()
-    choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress)
+    choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress, pick)
     timings["search" if choice.search else "choose"] = time.perf_counter() - t
     evaluator = Evaluator(
         lm,

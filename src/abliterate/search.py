@@ -94,6 +94,9 @@ class SearchResult:
         }
 
 
+Pick = Callable[[Sequence[TrialRecord], TrialRecord, str], "int | None"]  # (front, default pick, note) -> number
+
+
 def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
     """Trials no other trial beats on both refusal and KL (and strictly on one), by refusal."""
     front = [
@@ -240,6 +243,7 @@ def search(
     base: Mapping[str, float] | None = None,
     trial: int | None = None,
     progress: SearchProgress | None = None,
+    pick: Pick | None = None,
 ) -> SearchResult:
     """Run (or resume) the search and choose a trial; see the module docstring.
 
@@ -247,6 +251,8 @@ def search(
     a wall-clock limit in seconds for this call; at least one must be given. ``warm_start``: Optuna parameter
     dicts (:func:`full_params`) tried first in a new study. ``verify(spec) -> (refused, n)`` judges generated
     answers for the ``verify_top`` most promising front trials. ``base``: the unedited model's scores.
+    ``pick(front, default, note)``: asked for a trial number once the default policy has chosen (not when
+    ``trial`` is given); None keeps the default, a number must be on the front.
     """
     import optuna
 
@@ -322,6 +328,11 @@ def search(
         base_refusal = float((base or {}).get("refusal", math.inf))
         base_refused = checked["base"][0] if "base" in checked else None
         chosen, note = choose(records, base_refusal, kl_budget, trial, base_refused)
+        if pick is not None and trial is None:
+            number = pick(front, chosen, note)
+            if number is not None and number != chosen.number:
+                chosen, _ = choose(records, base_refusal, kl_budget, number, base_refused)
+                note = f"trial {number} picked at the prompt (the default policy's: {note})"
     finally:
         optuna.logging.set_verbosity(verbosity)
     return SearchResult(

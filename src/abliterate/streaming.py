@@ -17,13 +17,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import struct
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, NamedTuple
+from typing import Any
 
 import torch
 from torch import nn
@@ -31,23 +30,18 @@ from torch import nn
 from .anatomy import Writer, find_anatomy
 from .directions import Direction
 from .errors import ArchitectureError, ModelLoadError, OutputError
-from .kernel import project_rows
 from .model import LoadedModel, Progress
 from .plan import Directions, EditPlan, build_plan, edit_plan
-from .projection import Scale, project_out
+from .projection import Scale
 from .saving import atomic_directory, check_output
+from .shard_edit import ShardEdit, write_shard
 from .shards import (
     FLOAT_DTYPES,
     INDEX,
-    BackgroundCopy,
-    Entry,
-    FileRows,
-    Shard,
     Workspace,
     find_shards,
     free_space,
     read_shard,
-    write_all,
 )
 from .space import EditSpec
 
@@ -70,13 +64,6 @@ class StreamReport:
     skipped: list[str]
     bytes_written: int
     seconds: float = 0.0
-
-
-class _Edit(NamedTuple):
-    axis: int | None  # residual axis of the stored tensor; None for a bias (its last axis)
-    basis: torch.Tensor
-    scale: float
-    norm_preserving: bool
 
 
 def _meta_model(src: Path, trust_remote_code: bool) -> tuple[nn.Module, dict[str, Any]]:
@@ -167,9 +154,9 @@ def _materialize_post_norms(model: nn.Module, writers: list[Writer], sources: So
 
 def _plan_edits(
     plan: EditPlan, sources: Sources, where: Mapping, hidden: int, norm_preserving: bool
-) -> dict[str, _Edit]:
+) -> dict[str, ShardEdit]:
     """Checkpoint key -> edit, with the dtype and shape of every writer tensor checked."""
-    edits: dict[str, _Edit] = {}
+    edits: dict[str, ShardEdit] = {}
     for e in plan.edits:
         writer, basis, s = e.writer, e.basis, e.scale
         owner = writer.name if writer.param == "weight" else writer.name.rsplit(".", 1)[0]
@@ -189,64 +176,8 @@ def _plan_edits(
                         f"{key} has shape {list(entry.shape)}, which does not fit {pname} {list(target)} "
                         f"of this config.json (hidden size {hidden}); config and weights disagree"
                     )
-                edits[key] = _Edit(axis, basis, s, norm_preserving and not is_bias)
+                edits[key] = ShardEdit(axis, basis, s, norm_preserving and not is_bias)
     return edits
-
-
-@torch.no_grad()
-def _edit_in_blocks(fin: BinaryIO, fout: BinaryIO, entry: Entry, edit: _Edit, work: Workspace) -> None:
-    """Edit one stored 2-D tensor (or each expert of a 3-D one) from ``fin`` into ``fout``, block by block."""
-    dtype, shape = FLOAT_DTYPES[entry.dtype], entry.shape
-    buffer = work.buffer(dtype)
-    u = edit.basis.to(buffer.dtype)
-    assert edit.axis is not None
-    if len(shape) == 2:
-        mats = [(entry.start, (shape[0], shape[1]), edit.axis)]
-    elif len(shape) == 3 and edit.axis > 0:
-        per = shape[1] * shape[2] * dtype.itemsize
-        mats = [(entry.start + e * per, (shape[1], shape[2]), edit.axis - 1) for e in range(shape[0])]
-    else:
-        raise ArchitectureError(f"cannot stream-edit a {list(shape)} tensor along axis {edit.axis}")
-    for offset, matrix, axis in mats:
-        rows = FileRows(fin, fout, offset, matrix, dtype, work)
-        project_rows(rows, axis, u, edit.scale, edit.norm_preserving, buffer)
-
-
-def _write_shard(shard: Shard, dst: Path, edits: Mapping[str, _Edit], extra: list, work: Workspace) -> None:
-    """Write ``shard`` to ``dst`` with ``edits`` applied and ``extra`` [(name, stored entry)] copies appended.
-    Untouched bytes are copied by a background thread while this one edits the writers in place."""
-    raw = shard.raw_header
-    if extra:
-        header, end = json.loads(raw[8:]), shard.size - len(raw)
-        for name, e in extra:
-            header[name] = {"dtype": e.dtype, "shape": list(e.shape), "data_offsets": [end, end + e.end - e.start]}
-            end += e.end - e.start
-        text = json.dumps(header, separators=(",", ":")).encode()
-        raw = struct.pack("<Q", len(text) + -len(text) % 8) + text + b" " * (-len(text) % 8)
-    shift = len(raw) - len(shard.raw_header)  # where input byte i lands in the output: i + shift
-    keys = sorted((k for k in edits if k in shard.entries), key=lambda k: shard.entries[k].start)
-    gaps, pos = [], len(shard.raw_header)
-    for key in keys:
-        gaps.append((pos, pos + shift, shard.entries[key].start - pos))
-        pos = shard.entries[key].end
-    gaps.append((pos, pos + shift, shard.size - pos))
-    end = shard.size + shift
-    for _, entry in extra:
-        gaps.append((entry.start, end, entry.end - entry.start))
-        end += entry.end - entry.start
-    with open(shard.path, "rb", buffering=0) as fin, open(dst, "wb", buffering=0) as fout:
-        write_all(fout, memoryview(raw))
-        with BackgroundCopy(shard.path, dst, [g for g in gaps if g[2] > 0]):
-            for key in keys:
-                entry, edit = shard.entries[key], edits[key]
-                fout.seek(entry.start + shift)
-                if edit.axis is None or entry.end == entry.start:  # a bias (small) or an empty tensor
-                    buf, tensor = work.read(fin, entry)
-                    if edit.axis is None:
-                        tensor.copy_(project_out(tensor, edit.basis, edit.scale))
-                    write_all(fout, memoryview(buf.numpy()))
-                else:
-                    _edit_in_blocks(fin, fout, entry, edit, work)
 
 
 def _untie(model: nn.Module, plan: EditPlan, sources: Sources, where: Mapping) -> tuple[bool, dict[str, list]]:
@@ -405,7 +336,7 @@ def _stream(
         with atomic_directory(target) as tmp:  # an OSError (disk full...) becomes a one-line OutputError there
             done, work = 0, Workspace()
             for shard in shards:
-                _write_shard(shard, tmp / shard.path.name, edits, extra.get(shard.path.name, []), work)
+                write_shard(shard, tmp / shard.path.name, edits, extra.get(shard.path.name, []), work)
                 done += sizes[shard.path.name]
                 if progress:
                     progress(done, total)
