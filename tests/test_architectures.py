@@ -25,8 +25,6 @@ _POST_LN = r"normalizes the residual stream after each layer adds to it .* a pos
 _ENCODER_EMBEDDINGS = r"transforms the embeddings before the first layer \(.*embeddings\.LayerNorm"
 REFUSED: dict[str, str] = {
     # decoder-only
-    "bloom": _EMBEDDING_NORM,  # LayerNorm on the word embeddings (mean-subtracting: not a gain)
-    "modernbert-decoder": _EMBEDDING_NORM,
     "ctrl": r"transforms the embeddings before the first layer",  # sinusoidal positions: a buffer, not a weight
     "xglm": r"transforms the embeddings before the first layer \(model\.embed_positions\)",  # sinusoidal buffer
     "zaya": r"transforms the embeddings before the first layer",  # a per-channel scale and bias on the stream
@@ -40,8 +38,6 @@ REFUSED: dict[str, str] = {
     "musicgen": r"input embeddings are a ModuleList, not one embedding table",  # one table per codebook
     "musicgen_melody": r"input embeddings are a ModuleList, not one embedding table",
     "rwkv": r"layer 0 of RwkvForCausalLM: .* of its residual update is not written",  # gated writes, pre_ln
-    "gpt_neox_japanese": r"layer \d of GPTNeoXJapaneseForCausalLM: .* not written",  # bias added outside dense
-    "jetmoe": r"layer 0 of JetMoeForCausalLM: .* not written",  # a bias added after the experts
     "longcat_flash": r"layer 0 of LongcatFlashForCausalLM: .* not written",  # identity ("zero") experts
     "inkling_text": r"layer 0 of InklingForCausalLM: after ablating",  # a depthwise conv on each write
     "inkling2_text": r"layer 0 of Inkling2ForCausalLM: after ablating",
@@ -107,10 +103,10 @@ def test_architecture(model_type):
 
 
 def test_support_target():
-    """Share of the decoder-only types that build which are supported: 138 of 158 (87.3 %) with transformers 5.24.
+    """Share of the decoder-only types that build which are supported: 142 of 158 (89.9 %) with transformers 5.24.
     The issue asks for 95 %; every refusal in REFUSED is a model no weight edit removes a direction from exactly
     (or one that needs a LayerNorm post-norm / container bias in the edit), so this guards against regressions."""
     decoder_only = [t for t in CAUSAL_TYPES if t not in ENCODER_TYPES and t not in UNBUILDABLE]
     refused = [t for t in decoder_only if t in REFUSED]
     supported = len(decoder_only) - len(refused)
-    assert supported / len(decoder_only) >= 0.85, f"{supported}/{len(decoder_only)} supported"
+    assert supported / len(decoder_only) >= 0.89, f"{supported}/{len(decoder_only)} supported"

@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from .anatomy import Anatomy, Writer
 from .hooks import HookSet, first_tensor
 from .placement import execution_device, is_offloaded
-from .projection import project_out, writer_basis
+from .projection import writer_basis, writer_fn
 
 PROBE_TOKENS = 8
 PROBE_RANK = 8
@@ -225,8 +225,7 @@ def ablate_writers(writers: Sequence[Writer], basis: torch.Tensor, hidden: int) 
 
     def edit(hooks: HookSet) -> None:
         for w in writers:
-            u = writer_basis(w, basis, hidden)
-            hooks.on_output(w.module, lambda x, u=u: project_out(x, u.to(x.device)))
+            hooks.on_output(w.hook_module, writer_fn(w, writer_basis(w, basis, hidden), 1.0))
 
     return edit
 
