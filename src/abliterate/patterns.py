@@ -14,6 +14,7 @@ LAYER_PATHS: tuple[str, ...] = (
     "model.language_model.model.layers",
     "language_model.model.layers",
     "model.text_model.layers",
+    "text_model.model.layers",  # Kosmos-2.5
     "transformer.h",
     "transformer.layers",
     "gpt_neox.layers",

@@ -78,6 +78,36 @@ def _fix_embeddings(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> st
     return ", ".join(others) if others else None
 
 
+def _transformed_rows(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> str | None:
+    """The token embedding, when its output is not (a scalar times) rows of its weight for the ids it is given (a
+    norm inside the module): its output cannot be edited at runtime the way its rows are edited."""
+    seen: list[tuple[Writer, torch.Tensor, torch.Tensor]] = []
+
+    def edit(hooks: HookSet) -> None:
+        for w in anatomy.embeddings[:1]:
+            if isinstance(w.module, nn.Embedding):
+
+                def grab(m: nn.Module, args: tuple, out: object, w: Writer = w) -> None:
+                    if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                        seen.append((w, args[0].detach(), out.detach().float()))
+
+                hooks.add(w.module.register_forward_hook(grab))
+
+    run_probe(model, list(anatomy.layers), ids, edit)
+    for w, idx, out in seen:
+        if idx.dtype.is_floating_point or idx.numel() == 0:
+            continue
+        rows = w.weight.detach().float()[idx.long().clamp(0, w.weight.shape[0] - 1)]
+        if rows.shape != out.shape:
+            return f"{w.name} returns {tuple(out.shape)}, not rows of its {tuple(w.weight.shape)} weight"
+        c = float((out * rows).sum() / (rows * rows).sum().clamp_min(1e-30))
+        left = float((out - c * rows).norm()) / max(float(out.norm()), 1e-30)
+        if left > 1e-4:
+            kind = type(w.module).__name__
+            return f"{w.name} ({kind}) transforms its rows ({left:.1%} of its output is not a scaled row)"
+    return None
+
+
 def checked_anatomy(
     model: nn.Module,
     *,
@@ -97,6 +127,11 @@ def checked_anatomy(
         raise ArchitectureError(
             f"{type(model).__name__}: {check.width_error}; abliterate edits models whose layers add, one after "
             "another, to one residual stream"
+        )
+    if (rows := _transformed_rows(model, anatomy, ids)) is not None:
+        raise ArchitectureError(
+            f"{type(model).__name__}: {rows}, so removing a direction from its output at runtime and from its weight "
+            "differ; abliterate cannot edit this model exactly"
         )
     if check.embedding_leak > check.embedding_tolerance:
         other = _fix_embeddings(model, anatomy, ids)
