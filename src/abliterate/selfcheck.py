@@ -13,7 +13,7 @@ from .anatomy import Anatomy, Writer, find_anatomy
 from .discovery import discover_writers, find_candidates
 from .errors import ArchitectureError
 from .hooks import HookSet
-from .placement import execution_device
+from .placement import execution_device, is_offloaded
 from .verify import ZERO_TOLERANCE, LayerCheck, probe_ids, run_probe, verify_anatomy
 
 
@@ -84,8 +84,8 @@ def _transformed_rows(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> 
     seen: list[tuple[Writer, torch.Tensor, torch.Tensor]] = []
 
     def edit(hooks: HookSet) -> None:
-        for w in anatomy.embeddings[:1]:
-            if isinstance(w.module, nn.Embedding):
+        for w in anatomy.embeddings[:1]:  # an offloaded table's weight is not in memory: not checked
+            if isinstance(w.module, nn.Embedding) and not is_offloaded(w.module) and w.weight.device.type != "meta":
 
                 def grab(m: nn.Module, args: tuple, out: object, w: Writer = w) -> None:
                     if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
