@@ -1,5 +1,6 @@
-"""Every causal-LM type the installed transformers registers, built as a tiny random model: supported, refused
-(with the one-line ArchitectureError) or not buildable tiny. The same check as tests/test_architectures.py.
+"""Every causal-LM type the installed transformers registers, and every type it registers only as image-text-to-text
+(VLMs, text stack only), built as a tiny random model: supported, refused (with the one-line ArchitectureError) or not
+buildable tiny. The same check as tests/test_architectures.py and tests/test_vlm.py.
 
     python bench/architectures.py [--markdown] [TYPE ...]
 """
@@ -17,7 +18,9 @@ sys.path.insert(0, str(TESTS))
 
 import transformers  # noqa: E402
 from registry import CAUSAL_TYPES, ENCODER_TYPES, Outcome, check_type  # noqa: E402
+from registry_itt import ITT_TYPES, tiny_itt_model  # noqa: E402
 from test_architectures import UNBUILDABLE  # noqa: E402
+from test_vlm import ITT_UNBUILDABLE  # noqa: E402
 
 
 def note(o: Outcome) -> str:
@@ -38,21 +41,27 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     transformers.logging.set_verbosity_error()
     start = time.perf_counter()
-    outcomes = []
-    for t in args.types or CAUSAL_TYPES:
-        o = Outcome(t, "unbuildable", UNBUILDABLE[t]) if t in UNBUILDABLE else check_type(t)
-        outcomes.append(o)
-        if not args.markdown:
+    outcomes: list[tuple[str, Outcome]] = []
+    chosen = args.types or [*CAUSAL_TYPES, *ITT_TYPES]
+    for t in chosen:
+        if t in ITT_TYPES:
+            kind = "vlm"
+            o = Outcome(t, "unbuildable", ITT_UNBUILDABLE[t]) if t in ITT_UNBUILDABLE else check_type(t, tiny_itt_model)
+        else:
             kind = "enc" if t in ENCODER_TYPES else "dec"
+            o = Outcome(t, "unbuildable", UNBUILDABLE[t]) if t in UNBUILDABLE else check_type(t)
+        outcomes.append((kind, o))
+        if not args.markdown:
             print(f"{t:26s} {kind} {o.status:11s} {note(o)[:150]}", flush=True)
     if args.markdown:
+        names = {"dec": "decoder-only", "enc": "encoder(-decoder)", "vlm": "image-text-to-text (text stack)"}
         print("| type | kind | status | writers / reason |")
         print("|---|---|---|---|")
-        for o in outcomes:
-            kind = "encoder(-decoder)" if o.model_type in ENCODER_TYPES else "decoder-only"
-            print(f"| `{o.model_type}` | {kind} | {o.status} | {note(o)} |")
-    dec = [o for o in outcomes if o.model_type not in ENCODER_TYPES]
-    enc = [o for o in outcomes if o.model_type in ENCODER_TYPES]
+        for kind, o in outcomes:
+            print(f"| `{o.model_type}` | {names[kind]} | {o.status} | {note(o)} |")
+    dec = [o for k, o in outcomes if k == "dec"]
+    enc = [o for k, o in outcomes if k == "enc"]
+    vlm = [o for k, o in outcomes if k == "vlm"]
 
     def counts(group: list[Outcome]) -> str:
         n = {s: sum(o.status == s for o in group) for s in ("supported", "refused", "unbuildable")}
@@ -61,12 +70,13 @@ def main() -> None:
         return f"{n['supported']} supported, {n['refused']} refused, {n['unbuildable']} not buildable tiny{share}"
 
     print()
-    print(f"transformers {transformers.__version__}: {len(outcomes)} causal-LM types")
+    print(f"transformers {transformers.__version__}: {len(dec) + len(enc)} causal-LM types, {len(vlm)} more VLM types")
     print(f"decoder-only: {len(dec)}: {counts(dec)}")
     print(f"encoder / encoder-decoder: {len(enc)}: {counts(enc)}")
+    print(f"image-text-to-text only (VLMs, text stack): {len(vlm)}: {counts(vlm)}")
     silent = [
         o.model_type
-        for o in outcomes
+        for _, o in outcomes
         if o.status == "supported" and (o.residual_leak > 1e-4 or o.runtime_vs_weights > 1e-4)
     ]
     print(f"silently wrong (supported but residual or weights off by > 1e-4): {len(silent)} {silent}")

@@ -188,9 +188,12 @@ def _layer_kinds(default: PreTrainedConfig | None, fields: set[str], layers: int
     return {"num_hidden_layers": len(chosen), **{k: [v[i] for i in chosen] for k, v in lists.items()}}
 
 
-def tiny_kwargs(cls: type[PreTrainedConfig], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def tiny_kwargs(
+    cls: type[PreTrainedConfig], extra: dict[str, Any] | None = None, sizes: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    sizes = SIZES if sizes is None else sizes
     fields = _fields(cls)
-    kwargs = {k: v for k, v in SIZES.items() if k in fields}
+    kwargs = {k: v for k, v in sizes.items() if k in fields}
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         if name in fields:
             kwargs[name] = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}[name]
@@ -203,7 +206,7 @@ def tiny_kwargs(cls: type[PreTrainedConfig], extra: dict[str, Any] | None = None
         if not (isinstance(sub, type) and issubclass(sub, PreTrainedConfig)) or sub.__name__ == "AutoConfig":
             sub = type(getattr(default, name, None))
         if isinstance(sub, type) and issubclass(sub, PreTrainedConfig) and sub is not PreTrainedConfig:
-            kwargs[name] = tiny_kwargs(sub, dict(extra.pop(name, {})))
+            kwargs[name] = tiny_kwargs(sub, dict(extra.pop(name, {})), sizes)
             if sub.model_type:
                 kwargs[name]["model_type"] = sub.model_type
     kwargs.update(extra)
@@ -232,6 +235,12 @@ def tiny_registry_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     model = causal_lm_class(model_type)._from_config(config, dtype=torch.float32)
     if model_type in AFTER_BUILD:
         AFTER_BUILD[model_type](model)
+    return randomize(model)
+
+
+@torch.no_grad()
+def randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Weights far from their initialisation (norm gains off 1, biases off 0), so no writer hides; eval mode."""
     for name, p in model.named_parameters():
         if "norm" in name or "ln_" in name or "layernorm" in name:
             p.add_(0.3 * torch.randn_like(p))
@@ -310,11 +319,12 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def check_type(model_type: str) -> Outcome:
-    """Build the tiny model, find and verify its anatomy, then compare runtime ablation of a random direction
-    with the orthogonalized weights and look for the direction in the residual stream."""
+def check_type(model_type: str, build: Callable[[str], torch.nn.Module] | None = None) -> Outcome:
+    """Build the tiny model (``build``, default :func:`tiny_registry_model`), find and verify its anatomy, then
+    compare runtime ablation of a random direction with the orthogonalized weights and look for the direction in the
+    residual stream."""
     try:
-        model = tiny_registry_model(model_type)
+        model = (build or tiny_registry_model)(model_type)
         forward(model, probe_ids(model))
     except Exception as exc:  # any failure to build or run the tiny model
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""

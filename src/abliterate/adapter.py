@@ -62,6 +62,11 @@ def _peft() -> Any:
 
 
 def _kind(w: Writer) -> str:
+    if w.is_bias:
+        raise AdapterError(
+            f"{w.name} is a bias added to the residual outside any Linear layer, which a LoRA adapter cannot change; "
+            "write the full weights"
+        )
     if w.weight.dim() == 3:
         return "experts"
     if w.layer is None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .bias_writers import embedding_norm_writers, layer_bias_writers
 from .errors import ArchitectureError, LayerError
 from .patterns import (
     _DOWN,
@@ -28,6 +29,7 @@ from .patterns import (
     PostNormSpec,
     writer_kind,
 )
+from .writer import Writer
 
 __all__ = [
     "LAYER_PATHS",
@@ -42,35 +44,6 @@ __all__ = [
     "make_writer",
     "writer_kind",
 ]
-
-
-@dataclass
-class Writer:
-    """One parameter that writes into the residual stream.
-
-    ``out_axis`` is the weight axis of size ``hidden_size`` (the residual side). ``module`` is the
-    module whose forward output is that write (the experts module for fused experts).
-    ``post_norm`` is an RMSNorm applied to the write before it is added, if any. ``kind`` is ``"attn"``
-    (attention or another token mixer), ``"mlp"`` (MLP, every MoE expert, shared experts), ``"embedding"``
-    or ``"other"`` (a custom writer pattern matching neither), from :func:`writer_kind`.
-    """
-
-    name: str
-    module: nn.Module
-    param: str
-    out_axis: int
-    bias: str | None
-    layer: int | None
-    post_norm: nn.Module | None = None
-    kind: str = "other"
-
-    @property
-    def weight(self) -> torch.Tensor:
-        return getattr(self.module, self.param)
-
-    @property
-    def bias_tensor(self) -> torch.Tensor | None:
-        return None if self.bias is None else getattr(self.module, self.bias)
 
 
 @dataclass
@@ -336,6 +309,9 @@ def find_anatomy(
         _check_override(layers, writer_patterns, hidden)
     patterns = tuple(writer_patterns) if writer_patterns else WRITER_PATTERNS
     writers = [_layer_writers(layer, i, f"{found_path}.{i}", patterns, hidden) for i, layer in enumerate(layers)]
+    if not writer_patterns:
+        for i, layer in enumerate(layers):
+            writers[i] += layer_bias_writers(layer, i, f"{found_path}.{i}", hidden)
     for i, ws in enumerate(writers):
         if not ws and require_writers:
             names = sorted({n for n, _ in layers[i].named_modules() if n})
@@ -354,6 +330,7 @@ def find_anatomy(
             and module.weight.shape[-1] == hidden
         ):
             embeddings.append(_embedding_writer(module, name))
+    embeddings += embedding_norm_writers(model, embeddings, hidden)
     return Anatomy(found_path, layers, embeddings, writers, hidden)
 
 

@@ -81,11 +81,9 @@ def _zero_sets(tracker: _Tracker, zero: dict[int, list[nn.Module]]) -> Edit:
 
 def find_candidates(
     model: nn.Module, layers: Sequence[nn.Module], fix: Sequence[int], ids: torch.Tensor, hidden: int
-) -> tuple[dict[int, list[Candidate]], dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]]]:
-    """Per layer to fix: candidates that ran with a hidden-size output, in finishing order, and their
-    (input, output) on the plain probe."""
+) -> dict[int, list[Candidate]]:
+    """Per layer to fix: the candidates that ran with a hidden-size output, blocks first, then in finishing order."""
     tracker = _Tracker(layers)
-    seen: dict[int, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {i: {} for i in fix}
     order: dict[int, dict[str, int]] = {i: {} for i in fix}
     counter = [0]
     pool = {
@@ -98,15 +96,14 @@ def find_candidates(
         for i, mods in pool.items():
             for rel, module in mods:
 
-                def record(mod: nn.Module, args: tuple, output: object, i: int = i, rel: str = rel) -> None:
+                def record(_mod: nn.Module, _args: tuple, output: object, i: int = i, rel: str = rel) -> None:
                     if tracker.current != i:
                         return
                     out = output if isinstance(output, torch.Tensor) else None
                     if out is None and isinstance(output, tuple) and output and isinstance(output[0], torch.Tensor):
                         out = output[0]
-                    inp = args[0] if args and isinstance(args[0], torch.Tensor) else torch.empty(0)
-                    if out is not None and rel not in seen[i]:
-                        seen[i][rel] = (inp.detach().float().clone(), out.detach().float().clone())
+                    usable = out is not None and out.dim() >= 1 and out.shape[-1] == hidden and out.is_floating_point()
+                    if usable and rel not in order[i]:
                         order[i][rel] = counter[0]
                     counter[0] += 1
 
@@ -116,15 +113,11 @@ def find_candidates(
     found: dict[int, list[Candidate]] = {}
     for i in fix:
         mods = dict(pool[i])
-        cands = [
-            Candidate(rel, mods[rel], order[i][rel], _is_norm(mods[rel]))
-            for rel, (_inp, out) in seen[i].items()
-            if out.dim() >= 1 and out.shape[-1] == hidden and out.is_floating_point()
-        ]
+        cands = [Candidate(rel, mods[rel], at, _is_norm(mods[rel])) for rel, at in order[i].items()]
         # try to drop a block before the modules inside it (keep the innermost writer), then by finishing order
         inner = {c.rel for c in cands if any(o.rel.startswith(c.rel + ".") for o in cands)}
         found[i] = sorted(cands, key=lambda c: (c.rel not in inner, c.order))
-    return found, seen
+    return found
 
 
 @dataclass
@@ -234,7 +227,7 @@ def discover_writers(
     model: nn.Module, layers: Sequence[nn.Module], layers_path: str, fix: Sequence[int], ids: torch.Tensor, hidden: int
 ) -> Discovery:
     """Find the writers of layers ``fix`` (see the module docstring)."""
-    cands, _seen = find_candidates(model, layers, fix, ids, hidden)
+    cands = find_candidates(model, layers, fix, ids, hidden)
     search = _Search(model, layers, ids)
     problems = [_Problem(i, list(cands[i]), list(cands[i])) for i in fix]
     full = search.minimize(problems)

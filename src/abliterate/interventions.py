@@ -18,8 +18,8 @@ from .directions import Direction, as_basis
 from .errors import AbliterateError, DirectionError
 from .hooks import HookSet
 from .model import LoadedModel
-from .plan import ablate_fn, edit_plan
-from .projection import Scale, project_out
+from .plan import edit_plan
+from .projection import Scale, project_out, writer_fn
 
 Coefficient = float | Mapping[int, float] | Activations
 
@@ -44,7 +44,7 @@ def ablate(
     plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
     with HookSet() as hooks:
         for e in plan.edits:
-            hooks.on_output(e.writer.module, ablate_fn(e.basis, e.scale))
+            hooks.on_output(e.writer.hook_module, writer_fn(e.writer, e.basis, e.scale))
         yield hooks
 
 

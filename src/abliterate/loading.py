@@ -1,4 +1,5 @@
-"""Load a causal LM from a hub id, a local directory or a single ``.gguf`` file."""
+"""Load a causal LM (or the text stack of an image-text-to-text model) from a hub id, a local directory or a
+single ``.gguf`` file."""
 
 from __future__ import annotations
 
@@ -164,7 +165,10 @@ def load_model(
     writer_patterns: Sequence[str] | None = None,
     verify: bool = True,
 ) -> LoadedModel:
-    """Load a causal LM and its tokenizer, and locate its residual writers.
+    """Load a causal LM and its tokenizer, and locate its residual writers. A vision-language model (a type
+    transformers registers as image-text-to-text only) is loaded through ``AutoModelForImageTextToText``; its text
+    stack is found and edited (the vision tower and projector are left alone), prompts are text-only through its
+    tokenizer, and the chat template falls back to the processor's.
 
     ``source`` is a hub id, a local model directory or a single ``.gguf`` file (dequantized by
     transformers). ``device`` places the whole model; ``device_map`` (e.g. ``"auto"``) hands
@@ -182,7 +186,7 @@ def load_model(
     not know. ``verify`` (default on) checks the writers on a probe of a few tokens and discovers the ones
     no pattern names (see :func:`abliterate.selfcheck.checked_anatomy`); ``verify=False`` skips that.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     source = str(source)
     kind, path = _classify(source)
@@ -203,8 +207,11 @@ def load_model(
         model_only["quantization_config"] = bnb_config(quantize, torch_dtype)
         device_map = device_map if device_map is not None else {"": device}
     try:
+        auto, vlm = model_class(where, common)
         tokenizer = AutoTokenizer.from_pretrained(where, **common)
-        model = AutoModelForCausalLM.from_pretrained(
+        if vlm and not getattr(tokenizer, "chat_template", None) and chat_template is None:
+            tokenizer.chat_template = processor_chat_template(where, common)
+        model = auto.from_pretrained(
             where,
             dtype=torch_dtype,
             device_map=device_map,
@@ -243,6 +250,32 @@ def from_pretrained_objects(
     _prepare_tokenizer(tokenizer, chat_template, source)
     anatomy = _anatomy(model, tokenizer, layers_path, writer_patterns, verify)
     return LoadedModel(model, tokenizer, anatomy, source, None)
+
+
+def model_class(where: str, common: dict[str, Any]) -> tuple[Any, bool]:
+    """``(auto class, is a VLM)``: ``AutoModelForImageTextToText`` for a type transformers registers as an
+    image-text-to-text model but not as a causal LM (Qwen2-VL, LLaVA, Mistral 3, Idefics3, ...), whose text stack
+    is then the one found and edited; ``AutoModelForCausalLM`` otherwise."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
+
+    model_type = getattr(AutoConfig.from_pretrained(where, **common), "model_type", None)
+    if model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES and model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return AutoModelForImageTextToText, True
+    return AutoModelForCausalLM, False
+
+
+def processor_chat_template(where: str, common: dict[str, Any]) -> str | None:
+    """A VLM's chat template often lives with its processor, not its tokenizer."""
+    from transformers import AutoProcessor
+
+    try:
+        return getattr(AutoProcessor.from_pretrained(where, **common), "chat_template", None)
+    except Exception:  # no processor, or one that needs an extra package: the tokenizer's check then says so
+        return None
 
 
 PROBE_TEXT = "The quick brown fox jumps over the lazy dog."

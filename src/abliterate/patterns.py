@@ -14,6 +14,7 @@ LAYER_PATHS: tuple[str, ...] = (
     "model.language_model.model.layers",
     "language_model.model.layers",
     "model.text_model.layers",
+    "text_model.model.layers",  # Kosmos-2.5
     "transformer.h",
     "transformer.layers",
     "gpt_neox.layers",
@@ -35,7 +36,7 @@ _ATTN = (
     r"|attention\.output)"
 )
 _MLP = r"(mlp|feed_forward|block_sparse_moe|ffn|moe|mlp_block|shared_mlp|mixer|ffn\.ffn|ffn\.experts|mlps\.\d+)"
-_DOWN = r"(down_proj|c_proj|dense_4h_to_h|fc2|fc_out|w2|wo|w_out|output_linear|proj_down)"
+_DOWN = r"(down_proj|c_proj|dense_4h_to_h|fc2|fc_out|w2|wo|Wo|w_out|output_linear|proj_down)"
 
 # Relative names (within one decoder layer) of modules or parameters (fused experts) that write to the residual.
 WRITER_PATTERNS: tuple[str, ...] = (
@@ -45,6 +46,8 @@ WRITER_PATTERNS: tuple[str, ...] = (
     rf"{_MLP}\.experts\.\d+\.{_DOWN}",
     rf"{_MLP}\.experts\.{_DOWN}",  # fused experts: a 3-D parameter of the experts module
     rf"{_MLP}\.experts\.mlp\.{_DOWN}",  # DBRX: a 2-D [experts * inner, hidden] parameter
+    rf"({_MLP}|{_ATTN}\.experts)\.output_linear\.weight",  # JetMoE: fused experts of the MoE and of the attention
+    r"attn\.Wo",  # ModernBERT decoder (its MLP's Wo is a down-projection)
     r"fc2",  # OPT, XGLM, BioGPT and the decoders of encoder-decoders: the MLP's output on the layer itself
     r"per_layer_projection",  # Gemma 3n / 4: the per-layer embedding's projection
     r"output\.dense",  # BERT-likes: the feed-forward's output
@@ -57,6 +60,20 @@ POSITION_EMBEDDING_PATTERNS: tuple[str, ...] = (
     r"(.*\.)?positions_embed",
     r"(.*\.)?position_embeddings",
     r"(.*\.)?(token_type_embeddings|segment_embedding)",  # constant rows (type 0) added to every token
+)
+
+# Norms applied to the embeddings before the first layer (BLOOM, the ModernBERT decoder): the embeddings' post-norm.
+# A LayerNorm's bias there is a writer of its own (see BIAS_WRITERS).
+EMBEDDING_NORM_PATTERNS: tuple[str, ...] = (r"(.*\.)?word_embeddings_layernorm", r"(.*\.)?embeddings\.norm")
+
+# 1-D hidden-size parameters added to the residual stream outside any Linear, relative to a decoder layer, with the
+# module (relative to the layer) whose first output carries them and the writer kind: GPT-NeoX-Japanese's attention
+# ``dense_bias`` (returned next to the attention output and added by the layer), JetMoE's MoE and
+# mixture-of-attention biases (added after the experts).
+BIAS_WRITERS: tuple[tuple[str, str, str], ...] = (
+    (r"attention\.dense_bias", "attention", "attn"),
+    (r"self_attention\.experts\.bias", "self_attention", "attn"),
+    (r"mlp\.bias", "mlp", "mlp"),
 )
 
 # Modules of a vision or audio tower are never text writers, whatever their width.

@@ -28,7 +28,7 @@ from .hooks import HookSet
 from .kernel import project_tensor, tied_embeddings, work_buffer
 from .model import LoadedModel
 from .placement import flat_hooks, is_offloaded
-from .projection import Scale, layer_scales, project_out, writer_basis
+from .projection import Scale, ablate_fn, layer_scales, project_out, writer_basis, writer_fn
 from .space import EditSpec
 
 MODES = ("auto", "weights", "hooks")
@@ -162,19 +162,6 @@ def build_plan(lm: LoadedModel, spec: EditSpec, source: Directions) -> EditPlan:
             if s:
                 edits.append(WriterEdit(w, writer_basis(w, source.basis(spec, i), lm.hidden_size), s))
     return EditPlan(edits, spec.norm_preserving, spec)
-
-
-def ablate_fn(basis: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A hook function removing ``scale`` times the component along ``basis`` from its input."""
-    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache[key] = basis.to(x.device)
-        return project_out(x, cache[key], scale)
-
-    return fn
 
 
 def _norm_kept_fn(basis: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -349,9 +336,9 @@ def _apply_weights(lm: LoadedModel, plan: EditPlan, handle: AppliedEdit) -> None
 
 def _apply_hooks(plan: EditPlan, handle: AppliedEdit) -> None:
     for e in plan.edits:
-        module = e.writer.module
-        if not plan.norm_preserving:
-            handle.hooks.on_output(module, ablate_fn(e.basis, e.scale))
+        module = e.writer.hook_module
+        if not plan.norm_preserving or e.writer.is_bias:
+            handle.hooks.on_output(module, writer_fn(e.writer, e.basis, e.scale))
         elif e.writer.layer is None:
             handle.hooks.on_output(module, _norm_kept_fn(e.basis, e.scale))
         elif e.writer.weight.dim() == 3:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -22,32 +22,78 @@ def project_out(x: torch.Tensor, basis: torch.Tensor, scale: float = 1.0) -> tor
 
 
 @torch.no_grad()
-def norm_gain(norm: nn.Module, hidden: int) -> torch.Tensor:
-    """Elementwise gain of an RMSNorm, read off by normalizing a vector of ones (whose RMS is 1)."""
+def norm_gain(norm: nn.Module, hidden: int) -> tuple[torch.Tensor, bool]:
+    """Elementwise gain of a norm and whether it removes the mean first (a LayerNorm; an RMSNorm does not), read off
+    by normalizing a mean-free vector of +-1 entries ``y`` and ``-y`` (the halved difference is ``g * y / rms(y)``,
+    free of any bias) and ``y + 3`` (the same output only when the mean is removed)."""
     param = next(norm.parameters())
     device = hook_device(norm) or param.device  # an offloaded norm computes where its hook says
-    gain = norm(torch.ones(1, hidden, device=device, dtype=param.dtype))
-    return gain.reshape(-1).float()
+    y = torch.ones(hidden, dtype=torch.float64)
+    y[1::2] = -1.0
+    if hidden % 2:
+        y[-1] = 0.0
+    probe = torch.stack([y, -y, y + 3.0]).to(device=device, dtype=param.dtype)
+    out = norm(probe[:, None, :]).reshape(3, hidden).double().cpu()
+    rms = float(y.pow(2).mean().sqrt())
+    gain = torch.where(y != 0, (out[0] - out[1]) / 2 * rms / torch.where(y != 0, y, 1.0), 0.0)
+    if hidden % 2:  # the last entry of y is 0: read its gain off a probe with a 1 there
+        z = torch.zeros(hidden, dtype=torch.float64)
+        z[-1], z[0] = 1.0, -1.0
+        pair = norm(torch.stack([z, -z]).to(device=device, dtype=param.dtype)[:, None, :]).reshape(2, hidden)
+        gain[-1] = float(pair[0, -1].double() - pair[1, -1].double()) / 2 * float(z.pow(2).mean().sqrt())
+    centered = float((out[2] - out[0]).norm()) <= 1e-3 * float(out[0].norm()) + 1e-6
+    return gain.float(), centered
 
 
 def writer_basis(writer: Writer, basis: torch.Tensor, hidden: int) -> torch.Tensor:
     """The basis to remove from a writer's raw output so that what reaches the residual has none of it.
 
-    Without a post-norm that is ``basis`` itself. With an RMSNorm of gain ``g`` after the writer,
-    removing ``g * r`` from the writer's output makes the normalized output orthogonal to ``r``.
+    Without a post-norm that is ``basis`` itself (a constant writer: its own component is subtracted). With an
+    RMSNorm of gain ``g`` after the writer, removing ``g * r`` from the writer's output makes the normalized output
+    orthogonal to ``r``; with a LayerNorm, ``P (g * r)`` with ``P`` the mean removal (its bias is a writer of its own).
     """
     device = writer.weight.device
     if device.type == "meta":  # a module tree without weights (streaming edit): the basis lives on the CPU
         device = torch.device("cpu")
     if writer.post_norm is None:
         return basis.to(device)
-    gain = norm_gain(writer.post_norm, hidden).cpu().double()
-    scaled = basis.double() * gain
+    gain, centered = norm_gain(writer.post_norm, hidden)
+    scaled = basis.double() * gain.double()
+    if centered:
+        scaled = scaled - scaled.mean(dim=-1, keepdim=True)
     if (scaled.norm(dim=-1) < 1e-8).any():
         raise DirectionError(f"the post-norm after {writer.name} zeroes this direction; pick another layer")
     q, r = torch.linalg.qr(scaled.T)
     q = q * torch.sign(r.diagonal())
     return q.T.contiguous().float().to(device)
+
+
+def ablate_fn(basis: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A hook function removing ``scale`` times the component along ``basis`` from its input."""
+    cache: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache[key] = basis.to(x.device)
+        return project_out(x, cache[key], scale)
+
+    return fn
+
+
+def writer_fn(writer: Writer, basis: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The runtime twin of editing ``writer``, for a hook on :attr:`Writer.hook_module`'s output: the projection
+    of :func:`ablate_fn`, or for a constant writer the subtraction of ``scale`` times its bias's component (the
+    module's output carries other writes too, which their own hooks edit)."""
+    if not writer.is_bias:
+        return ablate_fn(basis, scale)
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        b = writer.weight.detach().to(x.device, torch.promote_types(x.dtype, torch.float32))
+        u = basis.to(b.device, b.dtype)
+        return (x - scale * (b @ u.T) @ u).to(x.dtype)
+
+    return fn
 
 
 def layer_scales(anatomy: Anatomy, layers: list[int] | range | None, scale: Scale) -> dict[int, float]:

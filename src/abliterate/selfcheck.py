@@ -13,7 +13,7 @@ from .anatomy import Anatomy, Writer, find_anatomy
 from .discovery import discover_writers, find_candidates
 from .errors import ArchitectureError
 from .hooks import HookSet
-from .placement import execution_device
+from .placement import execution_device, is_offloaded
 from .verify import ZERO_TOLERANCE, LayerCheck, probe_ids, run_probe, verify_anatomy
 
 
@@ -78,6 +78,36 @@ def _fix_embeddings(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> st
     return ", ".join(others) if others else None
 
 
+def _transformed_rows(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> str | None:
+    """The token embedding, when its output is not (a scalar times) rows of its weight for the ids it is given (a
+    norm inside the module): its output cannot be edited at runtime the way its rows are edited."""
+    seen: list[tuple[Writer, torch.Tensor, torch.Tensor]] = []
+
+    def edit(hooks: HookSet) -> None:
+        for w in anatomy.embeddings[:1]:  # an offloaded table's weight is not in memory: not checked
+            if isinstance(w.module, nn.Embedding) and not is_offloaded(w.module) and w.weight.device.type != "meta":
+
+                def grab(m: nn.Module, args: tuple, out: object, w: Writer = w) -> None:
+                    if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
+                        seen.append((w, args[0].detach(), out.detach().float()))
+
+                hooks.add(w.module.register_forward_hook(grab))
+
+    run_probe(model, list(anatomy.layers), ids, edit)
+    for w, idx, out in seen:
+        if idx.dtype.is_floating_point or idx.numel() == 0:
+            continue
+        rows = w.weight.detach().float()[idx.long().clamp(0, w.weight.shape[0] - 1)]
+        if rows.shape != out.shape:
+            return f"{w.name} returns {tuple(out.shape)}, not rows of its {tuple(w.weight.shape)} weight"
+        c = float((out * rows).sum() / (rows * rows).sum().clamp_min(1e-30))
+        left = float((out - c * rows).norm()) / max(float(out.norm()), 1e-30)
+        if left > 1e-4:
+            kind = type(w.module).__name__
+            return f"{w.name} ({kind}) transforms its rows ({left:.1%} of its output is not a scaled row)"
+    return None
+
+
 def checked_anatomy(
     model: nn.Module,
     *,
@@ -98,6 +128,11 @@ def checked_anatomy(
             f"{type(model).__name__}: {check.width_error}; abliterate edits models whose layers add, one after "
             "another, to one residual stream"
         )
+    if (rows := _transformed_rows(model, anatomy, ids)) is not None:
+        raise ArchitectureError(
+            f"{type(model).__name__}: {rows}, so removing a direction from its output at runtime and from its weight "
+            "differ; abliterate cannot edit this model exactly"
+        )
     if check.embedding_leak > check.embedding_tolerance:
         other = _fix_embeddings(model, anatomy, ids)
         check = verify_anatomy(model, anatomy, ids)
@@ -111,7 +146,7 @@ def checked_anatomy(
     if check.failed:
         first = check.failed[0]
         if first.post_norm is not None or writer_patterns:
-            cands, _ = find_candidates(model, list(anatomy.layers), [first.layer], ids, anatomy.hidden_size)
+            cands = find_candidates(model, list(anatomy.layers), [first.layer], ids, anatomy.hidden_size)
             raise _layer_error(model, anatomy, first, [c.rel for c in cands[first.layer] if not c.is_norm])
         fix = [c.layer for c in check.failed]
         found = discover_writers(model, list(anatomy.layers), anatomy.layers_path, fix, ids, anatomy.hidden_size)
@@ -132,5 +167,11 @@ def checked_anatomy(
         if check.failed:
             first = check.failed[0]
             raise _layer_error(model, anatomy, first, found.candidates.get(first.layer, []))
+    silent = [i for i in check.not_run if not anatomy.writers[i]]
+    if silent:
+        raise ArchitectureError(
+            f"layer {silent[0]} of {type(model).__name__} never ran on the probe and no pattern names its writers; "
+            "pass writer_patterns=[...] naming them"
+        )
     anatomy.verified = True
     return anatomy

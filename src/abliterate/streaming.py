@@ -170,13 +170,14 @@ def _plan_edits(
                 entry = where[key][1]
                 if entry.dtype not in FLOAT_DTYPES:
                     raise ModelLoadError(f"{key} is stored as {entry.dtype}, not a float type; {NO_STREAM}")
-                axis = None if is_bias else _source_axis(ops, writer.out_axis, entry.shape, target, key)
+                constant = is_bias or len(target) == 1  # a bias, or a constant writer (1-D)
+                axis = None if constant else _source_axis(ops, writer.out_axis, entry.shape, target, key)
                 if entry.shape[-1 if axis is None else axis] != hidden or (not ops and entry.shape != target):
                     raise ArchitectureError(
                         f"{key} has shape {list(entry.shape)}, which does not fit {pname} {list(target)} "
                         f"of this config.json (hidden size {hidden}); config and weights disagree"
                     )
-                edits[key] = ShardEdit(axis, basis, s, norm_preserving and not is_bias)
+                edits[key] = ShardEdit(axis, basis, s, norm_preserving and axis is not None)
     return edits
 
 
@@ -320,7 +321,7 @@ def _stream(
     where = {k: (s, e) for s in shards for k, e in s.entries.items()}
     anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
     sources = _sources(model, list(where))
-    _materialize_post_norms(model, anatomy.all_writers(), sources, where)
+    _materialize_post_norms(model, [*anatomy.embeddings, *anatomy.all_writers()], sources, where)
     lm = LoadedModel(model, None, anatomy, str(src), src)
     plan = make_plan(lm)
     edits = _plan_edits(plan, sources, where, anatomy.hidden_size, norm_preserving)

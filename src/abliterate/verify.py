@@ -1,15 +1,18 @@
-"""Self-verified anatomy: one short probe forward checks that the writers found explain every layer's update.
+"""Self-verified anatomy: a probe of a few tokens checks that the writers found explain every layer's update.
 
-Two runs with hooks on the writers, next to a plain run, decide it for every decoder layer at once:
+Next to a plain run, two runs with hooks decide it for every decoder layer at once:
 
-* **zeroed**: every writer's output replaced by zeros. The layer's output must then be its input (or a scalar
-  multiple of it); whatever is left is written by a module that was not found.
+* **zeroed**: what the weight edit edits is zeroed (a linear module's output by a hook; a fused-experts
+  container's weight and bias swapped for zeros while its layer runs, so anything it adds besides them shows).
+  The layer's output must then be its input (or a scalar multiple of it); whatever is left is written by
+  something that was not found.
 * **ablated**: a random ``k``-dimensional subspace ``U`` projected out of every writer's output exactly as
   :func:`abliterate.ablate` does (through post-norms). The layer's update must then have no component in ``U``;
   whatever is left comes from a transform between a writer and the residual (an unknown post-norm, a gate).
 
-A layer whose output is a normalization of the sum (post-LN residual) fails the first check in a way that is
-recognised and reported as such: no weight edit removes a direction from such a model exactly.
+The plain run also checks that every layer takes what the previous one returned (one residual stream, nothing
+written between layers) and the ablated run that the embeddings reach layer 0 without the subspace. A layer whose
+output is a normalization of the sum (post-LN residual) is recognised and reported as such.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from .anatomy import Anatomy, Writer
 from .hooks import HookSet, first_tensor
 from .placement import execution_device, is_offloaded
-from .projection import project_out, writer_basis
+from .projection import writer_basis, writer_fn
 
 PROBE_TOKENS = 8
 PROBE_RANK = 8
@@ -222,8 +225,7 @@ def ablate_writers(writers: Sequence[Writer], basis: torch.Tensor, hidden: int) 
 
     def edit(hooks: HookSet) -> None:
         for w in writers:
-            u = writer_basis(w, basis, hidden)
-            hooks.on_output(w.module, lambda x, u=u: project_out(x, u.to(x.device)))
+            hooks.on_output(w.hook_module, writer_fn(w, writer_basis(w, basis, hidden), 1.0))
 
     return edit
 
