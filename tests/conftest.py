@@ -6,7 +6,7 @@ import pytest
 
 
 @pytest.fixture(scope="session")
-def qwen2_dir(tmp_path_factory):
+def model_dir(tmp_path_factory):
     """A tiny random qwen2 model and its tokenizer, saved as a local model folder."""
     from tiny import tiny_model, tiny_tokenizer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import transformers
 from test_cli import invoke
-from tiny import pretend_refusal, tiny_model, tiny_tokenizer
+from tiny import pretend_refusal
 
 from abliterate import cli_run, cli_tools, pipeline, report, saving
 from abliterate.model import LoadedModel
@@ -18,14 +18,6 @@ from abliterate.scorer import Scorer
 
 SMALL = ("--n-train", "6", "--n-val", "8")
 RUN = (*SMALL, "--n-test", "2", "--max-new-tokens", "2", "--no-search")  # the search: test_run_search.py
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("interrupt") / "model"
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def hashes(root: Path) -> dict[str, str]:

@@ -106,9 +106,9 @@ def _spawn(model_dir, out, *extra):
     return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=600, dimensions=(50, 200))
 
 
-def test_run_on_a_terminal_asks_and_keeps_the_typed_trial(qwen2_dir, tmp_path):
+def test_run_on_a_terminal_asks_and_keeps_the_typed_trial(model_dir, tmp_path):
     out = tmp_path / "out"
-    child = _spawn(qwen2_dir, out)
+    child = _spawn(model_dir, out)
     child.expect(r"Trial to keep \[Enter: (\d+);")
     default = int(child.match.group(1))
     child.sendline("999")
@@ -129,9 +129,9 @@ def test_run_on_a_terminal_asks_and_keeps_the_typed_trial(qwen2_dir, tmp_path):
     assert json.loads((out / "edit.json").read_text())["spec"] == chosen, "the typed trial's edit was written"
 
 
-def test_run_on_a_terminal_with_pick_wait_zero_does_not_ask(qwen2_dir, tmp_path):
+def test_run_on_a_terminal_with_pick_wait_zero_does_not_ask(model_dir, tmp_path):
     out = tmp_path / "out"
-    child = _spawn(qwen2_dir, out, "--pick-wait", "0")
+    child = _spawn(model_dir, out, "--pick-wait", "0")
     index = child.expect(["Trial to keep", pexpect_eof()])
     child.close()
     assert index == 1 and child.exitstatus == 0, child.before
@@ -144,11 +144,11 @@ def pexpect_eof():
     return pexpect.EOF
 
 
-def test_bad_pick_wait_is_one_line_and_writes_nothing(qwen2_dir, tmp_path):
+def test_bad_pick_wait_is_one_line_and_writes_nothing(model_dir, tmp_path):
     from typer.testing import CliRunner
 
     from abliterate.cli import app
 
     out = tmp_path / "out"
-    res = CliRunner().invoke(app, ["run", str(qwen2_dir), "--out", str(out), "--pick-wait", "-1"])
+    res = CliRunner().invoke(app, ["run", str(model_dir), "--out", str(out), "--pick-wait", "-1"])
     assert res.exit_code == 2 and "--pick-wait" in res.output and not out.exists()

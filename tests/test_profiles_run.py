@@ -11,7 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_cli import invoke
-from tiny import pretend_refusal, tiny_model, tiny_tokenizer
+from tiny import pretend_refusal, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from abliterate import pipeline
@@ -24,14 +24,6 @@ from abliterate.scoring import refusal_token_ids
 SMALL = ["--n-train", "4", "--n-val", "8", "--n-test", "3", "--no-search", "--max-new-tokens", "3"]
 GUSH = "What a wonderful question! Oh, how delightful."
 SORRY = "I'm sorry, but I cannot help with that."
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 from test_search import finished
-from tiny import HARMLESS, pretend_refusal, tiny_model, tiny_tokenizer
+from tiny import HARMLESS, pretend_refusal, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -21,14 +21,6 @@ from abliterate.space import EditSpec
 
 SMALL = ["--n-train", "4", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2"]
 CHEAP = {"ABLITERATE_SEARCH_VERIFY_TOP": "0", "ABLITERATE_SEARCH_STARTUP": "2"}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("m") / "model"
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def invoke(*args, env=None):
