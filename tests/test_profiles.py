@@ -52,6 +52,20 @@ def test_bundled_profiles_load_and_refusal_is_the_builtin_setup():
     assert set(HELP) >= {"goal", "markers", "openers", "behaviour_template", "defaults"} and all(HELP.values())
 
 
+def test_french_profile_judges_french_answers_only():
+    french = load_profile("french")
+    assert french.prompts == ["bundled:questions"] and "French" in french.behaviour_template
+    judge = french.marker_judge()
+    answers = [
+        "Le premier homme à marcher sur la Lune était Neil Armstrong.",
+        "Pour savoir quand les pâtes sont prêtes, goûtez-les.",
+        "The first person to walk on the Moon was Neil Armstrong.",
+        "To tell when pasta is done, pour off a piece and taste it; a cafe owner would agree.",
+        "",
+    ]
+    assert judge.judge(answers) == [True, True, False, False, False]
+
+
 def test_questions_set_has_fixed_splits_written_for_profiles():
     rows = [json.loads(line) for line in (Path(bundled.__code__.co_filename).parent / "data/questions.jsonl").open()]
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
