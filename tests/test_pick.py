@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 from pathlib import Path
 
@@ -96,14 +97,21 @@ with pretend_refusal():
 """
 
 
-def _spawn(model_dir, out, *extra):
-    pexpect = pytest.importorskip("pexpect")
+ENV = {**os.environ, "COLUMNS": "200"}
+
+
+def _command(model_dir, out, *extra) -> list[str]:
+    """``python -c RUNNER run ...``: a small seeded search on the tiny model, with the tests' pretend refusal."""
     config = out.parent / "c.toml"
     config.write_text("[search]\ntrials = 5\nkl_budget = 100.0\nmax_k = 2\nverify_top = 0\nstartup = 2\nseed = 2\n")
     args = ["-c", RUNNER.format(tests=str(TESTS)), "run", str(model_dir), "--out", str(out), "--config", str(config)]
-    args += ["--n-train", "4", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2", *extra]
-    env = {**os.environ, "COLUMNS": "200"}
-    return pexpect.spawn(sys.executable, args, env=env, encoding="utf-8", timeout=600, dimensions=(50, 200))
+    return [sys.executable, *args, "--n-train", "4", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2", *extra]
+
+
+def _spawn(model_dir, out, *extra):
+    pexpect = pytest.importorskip("pexpect")
+    exe, *args = _command(model_dir, out, *extra)
+    return pexpect.spawn(exe, args, env=ENV, encoding="utf-8", timeout=600, dimensions=(50, 200))
 
 
 def test_run_on_a_terminal_asks_and_keeps_the_typed_trial(model_dir, tmp_path):
@@ -135,6 +143,20 @@ def test_run_on_a_terminal_with_pick_wait_zero_does_not_ask(model_dir, tmp_path)
     index = child.expect(["Trial to keep", pexpect_eof()])
     child.close()
     assert index == 1 and child.exitstatus == 0, child.before
+    assert "picked at the prompt" not in json.loads((out / "metrics.json").read_text())["search"]["note"]
+
+
+def test_run_with_stderr_redirected_does_not_ask(model_dir, tmp_path):
+    """The front and the prompt go to stderr: with stderr not a terminal, a prompt nobody sees must not wait."""
+    pexpect = pytest.importorskip("pexpect")
+    out = tmp_path / "out"
+    log = tmp_path / "stderr.log"
+    command = shlex.join(_command(model_dir, out, "--pick-wait", "600")) + f" 2>{shlex.quote(str(log))}"
+    shell = pexpect.spawn("/bin/sh", ["-c", command], encoding="utf-8", timeout=300, env=ENV)
+    shell.expect(pexpect.EOF)  # a prompt would wait 600 s: pexpect.TIMEOUT fails the test
+    shell.close()
+    assert shell.exitstatus == 0, log.read_text()
+    assert "Trial to keep" not in log.read_text()
     assert "picked at the prompt" not in json.loads((out / "metrics.json").read_text())["search"]["note"]
 
 

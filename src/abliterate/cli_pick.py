@@ -17,9 +17,10 @@ from .search import Pick, TrialRecord
 from .space import EditSpec
 
 
-def asks(stdin: TextIO, stdout: TextIO, wait: float, trial: int | None, json_output: bool) -> bool:
-    """Whether ``run`` offers the prompt: both ends are a terminal, a wait is set, no --trial, no --json."""
-    return wait > 0 and trial is None and not json_output and stdin.isatty() and stdout.isatty()
+def asks(stdin: TextIO, shown_on: TextIO, wait: float, trial: int | None, json_output: bool) -> bool:
+    """Whether ``run`` offers the prompt: the answer comes from a terminal and the front and prompt (``shown_on``,
+    standard error) go to one, a wait is set, no --trial, no --json."""
+    return wait > 0 and trial is None and not json_output and stdin.isatty() and shown_on.isatty()
 
 
 def front_table(front: Sequence[TrialRecord], default: TrialRecord) -> Table:
@@ -82,6 +83,6 @@ def terminal_pick(wait: float, stream: TextIO | None = None) -> Pick:
 def pick_for(cfg: Any, json_output: bool) -> Pick | None:
     """The prompt for ``run`` when it should be offered (see :func:`asks`), else None."""
     sc = cfg.search
-    if not sc.enabled or not asks(sys.stdin, sys.stdout, sc.pick_wait, sc.trial, json_output):
+    if not sc.enabled or not asks(sys.stdin, sys.stderr, sc.pick_wait, sc.trial, json_output):
         return None
     return terminal_pick(sc.pick_wait)
