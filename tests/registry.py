@@ -17,6 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from abliterate import ArchitectureError, LoadedModel, ablate, orthogonalize
 from abliterate.hooks import HookSet
 from abliterate.selfcheck import checked_anatomy
+from abliterate.streams import as_streams
 from abliterate.verify import forward, probe_ids
 
 VOCAB = 128
@@ -311,11 +312,51 @@ class Outcome:
     runtime_vs_weights: float = math.nan  # max |logits(runtime ablation) - logits(orthogonalized weights)|
     residual_leak: float = math.nan  # max |h.r| / |h| over every layer's input and output under ablation
     effect: float = math.nan  # max |logits change| the ablation causes
+    # a refused type loaded with residual_only=True: the runtime residual-stream ablation's leak and effect, or why
+    # that load is refused too
+    runtime_only: str = ""
+    runtime_leak: float = math.nan
+    runtime_effect: float = math.nan
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
     out = forward(model, ids)
     return (out.logits if hasattr(out, "logits") else out[0]).float()
+
+
+def _direction_and_ids(hidden: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    u = torch.nn.functional.normalize(torch.randn(hidden, generator=gen), dim=0)
+    return u, torch.randint(3, VOCAB, (2, 8), generator=gen)
+
+
+def _ablated(lm: LoadedModel, u: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Logits under ``ablate(lm, u)`` and the largest ``|h.u| / |h|`` over every layer's input and output (each
+    stream of a hyper-connection residual on its own)."""
+    seen: list[torch.Tensor] = []
+    with HookSet() as watch:
+        for layer in lm.anatomy.layers:
+            watch.watch_input(layer, lambda x: seen.append(as_streams(x.float(), lm.hidden_size)))
+            watch.watch_output(layer, lambda x: seen.append(as_streams(x.float(), lm.hidden_size)))
+        with ablate(lm, u):
+            runtime = _logits(lm.model, ids)
+    leak = max(float((h @ u).abs().max() / h.norm(dim=-1).max().clamp_min(1e-12)) for h in seen)
+    return runtime, leak
+
+
+def _runtime_only(model: torch.nn.Module, outcome: Outcome) -> Outcome:
+    """A refused type, loaded for runtime ablation of the residual stream instead."""
+    try:
+        anatomy = checked_anatomy(model, residual_only=True)
+    except ArchitectureError as exc:
+        outcome.runtime_only = str(exc)
+        return outcome
+    lm = LoadedModel(model, None, anatomy, outcome.model_type)
+    u, ids = _direction_and_ids(anatomy.hidden_size)
+    base = _logits(model, ids)
+    runtime, outcome.runtime_leak = _ablated(lm, u, ids)
+    outcome.runtime_effect = float((runtime - base).abs().max())
+    return outcome
 
 
 @torch.no_grad()
@@ -332,20 +373,11 @@ def check_type(model_type: str, build: Callable[[str], torch.nn.Module] | None =
     try:
         anatomy = checked_anatomy(model)
     except ArchitectureError as exc:
-        return Outcome(model_type, "refused", str(exc))
+        return _runtime_only(model, Outcome(model_type, "refused", str(exc)))
     lm = LoadedModel(model, None, anatomy, model_type)
-    gen = torch.Generator().manual_seed(1)
-    u = torch.nn.functional.normalize(torch.randn(anatomy.hidden_size, generator=gen), dim=0)
-    ids = torch.randint(3, VOCAB, (2, 8), generator=gen)
+    u, ids = _direction_and_ids(anatomy.hidden_size)
     base = _logits(model, ids)
-    seen: list[torch.Tensor] = []
-    with HookSet() as watch:
-        for layer in anatomy.layers:
-            watch.watch_input(layer, lambda x: seen.append(x.float()))
-            watch.watch_output(layer, lambda x: seen.append(x.float()))
-        with ablate(lm, u):
-            runtime = _logits(model, ids)
-    leak = max(float((h @ u).abs().max() / h.norm(dim=-1).max().clamp_min(1e-12)) for h in seen)
+    runtime, leak = _ablated(lm, u, ids)
     edited_model, edited_anatomy = copy.deepcopy((model, anatomy))
     orthogonalize(LoadedModel(edited_model, None, edited_anatomy, model_type), u)
     edited = _logits(edited_model, ids)

@@ -28,13 +28,12 @@ REFUSED: dict[str, str] = {
     "ctrl": r"transforms the embeddings before the first layer",  # sinusoidal positions: a buffer, not a weight
     "xglm": r"transforms the embeddings before the first layer \(model\.embed_positions\)",  # sinusoidal buffer
     "zaya": r"transforms the embeddings before the first layer",  # a per-channel scale and bias on the stream
-    "gemma3n_text": r"transforms the embeddings before the first layer \(model\.altup_projections",  # AltUp
+    # AltUp: four streams stacked in front of the batch (and a copy of the normed stream added back by LAuReL)
+    "gemma3n_text": r"layer 0 takes a \(4, 1, 8, 64\) input .* not \(batch, tokens, hidden\)",
     "openai-gpt": _POST_LN,
     "minimax": _POST_LN,  # the residual itself goes through the input norm
     "dory": r"the residual changes between layer 1's output and layer 0's input",  # layers re-run in a loop
     "hrm_text": r"the residual changes between layer 1's output and layer 0's input",  # H/L loops with injection
-    "qwen4_exp": r"layer 0 takes a \(1, 8, 256\) input .* not one 64-wide residual stream",  # hyper-connections
-    "qwen4_exp_text": r"layer 0 takes a \(1, 8, 256\) input .* not one 64-wide residual stream",
     "musicgen": r"input embeddings are a ModuleList, not one embedding table",  # one table per codebook
     "musicgen_melody": r"input embeddings are a ModuleList, not one embedding table",
     "rwkv": r"layer 0 of RwkvForCausalLM: .* of its residual update is not written",  # gated writes, pre_ln
@@ -52,7 +51,7 @@ REFUSED: dict[str, str] = {
     "prophetnet": _EMBEDDING_NORM,
     "trocr": _EMBEDDING_NORM,
     "marian": _POST_LN,
-    "xlnet": _POST_LN,
+    "xlnet": r"layer 0 takes a \(8, 1, 64\) input for a batch of 1 x 8 tokens: its axes are not",  # tokens first
     "bert": _ENCODER_EMBEDDINGS,
     "bert-generation": _ENCODER_EMBEDDINGS,
     "big_bird": _ENCODER_EMBEDDINGS,
@@ -72,6 +71,22 @@ REFUSED: dict[str, str] = {
     "git": r"the probe never ran a layer of git\.image_encoder",  # text layers are BERT-like, post-LN
 }
 
+# Refused types that runtime ablation of the residual stream itself (residual_only=True) cannot serve either, and
+# what that refusal must say; every other refused type must be served exactly by it.
+RUNTIME_REFUSED: dict[str, str] = {
+    "gemma3n_text": r"not \(batch, tokens, hidden\)",
+    "dory": r"layer 0 runs 2 times in one forward pass",
+    "hrm_text": r"layer 0 runs 6 times in one forward pass",
+    "musicgen": r"input embeddings are a ModuleList",
+    "musicgen_melody": r"input embeddings are a ModuleList",
+    "prophetnet": r"layer 0 takes 24 positions for 8 tokens",
+    "reformer": r"runtime ablation of the residual stream breaks its forward pass",
+    "xlnet": r"its axes are not",
+    "electra": r"token embeddings are 128-wide",
+    "rembert": r"token embeddings are 256-wide",
+    "git": r"the probe never ran a layer",
+}
+
 TOLERANCE = 1e-4
 
 
@@ -80,6 +95,7 @@ def test_tables_name_registered_types_only():
     assert not set(UNBUILDABLE) - known, "a listed type left transformers' registry: drop it from UNBUILDABLE"
     assert not set(REFUSED) - known, "a listed type left transformers' registry: drop it from REFUSED"
     assert not set(UNBUILDABLE) & set(REFUSED)
+    assert not set(RUNTIME_REFUSED) - set(REFUSED)
 
 
 @pytest.mark.parametrize("model_type", [t for t in CAUSAL_TYPES if t not in UNBUILDABLE])
@@ -97,6 +113,13 @@ def assert_outcome(outcome: Outcome, refused: dict[str, str]) -> None:
         assert model_type in refused, f"{model_type} is refused but not listed as refused: {outcome.detail}"
         assert "\n" not in outcome.detail
         assert re.search(refused[model_type], outcome.detail), outcome.detail
+        if model_type in RUNTIME_REFUSED:
+            assert "\n" not in outcome.runtime_only
+            assert re.search(RUNTIME_REFUSED[model_type], outcome.runtime_only), outcome.runtime_only
+            return
+        assert not outcome.runtime_only, f"residual_only=True refuses {model_type}: {outcome.runtime_only}"
+        assert outcome.runtime_leak < TOLERANCE, f"runtime residual ablation leaves {outcome.runtime_leak:.2e}"
+        assert outcome.runtime_effect > 1e-3, "ablating the residual stream must change the logits"
         return
     assert model_type not in refused, f"{model_type} is supported now: remove it from the refused table"
     assert outcome.writers >= 2
@@ -109,10 +132,10 @@ def assert_outcome(outcome: Outcome, refused: dict[str, str]) -> None:
 
 
 def test_support_target():
-    """Share of the decoder-only types that build which are supported: 142 of 158 (89.9 %) with transformers 5.24.
+    """Share of the decoder-only types that build which are supported: 144 of 158 (91.1 %) with transformers 5.24.
     The issue asks for 95 %; every refusal in REFUSED is a model no weight edit removes a direction from exactly
     (or one that needs a LayerNorm post-norm / container bias in the edit), so this guards against regressions."""
     decoder_only = [t for t in CAUSAL_TYPES if t not in ENCODER_TYPES and t not in UNBUILDABLE]
     refused = [t for t in decoder_only if t in REFUSED]
     supported = len(decoder_only) - len(refused)
-    assert supported / len(decoder_only) >= 0.89, f"{supported}/{len(decoder_only)} supported"
+    assert supported / len(decoder_only) >= 0.91, f"{supported}/{len(decoder_only)} supported"

@@ -249,6 +249,7 @@ def restrict_run(cfg: RunConfig, lm: LoadedModel) -> None:
     """``run --as-adapter``, right after loading: refuse what no adapter of this model can hold, before the long
     part, and keep the search to edits one can (``cfg.search``: no norm preservation; no embedding edit where
     writer biases need PEFT's lora_bias)."""
+    lm.anatomy.require_weights()
     if lm.quantized or lm.offloaded:
         raise AdapterError(
             f"--as-adapter reads the adapter off the weights, but {lm.source} is loaded "

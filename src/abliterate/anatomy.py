@@ -56,6 +56,20 @@ class Anatomy:
     # writers no name pattern found, found by probing (abliterate.discovery), and whether a probe checked them
     discovered: list[str] = field(default_factory=list)
     verified: bool = False
+    # loaded for runtime ablation of the residual stream itself (hooks on layer inputs and outputs); then no weight
+    # edit is made through it, and ``weight_error`` says why a weight edit would not be exact (None: it would be)
+    residual_only: bool = False
+    weight_error: str | None = None
+
+    def require_weights(self) -> None:
+        """Raise :class:`ArchitectureError` when this anatomy is for runtime residual-stream ablation only."""
+        if self.residual_only:
+            why = f" ({self.weight_error})" if self.weight_error else ""
+            raise ArchitectureError(
+                f"this model was loaded with residual_only=True{why}: only runtime ablation of the residual stream "
+                "(ablate, induce, add; CLI measure and chat with --residual-stream) is available, no weight edit; "
+                "load it without residual_only to edit its weights"
+            )
 
     @property
     def num_layers(self) -> int:

@@ -18,6 +18,7 @@ from .batching import BatchRunner
 from .errors import PromptError
 from .hooks import HookSet
 from .model import LoadedModel, Progress, output_cache
+from .streams import stream_mean
 
 Position = int | Literal["gen"]
 MIN_PROMPTS = 2
@@ -141,6 +142,7 @@ def _run_set(
         def fn(hidden: torch.Tensor) -> None:
             if not stage["on"]:
                 return
+            hidden = stream_mean(hidden, lm.hidden_size)
             if stage["select"]:
                 col.add(point, stage["slot"], hidden[:, idx.to(hidden.device), :])
             else:

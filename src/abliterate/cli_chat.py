@@ -15,6 +15,7 @@ from .cli_common import (
     OFFLOAD_OPT,
     PREFIX_OPT,
     QUANTIZE_OPT,
+    RESIDUAL_OPT,
     THINKING_OPT,
     Opt,
     app,
@@ -45,6 +46,7 @@ def chat(
     max_memory: MAX_MEMORY_OPT = None,
     offload_folder: OFFLOAD_OPT = None,
     quantize: QUANTIZE_OPT = None,
+    residual_stream: RESIDUAL_OPT = False,
 ) -> None:
     """Interactive chat with a live toggle: type /base, /ablate or /induce to switch, /quit to leave.
 
@@ -59,7 +61,11 @@ def chat(
     if not sys.stdin.isatty():
         fail("chat needs an interactive terminal; use 'abliterate apply --runtime-check PROMPT' in scripts")
     direction, recorded = _direction(directions_file, layer, None)
-    lm = load_model(model, **placement(dtype, device, device_map, max_memory, offload_folder, quantize))
+    lm = load_model(
+        model,
+        residual_only=residual_stream,
+        **placement(dtype, device, device_map, max_memory, offload_folder, quantize),
+    )
     prompt_format(lm, disable_thinking, response_prefix)
     _check_hidden(direction, lm, model)
     mode = "ablate"

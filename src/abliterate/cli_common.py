@@ -200,6 +200,14 @@ OFFLOAD_OPT = Annotated[str | None, Opt("--offload-folder", help="Folder for wei
 QUANTIZE_OPT = Annotated[
     str | None, Opt("--quantize", help="4bit or 8bit: load linear layers through bitsandbytes (capture, eval).")
 ]
+RESIDUAL_OPT = Annotated[
+    bool,
+    Opt(
+        "--residual-stream",
+        help="Ablate by projecting the residual stream itself at every layer's input and output (run-time hooks "
+        "only, nothing written): for models no weight edit is exact for (post-LN, sinusoidal positions, ...).",
+    ),
+]
 # How prompts are formatted: shared by every command that captures, scores or generates.
 THINKING_OPT = Annotated[
     bool | None,

@@ -17,6 +17,7 @@ from .cli_common import (
     OFFLOAD_OPT,
     PREFIX_OPT,
     QUANTIZE_OPT,
+    RESIDUAL_OPT,
     STATE,
     THINKING_OPT,
     Opt,
@@ -75,6 +76,7 @@ def measure(
     max_memory: MAX_MEMORY_OPT = None,
     offload_folder: OFFLOAD_OPT = None,
     quantize: QUANTIZE_OPT = None,
+    residual_stream: RESIDUAL_OPT = False,
     force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
 ) -> None:
     """Compute directions and the candidate table only (no edit, no generation).
@@ -109,7 +111,7 @@ def measure(
         quantize=quantize,
     )
     target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
-    lm = load_for(cfg)
+    lm = load_for(cfg, residual_only=residual_stream)
     with progress_bars() as progress:
         acts, sel = run_measure(cfg, lm, progress)
     wrote(write_measurement(target, cfg, acts, sel))
@@ -162,6 +164,7 @@ def apply(
     max_memory: MAX_MEMORY_OPT = None,
     offload_folder: OFFLOAD_OPT = None,
     quantize: QUANTIZE_OPT = None,
+    residual_stream: RESIDUAL_OPT = False,
     force: Annotated[bool, Opt("--force", help="Replace an existing output directory.")] = False,
     edit: Annotated[
         Path | None,
@@ -195,6 +198,11 @@ def apply(
         fail(f"scale must be >= 0, got {scale}")
     if not runtime_check and not out_dir:
         fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
+    if residual_stream and (out_dir or stream or edit is not None or mode != "ablate"):
+        fail(
+            "--residual-stream ablates at run time only: use it with --runtime-check (mode ablate), "
+            "without --out, --stream or --edit"
+        )
     settings = {
         "model": model,
         "directions": str(directions_file),
@@ -252,7 +260,11 @@ def apply(
     direction, recorded = _direction(directions_file, layer, position)
     if mode == "induce" and coefficient is None and recorded is None:
         fail(f"{directions_file} records no harmful projection; pass --coefficient C for induce")
-    lm = load_model(model, **placement(dtype, device, device_map, max_memory, offload_folder, quantize))
+    lm = load_model(
+        model,
+        residual_only=residual_stream,
+        **placement(dtype, device, device_map, max_memory, offload_folder, quantize),
+    )
     _check_hidden(direction, lm, model)
     coeff = scale * (coefficient if coefficient is not None else (recorded or 0.0))
     if runtime_check:

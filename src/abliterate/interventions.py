@@ -19,7 +19,8 @@ from .errors import AbliterateError, DirectionError
 from .hooks import HookSet
 from .model import LoadedModel
 from .plan import edit_plan
-from .projection import Scale, project_out, writer_fn
+from .projection import Scale, layer_scales, project_out, writer_fn
+from .streams import per_stream, residual_hooks
 
 Coefficient = float | Mapping[int, float] | Activations
 
@@ -40,11 +41,39 @@ def ablate(
     ``scale`` (a number or ``{layer: scale}``) removes only that fraction of the component.
     ``embeddings`` defaults to True when all layers are ablated. Equivalent to
     :func:`abliterate.orthogonalize` with the same arguments, but reversible.
+
+    On a model loaded with ``residual_only=True`` the direction is projected out of the residual stream itself
+    instead: at the input and the output of each chosen layer (and at layer 0's input for the embeddings), each
+    time scaling the component by ``1 - scale``.
     """
+    if lm.anatomy.residual_only:
+        with _ablate_residual(lm, direction, layers, scale, embeddings, embedding_scale) as hooks:
+            yield hooks
+        return
     plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
     with HookSet() as hooks:
         for e in plan.edits:
             hooks.on_output(e.writer.hook_module, writer_fn(e.writer, e.basis, e.scale))
+        yield hooks
+
+
+@contextlib.contextmanager
+def _ablate_residual(
+    lm: LoadedModel,
+    direction: Direction | torch.Tensor,
+    layers: Sequence[int] | None,
+    scale: Scale,
+    embeddings: bool | None,
+    embedding_scale: float | None,
+) -> Iterator[HookSet]:
+    basis = as_basis(direction, lm.hidden_size)
+    scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
+    use_emb = (layers is None) if embeddings is None else embeddings
+    emb_scale = embedding_scale if embedding_scale is not None else (1.0 if isinstance(scale, Mapping) else scale)
+    if emb_scale < 0:
+        raise AbliterateError(f"embedding_scale is negative ({emb_scale}); use a value >= 0")
+    with HookSet() as hooks:
+        residual_hooks(hooks, lm.anatomy.layers, basis, lm.hidden_size, scales, emb_scale if use_emb else 0.0)
         yield hooks
 
 
@@ -100,7 +129,7 @@ def induce(
                 u = basis[0].to(x.device, torch.promote_types(x.dtype, torch.float32))
                 return (project_out(x, u[None]).to(u.dtype) + c * u).to(x.dtype)
 
-            hooks.on_input(lm.anatomy.layers[i], fn)
+            hooks.on_input(lm.anatomy.layers[i], per_stream(fn, lm.hidden_size))
         yield hooks
 
 
@@ -123,5 +152,5 @@ def add(
             def fn(x: torch.Tensor) -> torch.Tensor:
                 return (x.float() + coefficient * basis[0].to(x.device)).to(x.dtype)
 
-            hooks.on_input(lm.anatomy.layers[i], fn)
+            hooks.on_input(lm.anatomy.layers[i], per_stream(fn, lm.hidden_size))
         yield hooks

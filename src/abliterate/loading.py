@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from .anatomy import Anatomy, find_anatomy
-from .errors import ChatTemplateError, ModelLoadError
+from .errors import ArchitectureError, ChatTemplateError, ModelLoadError
 from .model import LoadedModel
 from .selfcheck import checked_anatomy
 
@@ -164,6 +164,7 @@ def load_model(
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
     verify: bool = True,
+    residual_only: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer, and locate its residual writers. A vision-language model (a type
     transformers registers as image-text-to-text only) is loaded through ``AutoModelForImageTextToText``; its text
@@ -185,6 +186,12 @@ def load_model(
     ``layers_path``/``writer_patterns`` name the modules of an architecture the built-in patterns do
     not know. ``verify`` (default on) checks the writers on a probe of a few tokens and discovers the ones
     no pattern names (see :func:`abliterate.selfcheck.checked_anatomy`); ``verify=False`` skips that.
+
+    ``residual_only=True`` is for models no weight edit is exact for (a post-LN residual, sinusoidal positions, a
+    gate or per-channel scale on the stream, ...): it needs only one hidden-size residual stream through the layers,
+    and :func:`abliterate.ablate` then projects the direction out of that stream at every layer's input and output
+    (exact for any such model); weight edits through it are refused, and ``lm.anatomy.weight_error`` says why a
+    weight edit would not be exact.
     """
     from transformers import AutoTokenizer
 
@@ -230,7 +237,7 @@ def load_model(
     if kind == "gguf":
         clear_gguf_marker(model)
     _prepare_tokenizer(tokenizer, chat_template, source)
-    anatomy = _anatomy(model, tokenizer, layers_path, writer_patterns, verify)
+    anatomy = _anatomy(model, tokenizer, layers_path, writer_patterns, verify, residual_only)
     return LoadedModel(model, tokenizer, anatomy, source, path)
 
 
@@ -243,12 +250,13 @@ def from_pretrained_objects(
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
     verify: bool = True,
+    residual_only: bool = False,
 ) -> LoadedModel:
     """Wrap an already-built transformers model and tokenizer (e.g. one you constructed yourself);
-    ``verify`` as in :func:`load_model`."""
+    ``verify`` and ``residual_only`` as in :func:`load_model`."""
     model.eval()
     _prepare_tokenizer(tokenizer, chat_template, source)
-    anatomy = _anatomy(model, tokenizer, layers_path, writer_patterns, verify)
+    anatomy = _anatomy(model, tokenizer, layers_path, writer_patterns, verify, residual_only)
     return LoadedModel(model, tokenizer, anatomy, source, None)
 
 
@@ -282,11 +290,22 @@ PROBE_TEXT = "The quick brown fox jumps over the lazy dog."
 
 
 def _anatomy(
-    model: torch.nn.Module, tokenizer: Any, layers_path: str | None, writer_patterns: Sequence[str] | None, verify: bool
+    model: torch.nn.Module,
+    tokenizer: Any,
+    layers_path: str | None,
+    writer_patterns: Sequence[str] | None,
+    verify: bool,
+    residual_only: bool = False,
 ) -> Anatomy:
     if not verify:
+        if residual_only:
+            raise ArchitectureError("residual_only needs the probe that checks the residual stream; drop verify=False")
         return find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
     ids = tokenizer(PROBE_TEXT, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :8]
     return checked_anatomy(
-        model, ids=ids if ids.shape[-1] >= 2 else None, layers_path=layers_path, writer_patterns=writer_patterns
+        model,
+        ids=ids if ids.shape[-1] >= 2 else None,
+        layers_path=layers_path,
+        writer_patterns=writer_patterns,
+        residual_only=residual_only,
     )

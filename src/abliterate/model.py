@@ -15,6 +15,7 @@ from torch import nn
 from .anatomy import Anatomy
 from .errors import PromptError
 from .placement import execution_device, is_offloaded
+from .template import content_style, messages
 
 Progress = Callable[[int, int], None]
 
@@ -139,14 +140,14 @@ class LoadedModel:
 
         ``template_kwargs`` are passed to the template (Qwen3's ``enable_thinking=False`` writes an empty
         thinking block into the generation prompt) and ``response_prefix`` is appended after it. Capture,
-        scoring, generation and evaluation all format through here, so both apply everywhere.
+        scoring, generation and evaluation all format through here, so both apply everywhere. Messages take the
+        shape the template renders (a string, or a list of text parts for many vision-language templates).
         """
+        style = content_style(self.tokenizer, self.template_kwargs, system)
         texts = []
         for prompt in prompts:
-            messages = [{"role": "system", "content": system}] if system else []
-            messages.append({"role": "user", "content": prompt})
             text = self.tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=True, **self.template_kwargs
+                messages(prompt, system, style), tokenize=False, add_generation_prompt=True, **self.template_kwargs
             )
             texts.append(text + self.response_prefix)
         return texts

@@ -94,7 +94,7 @@ def _methods(cfg: RunConfig) -> list[Method]:
     return [Method(m, {"t": cfg.slerp_t} if m == "slerp" else {}) for m in cfg.methods]
 
 
-def load_for(cfg: RunConfig) -> LoadedModel:
+def load_for(cfg: RunConfig, *, residual_only: bool = False) -> LoadedModel:
     lm = load_model(
         cfg.model,
         dtype=cfg.dtype,
@@ -105,6 +105,7 @@ def load_for(cfg: RunConfig) -> LoadedModel:
         quantize=cfg.quantize,
         trust_remote_code=cfg.trust_remote_code,
         chat_template=cfg.chat_template,
+        residual_only=residual_only,
     )
     if cfg.disable_thinking:
         lm.template_kwargs["enable_thinking"] = False

@@ -62,6 +62,7 @@ def edit_plan(
 ) -> EditPlan:
     """One direction (or subspace) removed from the writers of ``layers`` (default all) at ``scale`` (a number
     or ``{layer: scale}``), and from the embeddings when ``embeddings`` (default: when all layers are edited)."""
+    lm.anatomy.require_weights()
     basis = as_basis(direction, lm.hidden_size)
     scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
     use_emb = (layers is None) if embeddings is None else embeddings
@@ -143,6 +144,7 @@ class Directions:
 def build_plan(lm: LoadedModel, spec: EditSpec, source: Directions) -> EditPlan:
     """The plan of ``spec`` for ``lm``: per layer, attention-side writers (and writers of other kinds) at the
     ``attn`` kernel's scale, MLP writers at the ``mlp`` kernel's, plus the embeddings at ``spec.embedding``."""
+    lm.anatomy.require_weights()
     if source.num_points != lm.num_layers + 1 or source.hidden != lm.hidden_size:
         raise AbliterateError(
             f"the directions have {source.num_points} residual points of size {source.hidden}, but this model has "

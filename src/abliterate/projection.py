@@ -26,7 +26,9 @@ def norm_gain(norm: nn.Module, hidden: int) -> tuple[torch.Tensor, bool]:
     """Elementwise gain of a norm and whether it removes the mean first (a LayerNorm; an RMSNorm does not), read off
     by normalizing a mean-free vector of +-1 entries ``y`` and ``-y`` (the halved difference is ``g * y / rms(y)``,
     free of any bias) and ``y + 3`` (the same output only when the mean is removed)."""
-    param = next(norm.parameters())
+    param = next(norm.parameters(), None)
+    if param is None:  # a norm without a gain (an L2 or plain RMS normalization)
+        param = torch.empty(0)
     device = hook_device(norm) or param.device  # an offloaded norm computes where its hook says
     y = torch.ones(hidden, dtype=torch.float64)
     y[1::2] = -1.0

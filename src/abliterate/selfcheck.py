@@ -14,7 +14,16 @@ from .discovery import discover_writers, find_candidates
 from .errors import ArchitectureError
 from .hooks import HookSet
 from .placement import execution_device, is_offloaded
-from .verify import ZERO_TOLERANCE, LayerCheck, probe_ids, run_probe, verify_anatomy
+from .verify import (
+    LEAK_TOLERANCE,
+    ZERO_TOLERANCE,
+    LayerCheck,
+    Verification,
+    probe_ids,
+    residual_leak,
+    run_probe,
+    verify_anatomy,
+)
 
 
 def _names(writers: Sequence[Writer], prefix: str) -> str:
@@ -29,7 +38,7 @@ def _layer_error(model: nn.Module, anatomy: Anatomy, check: LayerCheck, candidat
         return ArchitectureError(
             f"{cls} normalizes the residual stream after each layer adds to it (layer {i}'s output is its "
             f"{check.post_norm}'s output: a post-LN residual), so no weight edit removes a direction exactly and "
-            "abliterate cannot edit this model; only a runtime projection of the residual stream itself would"
+            "abliterate cannot edit its weights"
         )
     if check.unexplained > ZERO_TOLERANCE:
         return ArchitectureError(
@@ -108,16 +117,27 @@ def _transformed_rows(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> 
     return None
 
 
+RESIDUAL_HINT = (
+    "; to ablate it at run time instead, load it with residual_only=True (CLI: measure or chat --residual-stream), "
+    "which projects the direction out of the residual stream itself at every layer"
+)
+
+
 def checked_anatomy(
     model: nn.Module,
     *,
     ids: torch.Tensor | None = None,
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
+    residual_only: bool = False,
 ) -> Anatomy:
     """:func:`find_anatomy`, then a probe that checks every layer's update is explained by the writers found;
     layers that fail get their writers discovered (unless ``writer_patterns`` overrides them) and are checked
-    again. Raises :class:`ArchitectureError` naming the layer when the writers cannot explain it."""
+    again. Raises :class:`ArchitectureError` naming the layer when the writers cannot explain it.
+
+    ``residual_only`` asks only that the layers carry one hidden-size residual stream: the anatomy is then for
+    runtime ablation of that stream (hooks on every layer's input and output), which is exact for any such model,
+    and records in ``weight_error`` why a weight edit would not be (None when it would)."""
     anatomy = find_anatomy(
         model, layers_path=layers_path, writer_patterns=writer_patterns, require_writers=False, search_layers=True
     )
@@ -127,6 +147,57 @@ def checked_anatomy(
         raise ArchitectureError(
             f"{type(model).__name__}: {check.width_error}; abliterate edits models whose layers add, one after "
             "another, to one residual stream"
+        )
+    if residual_only:
+        if (why := check.not_single_pass or check.token_error) is not None:
+            raise ArchitectureError(
+                f"{type(model).__name__}: {why}; runtime ablation of the residual stream needs layers that each "
+                "read it once per forward pass, one position per token"
+            )
+        try:
+            leak = residual_leak(model, anatomy, ids)
+        except Exception as exc:  # the model's own code rejects hooked outputs: reported, not suppressed
+            raise ArchitectureError(
+                f"{type(model).__name__}: runtime ablation of the residual stream breaks its forward pass "
+                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
+            ) from exc
+        eps = (
+            torch.finfo(anatomy.embeddings[0].weight.dtype).eps
+            if anatomy.embeddings[0].weight.is_floating_point()
+            else 0
+        )
+        if leak > LEAK_TOLERANCE + (8 * eps if eps > 1e-6 else 0.0):  # rounding a half-precision stream
+            raise ArchitectureError(
+                f"{type(model).__name__}: after projecting a random direction out of every layer's input and output "
+                f"{min(leak, 1.0):.1%} of it is still in the residual stream; runtime ablation is not exact here"
+            )
+        anatomy.residual_only = True
+        try:
+            _check_writers(model, anatomy, check, ids, writer_patterns)
+        except ArchitectureError as exc:
+            anatomy.weight_error = str(exc)
+        anatomy.verified = True
+        return anatomy
+    try:
+        _check_writers(model, anatomy, check, ids, writer_patterns)
+    except ArchitectureError as exc:
+        raise ArchitectureError(f"{exc}{RESIDUAL_HINT}") from None
+    return anatomy
+
+
+def _check_writers(
+    model: nn.Module, anatomy: Anatomy, check: Verification, ids: torch.Tensor, writer_patterns: Sequence[str] | None
+) -> None:
+    """Everything a weight edit needs beyond one residual stream; fixes what discovery can, raises the rest."""
+    if check.gap is not None:
+        raise ArchitectureError(
+            f"{type(model).__name__}: {check.gap}; abliterate edits models whose layers add, one after "
+            "another, to one residual stream"
+        )
+    if check.not_single_pass is not None:
+        raise ArchitectureError(
+            f"{type(model).__name__}: {check.not_single_pass}; abliterate captures and edits models whose layers "
+            "each read the residual stream once per forward pass"
         )
     if (rows := _transformed_rows(model, anatomy, ids)) is not None:
         raise ArchitectureError(
@@ -174,4 +245,3 @@ def checked_anatomy(
             "pass writer_patterns=[...] naming them"
         )
     anatomy.verified = True
-    return anatomy

@@ -31,6 +31,7 @@ from .anatomy import Anatomy, Writer
 from .hooks import HookSet, first_tensor
 from .placement import execution_device, is_offloaded
 from .projection import writer_basis, writer_fn
+from .streams import as_streams, residual_hooks
 
 PROBE_TOKENS = 8
 PROBE_RANK = 8
@@ -65,8 +66,14 @@ class Verification:
     embedding_leak: float = 0.0
     embedding_tolerance: float = LEAK_TOLERANCE
     not_run: list[int] = field(default_factory=list)
-    # the layers do not carry one hidden-size stream, one after another (nothing else was checked)
+    # the layers do not carry one hidden-size stream (nothing else was checked)
     width_error: str | None = None
+    # something changes the residual between one layer's output and the next layer's input
+    gap: str | None = None
+    # a layer that runs more than once in one forward (a loop)
+    not_single_pass: str | None = None
+    # the layers' token axis is not the input's (extra positions: a prefix or more streams along the tokens)
+    token_error: str | None = None
 
     @property
     def failed(self) -> list[LayerCheck]:
@@ -74,7 +81,12 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return self.width_error is None and not self.failed and self.embedding_leak <= self.embedding_tolerance
+        return (
+            self.width_error is None
+            and self.gap is None
+            and not self.failed
+            and self.embedding_leak <= self.embedding_tolerance
+        )
 
 
 class ProbeHooks(HookSet):
@@ -249,7 +261,7 @@ def _leak(ablated: tuple[torch.Tensor, torch.Tensor], basis: torch.Tensor) -> fl
     inp, out = ablated
     if inp.shape != out.shape:
         return math.inf
-    update = out - inp
+    update = as_streams(out - inp, basis.shape[1])
     expected = float(update.norm()) * math.sqrt(basis.shape[0] / basis.shape[1])
     return float((update @ basis.T.to(update.device)).norm()) / expected if expected > 0 else 0.0
 
@@ -299,14 +311,39 @@ def _post_ln(
     return found
 
 
-def _width_error(base: Calls, hidden: int) -> str | None:
+def _width_error(base: Calls, hidden: int, tokens: tuple[int, ...]) -> str | None:
+    """One residual of shape (batch, tokens, hidden), or several streams of it: (batch, tokens, streams, hidden)
+    or flattened (batch, tokens, streams * hidden) (hyper-connections)."""
     for i, calls in enumerate(base):
         for inp, out in calls:
-            if inp.shape != out.shape or inp.shape[-1:] != (hidden,):
+            view = as_streams(inp, hidden)
+            if inp.shape != out.shape or view.shape[-1] != hidden or view.dim() not in (3, 4):
                 return (
                     f"layer {i} takes a {tuple(inp.shape)} input and returns {tuple(out.shape)}, not one "
                     f"{hidden}-wide residual stream"
                 )
+            if view.shape[0] != tokens[0]:
+                return (
+                    f"layer {i} takes a {tuple(inp.shape)} input for a batch of {tokens[0]} x {tokens[1]} tokens: "
+                    "its axes are not (batch, tokens, hidden) or (batch, tokens, streams, hidden)"
+                )
+    return None
+
+
+def _token_error(base: Calls, hidden: int, tokens: tuple[int, ...]) -> str | None:
+    """A token axis longer than the input (prefix tokens, extra prediction streams along the tokens)."""
+    for i, calls in enumerate(base):
+        for inp, _out in calls:
+            if as_streams(inp, hidden).shape[1] != tokens[1]:
+                return f"layer {i} takes {as_streams(inp, hidden).shape[1]} positions for {tokens[1]} tokens"
+    return None
+
+
+def _single_pass(base: Calls) -> str | None:
+    """Capture reads each layer's input once per forward."""
+    for i, calls in enumerate(base):
+        if len(calls) > 1:
+            return f"layer {i} runs {len(calls)} times in one forward pass (the layers are re-run in a loop)"
     return None
 
 
@@ -337,9 +374,12 @@ def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None 
     if not order:
         result.width_error = f"the probe never ran a layer of {anatomy.layers_path}"
     else:
-        result.width_error = _width_error(base, anatomy.hidden_size) or _gap(base, order)
+        result.width_error = _width_error(base, anatomy.hidden_size, tuple(ids.shape))
     if result.width_error is not None:
         return result
+    result.gap = _gap(base, order)
+    result.not_single_pass = _single_pass(base)
+    result.token_error = _token_error(base, anatomy.hidden_size, tuple(ids.shape))
     zeroed = run_probe(model, layers, ids, zero_writers(writers, layers))
     ablated = run_probe(model, layers, ids, ablate_writers([*anatomy.embeddings, *writers], basis, anatomy.hidden_size))
     dtype = anatomy.embeddings[0].weight.dtype
@@ -352,7 +392,7 @@ def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None 
         tolerance = max(_leak_tolerance(b, dtype) for b in base[i])
         result.layers.append(LayerCheck(i, left, leak, tolerance))
     if ablated and ablated[0]:
-        first = ablated[0][0][0]
+        first = as_streams(ablated[0][0][0], anatomy.hidden_size)
         expected = float(first.norm()) * math.sqrt(basis.shape[0] / basis.shape[1])
         result.embedding_leak = float((first @ basis.T).norm()) / expected if expected > 0 else 0.0
         eps = torch.finfo(dtype).eps if dtype.is_floating_point else 0.0
@@ -364,3 +404,20 @@ def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None 
             LayerCheck(c.layer, c.unexplained, c.leak, c.leak_tolerance, post.get(c.layer)) for c in result.layers
         ]
     return result
+
+
+def residual_leak(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> float:
+    """With a random subspace projected out of the residual stream at every layer's input and output (the hooks of
+    runtime residual-stream ablation), the largest fraction of it left in any layer's input or output."""
+    basis = random_basis(anatomy.hidden_size)
+    layers = list(anatomy.layers)
+    scales = dict.fromkeys(range(len(layers)), 1.0)
+    calls = run_probe(model, layers, ids, lambda h: residual_hooks(h, layers, basis, anatomy.hidden_size, scales, 1.0))
+    worst = 0.0
+    for per_layer in calls:
+        for inp, out in per_layer:
+            for x in (inp, out):
+                view = as_streams(x, anatomy.hidden_size)
+                expected = float(view.norm()) * math.sqrt(basis.shape[0] / basis.shape[1])
+                worst = max(worst, float((view @ basis.T).norm()) / expected if expected > 0 else 0.0)
+    return worst
