@@ -1,6 +1,7 @@
 """Every causal-LM type the installed transformers registers, and every type it registers only as image-text-to-text
 (VLMs, text stack only), built as a tiny random model: supported, refused (with the one-line ArchitectureError) or not
-buildable tiny. The same check as tests/test_architectures.py and tests/test_vlm.py.
+buildable tiny; a refused type is also loaded with residual_only=True and shown as "runtime only" when runtime ablation
+of the residual stream itself is exact for it. The same check as tests/test_architectures.py and tests/test_vlm.py.
 
     python bench/architectures.py [--markdown] [TYPE ...]
 """
@@ -30,7 +31,15 @@ def note(o: Outcome) -> str:
         extra = ", post-norms" if o.post_norms else ""
         return f"{count} writers/layer at `{o.layers_path}`{extra}; runtime vs weights {o.runtime_vs_weights:.0e}"
     short = o.detail.split("; ")[0].split(": after ablating")[0].split(", so ")[0]
+    if o.status == "refused" and not o.runtime_only:
+        short += f"; residual-stream hooks exact ({o.runtime_leak:.0e} left)"
+    elif o.status == "refused":
+        short += f"; no runtime path either ({o.runtime_only.split('; ')[0].split(': ', 1)[-1]})"
     return short.replace("|", "\\|")
+
+
+def status(o: Outcome) -> str:
+    return "runtime only" if o.status == "refused" and not o.runtime_only else o.status
 
 
 def main() -> None:
@@ -52,22 +61,26 @@ def main() -> None:
             o = Outcome(t, "unbuildable", UNBUILDABLE[t]) if t in UNBUILDABLE else check_type(t)
         outcomes.append((kind, o))
         if not args.markdown:
-            print(f"{t:26s} {kind} {o.status:11s} {note(o)[:150]}", flush=True)
+            print(f"{t:26s} {kind} {status(o):12s} {note(o)[:150]}", flush=True)
     if args.markdown:
         names = {"dec": "decoder-only", "enc": "encoder(-decoder)", "vlm": "image-text-to-text (text stack)"}
         print("| type | kind | status | writers / reason |")
         print("|---|---|---|---|")
         for kind, o in outcomes:
-            print(f"| `{o.model_type}` | {names[kind]} | {o.status} | {note(o)} |")
+            print(f"| `{o.model_type}` | {names[kind]} | {status(o)} | {note(o)} |")
     dec = [o for k, o in outcomes if k == "dec"]
     enc = [o for k, o in outcomes if k == "enc"]
     vlm = [o for k, o in outcomes if k == "vlm"]
 
     def counts(group: list[Outcome]) -> str:
         n = {s: sum(o.status == s for o in group) for s in ("supported", "refused", "unbuildable")}
+        runtime = sum(status(o) == "runtime only" for o in group)
         built = n["supported"] + n["refused"]
         share = f" ({n['supported'] / built:.1%} of those that build)" if built else ""
-        return f"{n['supported']} supported, {n['refused']} refused, {n['unbuildable']} not buildable tiny{share}"
+        return (
+            f"{n['supported']} supported{share}, {n['refused']} refused for weight edits ({runtime} of them exact "
+            f"with --residual-stream), {n['unbuildable']} not buildable tiny"
+        )
 
     print()
     print(f"transformers {transformers.__version__}: {len(dec) + len(enc)} causal-LM types, {len(vlm)} more VLM types")

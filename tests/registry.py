@@ -143,6 +143,8 @@ OVERRIDES: dict[str, dict[str, Any]] = {
 
 AFTER_BUILD: dict[str, Callable[[torch.nn.Module], None]] = {
     "xmod": lambda m: m.set_default_language("en_XX"),
+    # ZAYA's per-channel scales on the embeddings and on the residual start at one: make them differ per channel
+    "zaya": lambda m: [p.add_(0.3 * torch.randn_like(p)) for n, p in m.named_parameters() if n.endswith("_scale")],
 }
 
 

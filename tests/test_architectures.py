@@ -25,9 +25,11 @@ _POST_LN = r"normalizes the residual stream after each layer adds to it .* a pos
 _ENCODER_EMBEDDINGS = r"transforms the embeddings before the first layer \(.*embeddings\.LayerNorm"
 REFUSED: dict[str, str] = {
     # decoder-only
-    "ctrl": r"transforms the embeddings before the first layer",  # sinusoidal positions: a buffer, not a weight
-    "xglm": r"transforms the embeddings before the first layer \(model\.embed_positions\)",  # sinusoidal buffer
-    "zaya": r"transforms the embeddings before the first layer",  # a per-channel scale and bias on the stream
+    # sinusoidal positions: a buffer, not a weight
+    "ctrl": r"transforms the embeddings before the first layer: it adds a term that depends only on the position",
+    "xglm": r"before the first layer \(model\.embed_positions\): it adds a term that depends only on the position",
+    # a per-channel scale and bias on the embeddings and on the stream
+    "zaya": r"transforms the embeddings before the first layer: it scales each channel of the embeddings",
     # AltUp: four streams stacked in front of the batch (and a copy of the normed stream added back by LAuReL)
     "gemma3n_text": r"layer 0 takes a \(4, 1, 8, 64\) input .* not \(batch, tokens, hidden\)",
     "openai-gpt": _POST_LN,

@@ -87,6 +87,45 @@ def _fix_embeddings(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> st
     return ", ".join(others) if others else None
 
 
+def _embedding_transform(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> str | None:
+    """Name what lies between the token embedding's output ``e`` and layer 0's input ``x`` when it is one of the
+    transforms no weight edit can follow, from two probes with the same positions and other tokens:
+    ``x = c e + p(position)`` (a position term that is no embedding table, or a constant) or ``x = s * e + b`` with
+    a different scale ``s`` per channel."""
+    layers = list(anatomy.layers)
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for probe in (ids, ids.flip(-1)):
+        got: dict[str, torch.Tensor] = {}
+
+        def edit(hooks: HookSet, got: dict[str, torch.Tensor] = got) -> None:
+            hooks.watch_output(anatomy.embeddings[0].module, lambda e: got.setdefault("e", e.detach().double()))
+            hooks.watch_input(layers[0], lambda x: got.setdefault("x", x.detach().double()))
+
+        run_probe(model, layers, probe, edit)
+        if set(got) != {"e", "x"} or got["e"].shape != got["x"].shape:
+            return None
+        seen.append((got["e"], got["x"]))
+    (e1, x1), (e2, x2) = seen
+    de, dx = (e1 - e2).flatten(0, -2), (x1 - x2).flatten(0, -2)
+    if float(de.norm()) == 0 or float(dx.norm()) == 0:
+        return None
+    c = float((dx * de).sum() / (de * de).sum())
+    position = x1 - c * e1
+    if float((dx - c * de).norm()) < 1e-5 * float(dx.norm()) and float(position.norm()) > 1e-3 * float(x1.norm()):
+        rows = position.flatten(0, -2)
+        if float((rows - rows.mean(0)).norm()) < 1e-5 * float(rows.norm()):
+            return "it adds the same vector at every position (a bias outside any embedding table)"
+        return (
+            "it adds a term that depends only on the position and is not one of the model's embedding tables "
+            "(e.g. sinusoidal positions computed in the forward pass)"
+        )
+    scale = (dx * de).sum(0) / (de * de).sum(0).clamp_min(1e-30)
+    fits = float((dx - scale * de).norm()) < 1e-5 * float(dx.norm())
+    if fits and float(scale.std()) > 1e-3 * float(scale.abs().mean()):
+        return "it scales each channel of the embeddings by a different factor (a per-channel scale, not a weight row)"
+    return None
+
+
 def _transformed_rows(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> str | None:
     """The token embedding, when its output is not (a scalar times) rows of its weight for the ids it is given (a
     norm inside the module): its output cannot be edited at runtime the way its rows are edited."""
@@ -208,11 +247,12 @@ def _check_writers(
         other = _fix_embeddings(model, anatomy, ids)
         check = verify_anatomy(model, anatomy, ids)
         if check.embedding_leak > check.embedding_tolerance:
+            kind = _embedding_transform(model, anatomy, ids)
             raise ArchitectureError(
                 f"{type(model).__name__} transforms the embeddings before the first layer"
-                f"{f' ({other})' if other else ''}: after ablating a random direction from the embeddings "
-                f"{min(check.embedding_leak, 1.0):.1%} of it still reaches layer 0, so abliterate cannot edit "
-                "this model exactly"
+                f"{f' ({other})' if other else ''}{f': {kind}' if kind else ''}: after ablating a random direction "
+                f"from the embeddings {min(check.embedding_leak, 1.0):.1%} of it still reaches layer 0, so "
+                "abliterate cannot edit this model exactly"
             )
     if check.failed:
         first = check.failed[0]

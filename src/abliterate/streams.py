@@ -13,6 +13,13 @@ from torch import nn
 from .hooks import HookSet
 from .projection import project_out
 
+Calls = list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (input, output) of every call
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> float:
+    d = float(den.norm())
+    return float(num.norm()) / d if d > 0 else (0.0 if float(num.norm()) == 0 else float("inf"))
+
 
 def as_streams(x: torch.Tensor, hidden: int) -> torch.Tensor:
     """``x`` with its last axis split into ``(streams, hidden)`` when it is a multiple of ``hidden`` (a view)."""
@@ -53,3 +60,55 @@ def residual_hooks(
         fn = per_stream(lambda x, s=s: project_out(x, basis, s), hidden)
         hooks.on_input(layers[i], fn)
         hooks.on_output(layers[i], fn)
+
+
+# Layout checks on a probe: (input, output) of every call of every layer.
+
+
+def width_error(base: Calls, hidden: int, tokens: tuple[int, ...]) -> str | None:
+    """One residual of shape (batch, tokens, hidden), or several streams of it: (batch, tokens, streams, hidden)
+    or flattened (batch, tokens, streams * hidden) (hyper-connections)."""
+    for i, calls in enumerate(base):
+        for inp, out in calls:
+            view = as_streams(inp, hidden)
+            if inp.shape != out.shape or view.shape[-1] != hidden or view.dim() not in (3, 4):
+                return (
+                    f"layer {i} takes a {tuple(inp.shape)} input and returns {tuple(out.shape)}, not one "
+                    f"{hidden}-wide residual stream"
+                )
+            if view.shape[0] != tokens[0]:
+                return (
+                    f"layer {i} takes a {tuple(inp.shape)} input for a batch of {tokens[0]} x {tokens[1]} tokens: "
+                    "its axes are not (batch, tokens, hidden) or (batch, tokens, streams, hidden)"
+                )
+    return None
+
+
+def token_error(base: Calls, hidden: int, tokens: tuple[int, ...]) -> str | None:
+    """A token axis longer than the input (prefix tokens, extra prediction streams along the tokens)."""
+    for i, calls in enumerate(base):
+        for inp, _out in calls:
+            if as_streams(inp, hidden).shape[1] != tokens[1]:
+                return f"layer {i} takes {as_streams(inp, hidden).shape[1]} positions for {tokens[1]} tokens"
+    return None
+
+
+def single_pass_error(base: Calls) -> str | None:
+    """Capture reads each layer's input once per forward."""
+    for i, calls in enumerate(base):
+        if len(calls) > 1:
+            return f"layer {i} runs {len(calls)} times in one forward pass (the layers are re-run in a loop)"
+    return None
+
+
+def gap_error(base: Calls, order: list[int]) -> str | None:
+    """Something that changes the residual between one layer's output and the next layer's input."""
+    seen = [0] * len(base)
+    previous: tuple[int, torch.Tensor] | None = None
+    for i in order:
+        inp, out = base[i][seen[i]]
+        seen[i] += 1
+        if previous is not None and (inp.shape != previous[1].shape or _ratio(inp - previous[1], previous[1]) > 1e-4):
+            return f"the residual changes between layer {previous[0]}'s output and layer {i}'s input"
+        previous = (i, out)
+    return None

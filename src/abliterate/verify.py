@@ -31,14 +31,12 @@ from .anatomy import Anatomy, Writer
 from .hooks import HookSet, first_tensor
 from .placement import execution_device, is_offloaded
 from .projection import writer_basis, writer_fn
-from .streams import as_streams, residual_hooks
+from .streams import Calls, as_streams, gap_error, residual_hooks, single_pass_error, token_error, width_error
 
 PROBE_TOKENS = 8
 PROBE_RANK = 8
 ZERO_TOLERANCE = 1e-3
 LEAK_TOLERANCE = 1e-3
-
-Calls = list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (input, output) of every call
 
 
 @dataclass(frozen=True)
@@ -311,55 +309,6 @@ def _post_ln(
     return found
 
 
-def _width_error(base: Calls, hidden: int, tokens: tuple[int, ...]) -> str | None:
-    """One residual of shape (batch, tokens, hidden), or several streams of it: (batch, tokens, streams, hidden)
-    or flattened (batch, tokens, streams * hidden) (hyper-connections)."""
-    for i, calls in enumerate(base):
-        for inp, out in calls:
-            view = as_streams(inp, hidden)
-            if inp.shape != out.shape or view.shape[-1] != hidden or view.dim() not in (3, 4):
-                return (
-                    f"layer {i} takes a {tuple(inp.shape)} input and returns {tuple(out.shape)}, not one "
-                    f"{hidden}-wide residual stream"
-                )
-            if view.shape[0] != tokens[0]:
-                return (
-                    f"layer {i} takes a {tuple(inp.shape)} input for a batch of {tokens[0]} x {tokens[1]} tokens: "
-                    "its axes are not (batch, tokens, hidden) or (batch, tokens, streams, hidden)"
-                )
-    return None
-
-
-def _token_error(base: Calls, hidden: int, tokens: tuple[int, ...]) -> str | None:
-    """A token axis longer than the input (prefix tokens, extra prediction streams along the tokens)."""
-    for i, calls in enumerate(base):
-        for inp, _out in calls:
-            if as_streams(inp, hidden).shape[1] != tokens[1]:
-                return f"layer {i} takes {as_streams(inp, hidden).shape[1]} positions for {tokens[1]} tokens"
-    return None
-
-
-def _single_pass(base: Calls) -> str | None:
-    """Capture reads each layer's input once per forward."""
-    for i, calls in enumerate(base):
-        if len(calls) > 1:
-            return f"layer {i} runs {len(calls)} times in one forward pass (the layers are re-run in a loop)"
-    return None
-
-
-def _gap(base: Calls, order: list[int]) -> str | None:
-    """Something that changes the residual between one layer's output and the next layer's input."""
-    seen = [0] * len(base)
-    previous: tuple[int, torch.Tensor] | None = None
-    for i in order:
-        inp, out = base[i][seen[i]]
-        seen[i] += 1
-        if previous is not None and (inp.shape != previous[1].shape or _ratio(inp - previous[1], previous[1]) > 1e-4):
-            return f"the residual changes between layer {previous[0]}'s output and layer {i}'s input"
-        previous = (i, out)
-    return None
-
-
 def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None = None) -> Verification:
     """Check ``anatomy`` on one short probe (three forward passes over a few tokens); raises nothing."""
     if ids is None:
@@ -374,12 +323,12 @@ def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None 
     if not order:
         result.width_error = f"the probe never ran a layer of {anatomy.layers_path}"
     else:
-        result.width_error = _width_error(base, anatomy.hidden_size, tuple(ids.shape))
+        result.width_error = width_error(base, anatomy.hidden_size, tuple(ids.shape))
     if result.width_error is not None:
         return result
-    result.gap = _gap(base, order)
-    result.not_single_pass = _single_pass(base)
-    result.token_error = _token_error(base, anatomy.hidden_size, tuple(ids.shape))
+    result.gap = gap_error(base, order)
+    result.not_single_pass = single_pass_error(base)
+    result.token_error = token_error(base, anatomy.hidden_size, tuple(ids.shape))
     zeroed = run_probe(model, layers, ids, zero_writers(writers, layers))
     ablated = run_probe(model, layers, ids, ablate_writers([*anatomy.embeddings, *writers], basis, anatomy.hidden_size))
     dtype = anatomy.embeddings[0].weight.dtype
