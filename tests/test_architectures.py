@@ -70,7 +70,7 @@ REFUSED: dict[str, str] = {
     "xlm": r"the residual changes between layer 0's output and layer 1's input",  # a norm between layers
     "electra": r"token embeddings are 128-wide but its residual stream is 64-wide",
     "rembert": r"token embeddings are 256-wide but its residual stream is 64-wide",
-    "git": r"the probe never ran a layer of git\.image_encoder",  # text layers are BERT-like, post-LN
+    "git": r"git\.embeddings\.word_embeddings \(Embedding\) transforms its rows",  # BERT-like text layers
 }
 
 # Refused types that runtime ablation of the residual stream itself (residual_only=True) cannot serve either, and
@@ -86,7 +86,6 @@ RUNTIME_REFUSED: dict[str, str] = {
     "xlnet": r"its axes are not",
     "electra": r"token embeddings are 128-wide",
     "rembert": r"token embeddings are 256-wide",
-    "git": r"the probe never ran a layer",
 }
 
 TOLERANCE = 1e-4

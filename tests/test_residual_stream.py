@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers as tf
 from test_cli import invoke
-from tiny import HARMFUL, H, VOCAB, tiny_tokenizer
+from tiny import HARMFUL, VOCAB, H, tiny_tokenizer
 
 from abliterate import ArchitectureError, DirectionSet, ablate, from_pretrained_objects, orthogonalize
 from abliterate.hooks import HookSet

@@ -138,3 +138,35 @@ def test_load_edit_and_save_a_vlm(tmp_path):
         before = model(input_ids=ids).logits
     assert (got - want).abs().max() < 1e-5
     assert (got - before).abs().max() > 1e-3
+
+
+def test_a_vlm_without_a_text_stack_the_tool_can_find_is_one_line(tmp_path):
+    """Layer stacks only inside the vision tower: refused, naming them, never edited as if they were the text."""
+    from torch import nn
+
+    from abliterate import ArchitectureError
+    from abliterate.selfcheck import checked_anatomy
+
+    class Tower(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layers = nn.ModuleList([nn.Linear(8, 8) for _ in range(2)])
+
+    class TextlessVLM(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.vision_tower = Tower()
+            self.embed = nn.Embedding(16, 8)
+            self.head = nn.Linear(8, 16)
+
+        def get_input_embeddings(self) -> nn.Module:
+            return self.embed
+
+        def forward(self, input_ids):
+            return self.head(self.embed(input_ids))
+
+    with pytest.raises(ArchitectureError) as exc:
+        checked_anatomy(TextlessVLM())
+    msg = str(exc.value)
+    assert "\n" not in msg and "cannot find the text decoder layers of TextlessVLM" in msg
+    assert "belong to a vision or audio tower (vision_tower.layers)" in msg and "layers_path=" in msg

@@ -240,11 +240,12 @@ def _num_layers(model: nn.Module) -> int | None:
 
 def _search_layers(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
     """The layer list of an architecture no path names: a ModuleList of blocks of one class (as many as the
-    config's ``num_hidden_layers`` when it says), the one holding the most parameters."""
+    config's ``num_hidden_layers`` when it says), the one holding the most parameters, outside any vision or audio
+    tower."""
     n = _num_layers(model)
     found: list[tuple[bool, int, str, nn.ModuleList]] = []
     for name, module in model.named_modules():
-        if not isinstance(module, nn.ModuleList) or len(module) == 0:
+        if not isinstance(module, nn.ModuleList) or len(module) == 0 or re.search(OTHER_TOWERS, name):
             continue
         if len({type(m) for m in module}) != 1 or not any(True for _ in module[0].parameters()):
             continue
@@ -266,8 +267,10 @@ def find_layers(model: nn.Module, layers_path: str | None = None, *, search: boo
     if search and layers_path is None and (searched := _search_layers(model)) is not None:
         return searched
     looked = layers_path or ", ".join(LAYER_PATHS)
+    towers = [n for n, m in model.named_modules() if isinstance(m, nn.ModuleList) and re.search(OTHER_TOWERS, n)]
+    seen = f"; the layer stacks found belong to a vision or audio tower ({', '.join(towers[:3])})" if towers else ""
     raise ArchitectureError(
-        f"cannot find the decoder layers of {type(model).__name__}: looked for {looked}; "
+        f"cannot find the text decoder layers of {type(model).__name__}: looked for {looked}{seen}; "
         "pass layers_path='<dotted.path.to.ModuleList>'"
     )
 
