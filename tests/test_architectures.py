@@ -40,10 +40,6 @@ REFUSED: dict[str, str] = {
     "musicgen_melody": r"input embeddings are a ModuleList, not one embedding table",
     "rwkv": r"layer 0 of RwkvForCausalLM: .* of its residual update is not written",  # gated writes, pre_ln
     "longcat_flash": r"layer 0 of LongcatFlashForCausalLM: .* not written",  # identity ("zero") experts
-    # a norm inside the embedding module (and a depthwise conv on each write)
-    "inkling_text": r"InklingForCausalLM: model\.embed_tokens \(InklingNormedEmbedding\) transforms its rows",
-    "inkling2_text": r"Inkling2ForCausalLM: model\.embed_tokens \(Inkling2NormedEmbedding\) transforms its rows",
-    "inkling2_loop_text": r"model\.embed_tokens \(Inkling2LoopNormedEmbedding\) transforms its rows",
     # encoders and encoder-decoders exposed as causal LMs
     "bart": _EMBEDDING_NORM,
     "blenderbot-small": _EMBEDDING_NORM,
@@ -133,10 +129,10 @@ def assert_outcome(outcome: Outcome, refused: dict[str, str]) -> None:
 
 
 def test_support_target():
-    """Share of the decoder-only types that build which are supported: 144 of 158 (91.1 %) with transformers 5.24.
+    """Share of the decoder-only types that build which are supported: 147 of 158 (93.0 %) with transformers 5.24.
     The issue asks for 95 %; every refusal in REFUSED is a model no weight edit removes a direction from exactly
     (or one that needs a LayerNorm post-norm / container bias in the edit), so this guards against regressions."""
     decoder_only = [t for t in CAUSAL_TYPES if t not in ENCODER_TYPES and t not in UNBUILDABLE]
     refused = [t for t in decoder_only if t in REFUSED]
     supported = len(decoder_only) - len(refused)
-    assert supported / len(decoder_only) >= 0.91, f"{supported}/{len(decoder_only)} supported"
+    assert supported / len(decoder_only) >= 0.93, f"{supported}/{len(decoder_only)} supported"

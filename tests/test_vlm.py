@@ -54,12 +54,8 @@ ITT_UNBUILDABLE: dict[str, str] = {
 }
 
 ITT_REFUSED: dict[str, str] = {
-    # a norm inside the embedding module (and a depthwise conv on each write)
-    "inkling_mm_model": r"embed_tokens \(InklingNormedEmbedding\) transforms its rows",
     # sinusoidal positions: a buffer, not a weight
     "kosmos-2.5": r"transforms the embeddings before the first layer \(text_model\.model\.embed_positions\)",
-    # an RMSNorm inside the embedding module: projecting its output is not editing its rows
-    "muse_glimmer": r"embed_tokens \(MuseGlimmerTextNormedEmbedding\) transforms its rows",
 }
 
 

@@ -109,6 +109,17 @@ def _bias_conflict(targets: list[_Target]) -> str | None:
     )
 
 
+def _inner_norm(writers: list[Writer]) -> str | None:
+    """An embedding whose module normalizes its own lookup: PEFT adds the LoRA update after that norm."""
+    inner = next((w for w in writers if w.hook_input), None)
+    if inner is None:
+        return None
+    return (
+        f"{inner.name} normalizes its lookup inside the module, and PEFT adds a LoRA update to the module's output, "
+        "after that norm, so the embedding edit has no exact adapter"
+    )
+
+
 def _targets(lm: LoadedModel, plan: EditPlan) -> list[_Target]:
     """The plan's writers as LoRA targets, after every check that can refuse the export."""
     if not plan.edits:
@@ -129,7 +140,7 @@ def _targets(lm: LoadedModel, plan: EditPlan) -> list[_Target]:
     targets = [_Target(_kind(e.writer), e.writer.name, e) for e in plan.edits]
     if len({t.name for t in targets}) != len(targets):
         raise AdapterError("the plan edits one writer twice; LoRA has one update per module, so merge the edits first")
-    conflict = _bias_conflict(targets)
+    conflict = _bias_conflict(targets) or _inner_norm([e.writer for e in plan.edits])
     if conflict:
         raise AdapterError(
             f"{conflict}; export an edit without the embeddings (embedding scale 0), or write the full weights"
@@ -265,7 +276,7 @@ def restrict_run(cfg: RunConfig, lm: LoadedModel) -> None:
         raise AdapterError(f"{conflict}; drop --as-adapter to write the full weights")
     _check_kinds(writers)
     embeddings = [_Target(_kind(w), w.name, WriterEdit(w, probe, 1.0)) for w in lm.anatomy.embeddings]
-    conflict = _bias_conflict(writers + embeddings)
+    conflict = _bias_conflict(writers + embeddings) or _inner_norm(lm.anatomy.embeddings)
     if conflict and not cfg.search.enabled:
         raise AdapterError(
             f"{conflict}; --no-search edits the embeddings: use the search with --as-adapter (it then leaves them "

@@ -359,4 +359,9 @@ def _module_name(model: nn.Module, target: nn.Module) -> str:
 
 
 def _embedding_writer(module: nn.Module, name: str) -> Writer:
+    """The token table; when the embedding module normalizes its lookup with a norm of its own (Inkling), that norm
+    is the table's post-norm and runtime edits act on its input, where the rows are."""
+    children = list(module.children())
+    if isinstance(module, nn.Embedding) and len(children) == 1 and "norm" in type(children[0]).__name__.lower():
+        return Writer(name, module, "weight", 1, None, None, children[0], "embedding", children[0], hook_input=True)
     return Writer(name, module, "weight", 1, None, None, kind="embedding")

@@ -19,7 +19,7 @@ from .errors import AbliterateError, DirectionError
 from .hooks import HookSet
 from .model import LoadedModel
 from .plan import edit_plan
-from .projection import Scale, layer_scales, project_out, writer_fn
+from .projection import Scale, hook_writer, layer_scales, project_out, writer_fn
 from .streams import per_stream, residual_hooks
 
 Coefficient = float | Mapping[int, float] | Activations
@@ -53,7 +53,7 @@ def ablate(
     plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
     with HookSet() as hooks:
         for e in plan.edits:
-            hooks.on_output(e.writer.hook_module, writer_fn(e.writer, e.basis, e.scale))
+            hook_writer(hooks, e.writer, writer_fn(e.writer, e.basis, e.scale))
         yield hooks
 
 

@@ -117,6 +117,13 @@ POST_NORMS: tuple[PostNormSpec, ...] = (
     ),
     # AXK1: the MoE block normalizes its own output
     PostNormSpec(("mlp.post_mlp_layernorm",), ((_MLP_ANY, "mlp.post_mlp_layernorm"),)),
+    # Inkling / Inkling 2: a depthwise causal convolution (plus its skip) after the attention and after the MLP; not
+    # a norm but a per-channel filter, whose taps writer_basis reads off
+    PostNormSpec(("attn_sconv", "mlp_sconv"), ((_ATTN_ANY, "attn_sconv"), (_MLP_ANY, "mlp_sconv"))),
+    PostNormSpec(
+        ("post_attention_convolution", "post_mlp_convolution"),
+        ((_ATTN_ANY, "post_attention_convolution"), (_MLP_ANY, "post_mlp_convolution")),
+    ),
 )
 # Gemma 3n / 4: the per-layer embedding's projection has its own post-norm (matched in any layer).
 PER_LAYER_POST_NORMS: tuple[tuple[str, str], ...] = ((r"per_layer_projection", "post_per_layer_input_norm"),)

@@ -28,7 +28,7 @@ from .hooks import HookSet
 from .kernel import project_tensor, tied_embeddings, work_buffer
 from .model import LoadedModel
 from .placement import flat_hooks, is_offloaded
-from .projection import Scale, ablate_fn, layer_scales, project_out, writer_basis, writer_fn
+from .projection import Scale, ablate_fn, hook_writer, layer_scales, project_out, writer_basis, writer_fn
 from .space import EditSpec
 
 MODES = ("auto", "weights", "hooks")
@@ -340,9 +340,9 @@ def _apply_hooks(plan: EditPlan, handle: AppliedEdit) -> None:
     for e in plan.edits:
         module = e.writer.hook_module
         if not plan.norm_preserving or e.writer.is_bias:
-            handle.hooks.on_output(module, writer_fn(e.writer, e.basis, e.scale))
+            hook_writer(handle.hooks, e.writer, writer_fn(e.writer, e.basis, e.scale))
         elif e.writer.layer is None:
-            handle.hooks.on_output(module, _norm_kept_fn(e.basis, e.scale))
+            hook_writer(handle.hooks, e.writer, _norm_kept_fn(e.basis, e.scale))
         elif e.writer.weight.dim() == 3:
             raise AbliterateError(
                 f"a norm-preserving edit of the fused experts {e.writer.name} has no runtime twin (its gains act "

@@ -8,8 +8,11 @@ import torch
 from torch import nn
 
 from .anatomy import Anatomy, Writer
-from .errors import AbliterateError, DirectionError
+from .errors import AbliterateError, ArchitectureError, DirectionError
+from .hooks import HookSet
 from .placement import hook_device
+
+MAX_TAPS = 16  # the longest causal filter after a writer that writer_basis reads off
 
 Scale = float | Mapping[int, float]
 
@@ -47,18 +50,76 @@ def norm_gain(norm: nn.Module, hidden: int) -> tuple[torch.Tensor, bool]:
     return gain.float(), centered
 
 
+def is_norm(module: nn.Module) -> bool:
+    return "norm" in type(module).__name__.lower()
+
+
+@torch.no_grad()
+def filter_taps(module: nn.Module, hidden: int) -> torch.Tensor | None:
+    """``[D, hidden]`` taps ``a_d`` of a per-channel causal linear filter ``y(t) = sum_d a_d * x(t - d)`` (a
+    depthwise causal convolution plus its skip), read off its response to an impulse and checked on a random
+    input; None when ``module`` is no such filter (or a longer one than :data:`MAX_TAPS`)."""
+    param = next(module.parameters(), None)
+    if param is None or not param.dtype.is_floating_point:
+        return None
+    device = hook_device(module) or param.device
+
+    def run(x: torch.Tensor) -> torch.Tensor | None:
+        try:
+            out = module(x.to(device, param.dtype))
+        except (TypeError, RuntimeError, ValueError):
+            return None
+        out = out[0] if isinstance(out, tuple) else out
+        return out.double().cpu() if isinstance(out, torch.Tensor) and out.shape == x.shape else None
+
+    impulse = torch.zeros(1, 2 * MAX_TAPS, hidden, dtype=torch.float64)
+    impulse[0, 0] = 1.0
+    response = run(impulse)
+    if response is None or float(response[0, MAX_TAPS:].abs().max()) > 0:
+        return None
+    taps = response[0, :MAX_TAPS]
+    x = torch.randn(1, 2 * MAX_TAPS, hidden, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    got = run(x)
+    want = sum(taps[d] * torch.nn.functional.pad(x, (0, 0, d, 0))[:, : x.shape[1]] for d in range(MAX_TAPS))
+    tolerance = 1e-4 if param.dtype == torch.float32 or param.dtype == torch.float64 else 2e-2
+    if got is None or float((got - want).norm()) > tolerance * float(want.norm()):
+        return None
+    used = (taps.abs().sum(-1) > 0).nonzero()
+    return taps[: int(used.max()) + 1].float() if len(used) else None
+
+
+def hook_writer(hooks: HookSet, writer: Writer, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    """Attach a runtime edit of ``writer`` where its write is (see :attr:`Writer.hook_input`)."""
+    (hooks.on_input if writer.hook_input else hooks.on_output)(writer.hook_module, fn)
+
+
 def writer_basis(writer: Writer, basis: torch.Tensor, hidden: int) -> torch.Tensor:
     """The basis to remove from a writer's raw output so that what reaches the residual has none of it.
 
     Without a post-norm that is ``basis`` itself (a constant writer: its own component is subtracted). With an
     RMSNorm of gain ``g`` after the writer, removing ``g * r`` from the writer's output makes the normalized output
     orthogonal to ``r``; with a LayerNorm, ``P (g * r)`` with ``P`` the mean removal (its bias is a writer of its own).
+    With a per-channel causal filter ``y(t) = sum_d a_d * x(t - d)`` (Inkling's short convolution plus its skip),
+    ``y(t) . r = sum_d x(t - d) . (a_d * r)``: removing every ``a_d * r`` (an orthonormal basis of them) from the
+    writer's output makes what reaches the residual orthogonal to ``r`` at every position.
     """
     device = writer.weight.device
     if device.type == "meta":  # a module tree without weights (streaming edit): the basis lives on the CPU
         device = torch.device("cpu")
     if writer.post_norm is None:
         return basis.to(device)
+    if not is_norm(writer.post_norm):
+        taps = filter_taps(writer.post_norm, hidden)
+        if taps is None:
+            raise ArchitectureError(
+                f"{writer.name}'s output passes {type(writer.post_norm).__name__}, neither a norm nor a per-channel "
+                "causal linear filter; abliterate cannot edit this writer exactly"
+            )
+        vectors = (basis.double()[:, None, :] * taps.double()[None]).reshape(-1, hidden)
+        u, sv, _ = torch.linalg.svd(vectors.T, full_matrices=False)
+        if float(sv[0]) < 1e-8:
+            raise DirectionError(f"the filter after {writer.name} zeroes this direction; pick another layer")
+        return u[:, sv > sv[0] * 1e-6].T.contiguous().float().to(device)
     gain, centered = norm_gain(writer.post_norm, hidden)
     scaled = basis.double() * gain.double()
     if centered:

@@ -127,9 +127,11 @@ def _embedding_transform(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) 
 
 
 def _transformed_rows(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> str | None:
-    """The token embedding, when its output is not (a scalar times) rows of its weight for the ids it is given (a
-    norm inside the module): its output cannot be edited at runtime the way its rows are edited."""
+    """The token embedding, when what its runtime edit acts on (its output, or the input of the norm inside it) is
+    not (a scalar times) rows of its weight for the ids it is given: then editing it at runtime and editing its rows
+    differ."""
     seen: list[tuple[Writer, torch.Tensor, torch.Tensor]] = []
+    looked_up: list[torch.Tensor] = []
 
     def edit(hooks: HookSet) -> None:
         for w in anatomy.embeddings[:1]:  # an offloaded table's weight is not in memory: not checked
@@ -139,7 +141,18 @@ def _transformed_rows(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor) -> 
                     if args and isinstance(args[0], torch.Tensor) and isinstance(out, torch.Tensor):
                         seen.append((w, args[0].detach(), out.detach().float()))
 
-                hooks.add(w.module.register_forward_hook(grab))
+                def lookup(m: nn.Module, args: tuple, w: Writer = w) -> None:
+                    looked_up.append(args[0].detach())
+
+                def rows_in(m: nn.Module, args: tuple, w: Writer = w) -> None:  # the norm inside sees the rows
+                    if looked_up and args and isinstance(args[0], torch.Tensor):
+                        seen.append((w, looked_up.pop(), args[0].detach().float()))
+
+                if w.hook_input:
+                    hooks.add(w.module.register_forward_pre_hook(lookup))
+                    hooks.add(w.hook_module.register_forward_pre_hook(rows_in))
+                else:
+                    hooks.add(w.module.register_forward_hook(grab))
 
     run_probe(model, list(anatomy.layers), ids, edit)
     for w, idx, out in seen:

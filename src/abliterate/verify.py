@@ -30,7 +30,7 @@ from torch.utils.hooks import RemovableHandle
 from .anatomy import Anatomy, Writer
 from .hooks import HookSet, first_tensor
 from .placement import execution_device, is_offloaded
-from .projection import writer_basis, writer_fn
+from .projection import hook_writer, writer_basis, writer_fn
 from .streams import Calls, as_streams, gap_error, residual_hooks, single_pass_error, token_error, width_error
 
 PROBE_TOKENS = 8
@@ -235,7 +235,7 @@ def ablate_writers(writers: Sequence[Writer], basis: torch.Tensor, hidden: int) 
 
     def edit(hooks: HookSet) -> None:
         for w in writers:
-            hooks.on_output(w.hook_module, writer_fn(w, writer_basis(w, basis, hidden), 1.0))
+            hook_writer(hooks, w, writer_fn(w, writer_basis(w, basis, hidden), 1.0))
 
     return edit
 

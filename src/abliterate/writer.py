@@ -14,13 +14,17 @@ class Writer:
 
     ``out_axis`` is the weight axis of size ``hidden_size`` (the residual side). ``module`` is the
     module whose forward output is that write (the experts module for fused experts).
-    ``post_norm`` is a norm (RMSNorm, or LayerNorm: see :func:`abliterate.projection.writer_basis`) applied to
-    the write before it is added, if any. ``kind`` is ``"attn"`` (attention or another token mixer), ``"mlp"`` (MLP,
+    ``post_norm`` is what the write passes before it is added, if anything: a norm (RMSNorm, or LayerNorm) or a
+    per-channel causal linear filter (a depthwise convolution with its skip); see
+    :func:`abliterate.projection.writer_basis`.
+    ``kind`` is ``"attn"`` (attention or another token mixer), ``"mlp"`` (MLP,
     every MoE expert, shared experts), ``"embedding"`` or ``"other"`` (a custom writer pattern matching neither),
     from :func:`writer_kind`.
 
     A 1-D ``param`` (:attr:`is_bias`) is a constant write: a LayerNorm's bias, or a bias added outside any Linear.
     ``module`` holds it; ``hook`` is then the module whose (first) output carries it, where runtime edits act.
+    ``hook_input``: runtime edits act on ``hook``'s input instead (an embedding whose lookup passes a norm inside the
+    embedding module: the hook sits on that norm's input, where the rows are).
     """
 
     name: str
@@ -32,6 +36,7 @@ class Writer:
     post_norm: nn.Module | None = None
     kind: str = "other"
     hook: nn.Module | None = None
+    hook_input: bool = False
 
     @property
     def weight(self) -> torch.Tensor:
@@ -48,5 +53,5 @@ class Writer:
 
     @property
     def hook_module(self) -> nn.Module:
-        """The module whose (first) output runtime edits change."""
+        """The module whose (first) output (or input, with :attr:`hook_input`) runtime edits change."""
         return self.module if self.hook is None else self.hook
