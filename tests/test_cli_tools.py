@@ -158,56 +158,19 @@ def test_export_control_vector(measured, tmp_path):
 
 def test_chat_in_a_real_terminal_toggles_modes(measured):
     """Drive `abliterate chat` through a pseudo-terminal, as a person would type."""
-    import os
-    import pty
-    import subprocess
     import sys
-    import time
+
+    from terminal import Terminal
 
     model, out = measured
-    primary, secondary = pty.openpty()
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "abliterate.cli",
-            "chat",
-            str(model),
-            str(out / "directions.safetensors"),
-            "--layer",
-            "1",
-            "--max-new-tokens",
-            "3",
-        ],
-        stdin=secondary,
-        stdout=secondary,
-        stderr=secondary,
-        close_fds=True,
-    )
-    os.close(secondary)
-    seen = b""
-
-    def read_until(token: bytes, timeout: float = 120) -> None:
-        nonlocal seen
-        end = time.time() + timeout
-        while token not in seen and time.time() < end:
-            try:
-                seen += os.read(primary, 4096)
-            except OSError:
-                break
-        assert token in seen, seen.decode(errors="replace")[-500:]
-        seen = seen[seen.index(token) + len(token) :]  # the next wait needs fresh output
-
-    try:
-        read_until(b"[ablate] you>")
-        os.write(primary, b"hello\n")
-        read_until(b"[ablate] you>", 60)
-        os.write(primary, b"/base\n")
-        read_until(b"mode: base")
-        os.write(primary, b"/nonsense\n")
-        read_until(b"unknown command")
-        os.write(primary, b"/quit\n")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
-        os.close(primary)
+    args = [str(model), str(out / "directions.safetensors"), "--layer", "1", "--max-new-tokens", "3"]
+    with Terminal([sys.executable, "-m", "abliterate.cli", "chat", *args]) as term:
+        term.read_until(b"[ablate] you>")
+        term.type(b"hello")
+        term.read_until(b"[ablate] you>", 60)
+        term.type(b"/base")
+        term.read_until(b"mode: base")
+        term.type(b"/nonsense")
+        term.read_until(b"unknown command")
+        term.type(b"/quit")
+        assert term.proc.wait(timeout=60) == 0

@@ -5,15 +5,13 @@ and output leaves none of it anywhere in the stream; weight edits through such a
 
 from __future__ import annotations
 
-import os
-import pty
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import transformers as tf
+from registry import randomize
+from terminal import Terminal
 from test_cli import invoke
 from tiny import HARMFUL, VOCAB, H, tiny_tokenizer
 
@@ -38,16 +36,7 @@ def post_ln_opt(seed: int = 0) -> torch.nn.Module:
         eos_token_id=2,
         pad_token_id=0,
     )
-    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "layer_norm" in name:
-                p.add_(0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0, 0.05)
-            elif p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return model.eval()
+    return randomize(tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32))
 
 
 @pytest.fixture(scope="module")
@@ -156,38 +145,13 @@ def test_cli_measure_and_apply_with_residual_stream(post_ln_dir, tmp_path):
 def test_cli_chat_with_residual_stream_in_a_terminal(post_ln_dir, tmp_path):
     out = tmp_path / "m"
     assert invoke("measure", str(post_ln_dir), "--out", str(out), *LOOSE, "--residual-stream").exit_code == 0
-    primary, secondary = pty.openpty()
     args = [str(post_ln_dir), str(out / "directions.safetensors"), "--layer", "1", "--max-new-tokens", "3"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "abliterate.cli", "chat", *args, "--residual-stream"],
-        stdin=secondary,
-        stdout=secondary,
-        stderr=secondary,
-        close_fds=True,
-    )
-    os.close(secondary)
-    seen = b""
-
-    def read_until(token: bytes, timeout: float = 120) -> None:
-        nonlocal seen
-        end = time.time() + timeout
-        while token not in seen and time.time() < end:
-            try:
-                seen += os.read(primary, 4096)
-            except OSError:
-                break
-        assert token in seen, seen.decode(errors="replace")[-500:]
-        seen = seen[seen.index(token) + len(token) :]
-
-    try:
-        read_until(b"[ablate] you>")
-        os.write(primary, HARMFUL[0].encode() + b"\n")
-        read_until(b"[ablate] you>")  # answered with the residual stream ablated, then asked again
-        os.write(primary, b"/quit\n")
-        assert proc.wait(timeout=60) == 0
-    finally:
-        proc.kill()
-        os.close(primary)
+    with Terminal([sys.executable, "-m", "abliterate.cli", "chat", *args, "--residual-stream"]) as term:
+        term.read_until(b"[ablate] you>")
+        term.type(HARMFUL[0].encode())
+        term.read_until(b"[ablate] you>")  # answered with the residual stream ablated, then asked again
+        term.type(b"/quit")
+        assert term.proc.wait(timeout=60) == 0
 
 
 @pytest.mark.parametrize("model_type", ["deepseek_v4", "qwen4_exp_text"])

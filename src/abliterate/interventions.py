@@ -19,7 +19,7 @@ from .errors import AbliterateError, DirectionError
 from .hooks import HookSet
 from .model import LoadedModel
 from .plan import edit_plan
-from .projection import Scale, hook_writer, layer_scales, project_out, writer_fn
+from .projection import Scale, embedding_scale_of, hook_writer, layer_scales, project_out, writer_fn
 from .streams import per_stream, residual_hooks
 
 Coefficient = float | Mapping[int, float] | Activations
@@ -68,12 +68,9 @@ def _ablate_residual(
 ) -> Iterator[HookSet]:
     basis = as_basis(direction, lm.hidden_size)
     scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
-    use_emb = (layers is None) if embeddings is None else embeddings
-    emb_scale = embedding_scale if embedding_scale is not None else (1.0 if isinstance(scale, Mapping) else scale)
-    if emb_scale < 0:
-        raise AbliterateError(f"embedding_scale is negative ({emb_scale}); use a value >= 0")
+    emb_scale = embedding_scale_of(layers, scale, embeddings, embedding_scale)
     with HookSet() as hooks:
-        residual_hooks(hooks, lm.anatomy.layers, basis, lm.hidden_size, scales, emb_scale if use_emb else 0.0)
+        residual_hooks(hooks, lm.anatomy.layers, basis, lm.hidden_size, scales, emb_scale)
         yield hooks
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -28,7 +28,16 @@ from .hooks import HookSet
 from .kernel import project_tensor, tied_embeddings, work_buffer
 from .model import LoadedModel
 from .placement import flat_hooks, is_offloaded
-from .projection import Scale, ablate_fn, hook_writer, layer_scales, project_out, writer_basis, writer_fn
+from .projection import (
+    Scale,
+    ablate_fn,
+    embedding_scale_of,
+    hook_writer,
+    layer_scales,
+    project_out,
+    writer_basis,
+    writer_fn,
+)
 from .space import EditSpec
 
 MODES = ("auto", "weights", "hooks")
@@ -65,12 +74,9 @@ def edit_plan(
     lm.anatomy.require_weights()
     basis = as_basis(direction, lm.hidden_size)
     scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
-    use_emb = (layers is None) if embeddings is None else embeddings
-    emb_scale = embedding_scale if embedding_scale is not None else (1.0 if isinstance(scale, Mapping) else scale)
-    if emb_scale < 0:
-        raise AbliterateError(f"embedding_scale is negative ({emb_scale}); use a value >= 0")
+    emb_scale = embedding_scale_of(layers, scale, embeddings, embedding_scale)
     pairs: list[tuple[Writer, float]] = []
-    if use_emb and emb_scale:
+    if emb_scale:
         pairs += [(w, emb_scale) for w in lm.anatomy.embeddings]
     for layer, s in sorted(scales.items()):
         pairs += [(w, s) for w in lm.anatomy.writers[layer]]

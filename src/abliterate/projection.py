@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -175,3 +175,15 @@ def layer_scales(anatomy: Anatomy, layers: list[int] | range | None, scale: Scal
         if s:
             out[idx] = float(s)
     return out
+
+
+def embedding_scale_of(
+    layers: Sequence[int] | None, scale: Scale, embeddings: bool | None, embedding_scale: float | None
+) -> float:
+    """How much of the direction the embeddings lose: ``embedding_scale``, else ``scale`` (1 for a per-layer map),
+    when ``embeddings`` (default: when every layer is edited), else 0."""
+    use = (layers is None) if embeddings is None else embeddings
+    value = embedding_scale if embedding_scale is not None else (1.0 if isinstance(scale, Mapping) else scale)
+    if value < 0:
+        raise AbliterateError(f"embedding_scale is negative ({value}); use a value >= 0")
+    return float(value) if use else 0.0
