@@ -9,6 +9,7 @@ import copy
 
 import pytest
 import torch
+import transformers
 from registry import tiny_registry_model
 from torch import nn
 
@@ -22,6 +23,9 @@ from abliterate.streaming import stream_orthogonalize
 from abliterate.verify import forward
 
 HIDDEN, K = 6, 3
+needs_inkling = pytest.mark.skipif(
+    "inkling_text" not in transformers.CONFIG_MAPPING, reason="this transformers has no Inkling"
+)
 
 
 class ConvSkip(nn.Module):
@@ -71,6 +75,7 @@ def _unit(hidden: int) -> torch.Tensor:
     return nn.functional.normalize(torch.randn(hidden, generator=torch.Generator().manual_seed(5)), dim=0)
 
 
+@needs_inkling
 def test_inkling_writers_through_filters_and_the_inner_embedding_norm():
     model, lm = _inkling()
     emb = lm.anatomy.embeddings[0]
@@ -93,6 +98,7 @@ def test_inkling_writers_through_filters_and_the_inner_embedding_norm():
         assert float((forward(edited, ids).logits - runtime).abs().max()) < 1e-4
 
 
+@needs_inkling
 def test_stream_edit_of_an_inkling_checkpoint_equals_the_in_memory_edit(tmp_path):
     model, lm = _inkling()
     model.save_pretrained(tmp_path / "src")
@@ -107,6 +113,7 @@ def test_stream_edit_of_an_inkling_checkpoint_equals_the_in_memory_edit(tmp_path
         torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
 
 
+@needs_inkling
 def test_an_adapter_of_an_embedding_with_an_inner_norm_is_refused(tmp_path):
     pytest.importorskip("peft")
     from abliterate.adapter import export_adapter
