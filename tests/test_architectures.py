@@ -113,8 +113,10 @@ def assert_outcome(outcome: Outcome, refused: dict[str, str]) -> None:
         if model_type in RUNTIME_REFUSED:
             assert "\n" not in outcome.runtime_only
             assert re.search(RUNTIME_REFUSED[model_type], outcome.runtime_only), outcome.runtime_only
+            assert "residual_only=True" not in outcome.detail, "the refusal offers a runtime path that is refused too"
             return
         assert not outcome.runtime_only, f"residual_only=True refuses {model_type}: {outcome.runtime_only}"
+        assert "residual_only=True (CLI: measure or chat --residual-stream)" in outcome.detail
         assert outcome.runtime_leak < TOLERANCE, f"runtime residual ablation leaves {outcome.runtime_leak:.2e}"
         assert outcome.runtime_effect > 1e-3, "ablating the residual stream must change the logits"
         return

@@ -201,28 +201,8 @@ def checked_anatomy(
             "another, to one residual stream"
         )
     if residual_only:
-        if (why := check.not_single_pass or check.token_error) is not None:
-            raise ArchitectureError(
-                f"{type(model).__name__}: {why}; runtime ablation of the residual stream needs layers that each "
-                "read it once per forward pass, one position per token"
-            )
-        try:
-            leak = residual_leak(model, anatomy, ids)
-        except Exception as exc:  # the model's own code rejects hooked outputs: reported, not suppressed
-            raise ArchitectureError(
-                f"{type(model).__name__}: runtime ablation of the residual stream breaks its forward pass "
-                f"({type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''})"
-            ) from exc
-        eps = (
-            torch.finfo(anatomy.embeddings[0].weight.dtype).eps
-            if anatomy.embeddings[0].weight.is_floating_point()
-            else 0
-        )
-        if leak > LEAK_TOLERANCE + (8 * eps if eps > 1e-6 else 0.0):  # rounding a half-precision stream
-            raise ArchitectureError(
-                f"{type(model).__name__}: after projecting a random direction out of every layer's input and output "
-                f"{min(leak, 1.0):.1%} of it is still in the residual stream; runtime ablation is not exact here"
-            )
+        if (problem := _residual_problem(model, anatomy, check, ids)) is not None:
+            raise ArchitectureError(problem)
         anatomy.residual_only = True
         try:
             _check_writers(model, anatomy, check, ids, writer_patterns)
@@ -232,9 +212,33 @@ def checked_anatomy(
         return anatomy
     try:
         _check_writers(model, anatomy, check, ids, writer_patterns)
-    except ArchitectureError as exc:
-        raise ArchitectureError(f"{exc}{RESIDUAL_HINT}") from None
+    except ArchitectureError as exc:  # name the runtime path only where it would be exact
+        hint = RESIDUAL_HINT if _residual_problem(model, anatomy, check, ids) is None else ""
+        raise ArchitectureError(f"{exc}{hint}") from None
     return anatomy
+
+
+def _residual_problem(model: nn.Module, anatomy: Anatomy, check: Verification, ids: torch.Tensor) -> str | None:
+    """Why runtime ablation of the residual stream itself would not be exact for ``model`` (None: it would be)."""
+    cls = type(model).__name__
+    if (why := check.not_single_pass or check.token_error) is not None:
+        return (
+            f"{cls}: {why}; runtime ablation of the residual stream needs layers that each read it once per forward "
+            "pass, one position per token"
+        )
+    try:
+        leak = residual_leak(model, anatomy, ids)
+    except Exception as exc:  # the model's own code rejects hooked outputs: reported, not suppressed
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return f"{cls}: runtime ablation of the residual stream breaks its forward pass ({type(exc).__name__}: {first})"
+    weight = anatomy.embeddings[0].weight
+    eps = torch.finfo(weight.dtype).eps if weight.is_floating_point() else 0.0
+    if leak > LEAK_TOLERANCE + (8 * eps if eps > 1e-6 else 0.0):  # rounding a half-precision stream
+        return (
+            f"{cls}: after projecting a random direction out of every layer's input and output {min(leak, 1.0):.1%} "
+            "of it is still in the residual stream; runtime ablation is not exact here"
+        )
+    return None
 
 
 def _check_writers(
