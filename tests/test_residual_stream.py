@@ -142,7 +142,20 @@ def test_cli_measure_and_apply_with_residual_stream(post_ln_dir, tmp_path):
     write = invoke(
         "apply", str(post_ln_dir), str(dirs), "--layer", "1", "--out", str(tmp_path / "w"), "--residual-stream"
     )
-    assert write.exit_code == 2 and "--residual-stream ablates at run time only" in write.output
+    assert write.exit_code == 2 and "--residual-stream acts at run time only" in write.output
+    induce = invoke(
+        "apply",
+        str(post_ln_dir),
+        str(dirs),
+        "--layer",
+        "1",
+        "--mode",
+        "induce",
+        "--residual-stream",
+        "--runtime-check",
+        HARMFUL[0],
+    )
+    assert induce.exit_code == 0, induce.output
     weights = invoke("apply", str(post_ln_dir), str(dirs), "--layer", "1", "--out", str(tmp_path / "w"))
     assert weights.exit_code != 0 and "post-LN residual" in weights.output
     assert not (tmp_path / "w").exists()

@@ -198,11 +198,8 @@ def apply(
         fail(f"scale must be >= 0, got {scale}")
     if not runtime_check and not out_dir:
         fail("nothing to do: pass --out DIR to write edited weights or --runtime-check PROMPT to try it live")
-    if residual_stream and (out_dir or stream or edit is not None or mode != "ablate"):
-        fail(
-            "--residual-stream ablates at run time only: use it with --runtime-check (mode ablate), "
-            "without --out, --stream or --edit"
-        )
+    if residual_stream and (out_dir or stream or edit is not None):
+        fail("--residual-stream acts at run time only: use it with --runtime-check, without --out, --stream or --edit")
     settings = {
         "model": model,
         "directions": str(directions_file),
