@@ -5,6 +5,7 @@ and output leaves none of it anywhere in the stream; weight edits through such a
 
 from __future__ import annotations
 
+import json
 import sys
 
 import pytest
@@ -132,6 +133,7 @@ def test_cli_measure_and_apply_with_residual_stream(post_ln_dir, tmp_path):
     assert res.exit_code == 0, res.output
     dirs = out / "directions.safetensors"
     assert DirectionSet.load(dirs).vectors.shape[-1] == H
+    assert json.loads((out / "candidates.json").read_text())["settings"]["ablation"] == "residual_stream"
 
     check = invoke(
         "apply", str(post_ln_dir), str(dirs), "--layer", "1", "--runtime-check", HARMFUL[0], "--residual-stream"

@@ -248,6 +248,8 @@ def select(
         "kl_limit_used": limit,
         "n_harmful_val": len(harmful_val),
         "n_harmless_val": len(harmless_val),
+        # bypass and KL were scored with the direction projected out of the residual stream itself
+        **({"ablation": "residual_stream"} if lm.anatomy.residual_only else {}),
     }
     return Selection(
         candidates=table,
