@@ -138,3 +138,22 @@ def test_support_target():
     refused = [t for t in decoder_only if t in REFUSED]
     supported = len(decoder_only) - len(refused)
     assert supported / len(decoder_only) >= 0.93, f"{supported}/{len(decoder_only)} supported"
+
+
+def test_qwen4_exp_with_ple_layers_is_refused():
+    """Qwen4-exp without PLE layers (its default) is supported; a PLE layer adds a depthwise convolution and a SiLU
+    after its value projection, which no edit makes exact: refused in one line, never edited wrongly."""
+    import torch
+    from registry import OVERRIDES, causal_lm_class, config_class, randomize, tiny_kwargs
+
+    from abliterate import ArchitectureError
+    from abliterate.selfcheck import checked_anatomy
+
+    if "qwen4_exp_text" not in CAUSAL_TYPES:
+        pytest.skip("this transformers has no Qwen4-exp")
+    cls = config_class("qwen4_exp_text")
+    config = cls(**{**tiny_kwargs(cls, OVERRIDES.get("qwen4_exp_text")), "ple_layer_ids": [1]})
+    torch.manual_seed(0)
+    model = randomize(causal_lm_class("qwen4_exp_text")._from_config(config, dtype=torch.float32))
+    with pytest.raises(ArchitectureError, match=r"layer 0 of .*\(ple\.value_proj, .*is still in the layer's residual"):
+        checked_anatomy(model)
