@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-from tiny import tiny_model, tiny_tokenizer
 from typer.testing import CliRunner
 
 from abliterate import cli_common
@@ -17,14 +16,6 @@ from abliterate import config as config_mod
 from abliterate.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
 
 
 def invoke(*args: str, env: dict[str, str] | None = None):
@@ -82,50 +73,50 @@ def test_bad_config_is_one_clear_line(tmp_path, toml, message):
     assert message in res.output and res.output.count("error:") == 1
 
 
-def run_args(tiny_dir, out, *extra):
-    return ("run", str(tiny_dir), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "2", *extra)
+def run_args(model_dir, out, *extra):
+    return ("run", str(model_dir), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "2", *extra)
 
 
-def test_run_refuses_a_model_that_never_refuses(tiny_dir, tmp_path):
+def test_run_refuses_a_model_that_never_refuses(model_dir, tmp_path):
     out = tmp_path / "out"
-    res = invoke(*run_args(tiny_dir, out))
+    res = invoke(*run_args(model_dir, out))
     assert res.exit_code == 2 and "does not refuse" in res.output
     assert not out.exists()
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_run_bad_inputs(tiny_dir, tmp_path):
+def test_run_bad_inputs(model_dir, tmp_path):
     missing = invoke("run", str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
     assert missing.exit_code == 2 and "no such file or directory" in missing.output
     existing = tmp_path / "exists"
     existing.mkdir()
     (existing / "keep.txt").write_text("mine")
-    res = invoke(*run_args(tiny_dir, existing))
+    res = invoke(*run_args(model_dir, existing))
     assert res.exit_code == 2 and "already exists" in res.output
     assert (existing / "keep.txt").read_text() == "mine"
-    res = invoke(*run_args(tiny_dir, tiny_dir, "--force"))
+    res = invoke(*run_args(model_dir, model_dir, "--force"))
     assert res.exit_code == 2 and "input model" in res.output
-    res = invoke(*run_args(tiny_dir, tiny_dir.parent, "--force"))
+    res = invoke(*run_args(model_dir, model_dir.parent, "--force"))
     assert res.exit_code == 2 and "input model" in res.output
-    res = invoke(*run_args(tiny_dir, tmp_path / "o", "--scale", "-0.5"))
+    res = invoke(*run_args(model_dir, tmp_path / "o", "--scale", "-0.5"))
     assert res.exit_code == 2 and "scale must be >= 0" in res.output
-    res = invoke(*run_args(tiny_dir, tmp_path / "o", "--method", "nope"))
+    res = invoke(*run_args(model_dir, tmp_path / "o", "--method", "nope"))
     assert res.exit_code == 2 and "unknown method" in res.output
     assert not (tmp_path / "o").exists()
 
 
-def test_run_bad_prompt_files(tiny_dir, tmp_path):
+def test_run_bad_prompt_files(model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{not json}\n')
-    res = invoke(*run_args(tiny_dir, tmp_path / "o", "--harmful", str(bad)))
+    res = invoke(*run_args(model_dir, tmp_path / "o", "--harmful", str(bad)))
     assert res.exit_code == 2 and "line 2 is not valid JSON" in res.output
     csv = tmp_path / "p.csv"
     csv.write_text("question_text\nhello\n")
-    res = invoke(*run_args(tiny_dir, tmp_path / "o", "--harmful", f"{csv}:missing"))
+    res = invoke(*run_args(model_dir, tmp_path / "o", "--harmful", f"{csv}:missing"))
     assert res.exit_code == 2 and "no column missing" in res.output
     small = tmp_path / "small.txt"
     small.write_text("one\ntwo\n")
-    res = invoke(*run_args(tiny_dir, tmp_path / "o", "--harmful", str(small)))
+    res = invoke(*run_args(model_dir, tmp_path / "o", "--harmful", str(small)))
     assert res.exit_code == 2 and "after deduplication but 14 are needed" in res.output
     assert not (tmp_path / "o").exists()
 
@@ -133,11 +124,11 @@ def test_run_bad_prompt_files(tiny_dir, tmp_path):
 STAGE_LINE = re.compile(r"^(capture|sweep): (\d+)/(\d+)( \(\d+%\) (elapsed \S+ eta \S+|done in \S+))?$")
 
 
-def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(tiny_dir, tmp_path, monkeypatch):
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(model_dir, tmp_path, monkeypatch):
     """CI logs, ssh, ``2> log``: a rich bar would only render at the end, so each stage logs plain lines as it goes."""
     ticks = itertools.count(0, 7)  # a fake clock: 7 s pass between two progress reports
     monkeypatch.setattr(cli_common, "_clock", lambda: next(ticks))
-    args = ["measure", str(tiny_dir), "--out", str(tmp_path / "o"), "--n-train", "6", "--n-val", "8"]
+    args = ["measure", str(model_dir), "--out", str(tmp_path / "o"), "--n-train", "6", "--n-val", "8"]
     env = {"ABLITERATE_BATCH_SIZE": "2", "FORCE_COLOR": None, "TTY_COMPATIBLE": None}
     res = runner.invoke(app, [*args, "--position", "-1", "--position", "-2"], env=env)
     assert res.exit_code == 0, res.output

@@ -7,7 +7,7 @@ import re
 
 import pytest
 from test_cli import invoke
-from tiny import HARMFUL, HARMLESS, pretend_refusal, tiny_lm, tiny_model, tiny_tokenizer
+from tiny import HARMFUL, HARMLESS, pretend_refusal, tiny_lm
 
 from abliterate.evaluation import RATES, Evaluator, format_rate, wilson
 from abliterate.model import LoadedModel
@@ -66,17 +66,9 @@ def test_evaluator_counts_three_outcomes(scripted):
     assert format_rate(m, "degenerate_rate") == "50% (15-85)"
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_model("qwen2").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-def test_run_writes_and_shows_every_verdict_with_intervals(scripted, tiny_dir, tmp_path):
+def test_run_writes_and_shows_every_verdict_with_intervals(scripted, model_dir, tmp_path):
     out = tmp_path / "run"
-    args = ["run", str(tiny_dir), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "4", "--no-search"]
+    args = ["run", str(model_dir), "--out", str(out), "--n-train", "4", "--n-val", "8", "--n-test", "4", "--no-search"]
     with pretend_refusal():
         res = invoke(*args, "--layer", "1", "--max-new-tokens", "3")
     assert res.exit_code == 0, res.output
@@ -95,8 +87,8 @@ def test_run_writes_and_shows_every_verdict_with_intervals(scripted, tiny_dir, t
     assert "| degenerate answers to held-out harmful prompts | 50% (15-85) -> 50% (15-85) |" in card
 
 
-def test_eval_shows_every_verdict_with_intervals(scripted, tiny_dir, tmp_path):
-    res = invoke("eval", str(tiny_dir), "--n-test", "4", "--max-new-tokens", "3", "--out", str(tmp_path / "m.json"))
+def test_eval_shows_every_verdict_with_intervals(scripted, model_dir, tmp_path):
+    res = invoke("eval", str(model_dir), "--n-test", "4", "--max-new-tokens", "3", "--out", str(tmp_path / "m.json"))
     assert res.exit_code == 0, res.output
     text = flat(res.stdout)
     assert "degenerate (harmful) 50% (15-85)" in text and "over-refusal (harmless) 25% (5-70)" in text
