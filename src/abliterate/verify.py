@@ -82,6 +82,7 @@ class Verification:
         return (
             self.width_error is None
             and self.gap is None
+            and self.not_single_pass is None
             and not self.failed
             and self.embedding_leak <= self.embedding_tolerance
         )
