@@ -1,7 +1,8 @@
 """Every causal-LM type the installed transformers registers, and every type it registers only as image-text-to-text
 (VLMs, text stack only), built as a tiny random model: supported, refused (with the one-line ArchitectureError) or not
 buildable tiny; a refused type is also loaded with residual_only=True and shown as "runtime only" when runtime ablation
-of the residual stream itself is exact for it. The same check as tests/test_architectures.py and tests/test_vlm.py.
+of the residual stream itself serves it (the direction absent from every layer's input and output). The same check
+as tests/test_architectures.py and tests/test_vlm.py.
 
     python bench/architectures.py [--markdown] [TYPE ...]
 """
@@ -32,7 +33,7 @@ def note(o: Outcome) -> str:
         return f"{count} writers/layer at `{o.layers_path}`{extra}; runtime vs weights {o.runtime_vs_weights:.0e}"
     short = o.detail.split("; ")[0].split(": after ablating")[0].split(", so ")[0]
     if o.status == "refused" and not o.runtime_only:
-        short += f"; residual-stream hooks exact ({o.runtime_leak:.0e} left)"
+        short += f"; --residual-stream: {o.runtime_leak:.0e} left between layers"
     elif o.status == "refused":
         short += f"; no runtime path either ({o.runtime_only.split('; ')[0].split(': ', 1)[-1]})"
     return short.replace("|", "\\|")
@@ -78,8 +79,8 @@ def main() -> None:
         built = n["supported"] + n["refused"]
         share = f" ({n['supported'] / built:.1%} of those that build)" if built else ""
         return (
-            f"{n['supported']} supported{share}, {n['refused']} refused for weight edits ({runtime} of them exact "
-            f"with --residual-stream), {n['unbuildable']} not buildable tiny"
+            f"{n['supported']} supported{share}, {n['refused']} refused for weight edits ({runtime} of them served "
+            f"by --residual-stream), {n['unbuildable']} not buildable tiny"
         )
 
     print()

@@ -70,7 +70,7 @@ REFUSED: dict[str, str] = {
 }
 
 # Refused types that runtime ablation of the residual stream itself (residual_only=True) cannot serve either, and
-# what that refusal must say; every other refused type must be served exactly by it.
+# what that refusal must say; every other refused type must be served by it (nothing left between layers).
 RUNTIME_REFUSED: dict[str, str] = {
     "gemma3n_text": r"not \(batch, tokens, hidden\)",
     "dory": r"layer 0 runs 2 times in one forward pass",

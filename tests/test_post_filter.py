@@ -123,3 +123,19 @@ def test_an_adapter_of_an_embedding_with_an_inner_norm_is_refused(tmp_path):
     with pytest.raises(AdapterError, match="normalizes its lookup inside the module"):
         export_adapter(lm, plan, tmp_path / "adapter")
     assert not (tmp_path / "adapter").exists()
+
+
+@pytest.mark.parametrize("model_type", ["inkling_text", "bloom"])
+def test_bake_induction_refuses_embeddings_that_pass_a_norm(model_type):
+    """A constant added to the rows does not pin the component after a norm (Inkling's inner RMSNorm, BLOOM's
+    embedding LayerNorm): refused before anything is edited, instead of saving an induction that is off."""
+    from abliterate import ArchitectureError, bake_induction
+
+    if model_type not in transformers.CONFIG_MAPPING:
+        pytest.skip(f"this transformers has no {model_type}")
+    model = tiny_registry_model(model_type)
+    lm = LoadedModel(model, None, checked_anatomy(model), model_type)
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    with pytest.raises(ArchitectureError, match="embeddings pass a norm before the residual"):
+        bake_induction(lm, _unit(lm.hidden_size), 3.0, through_layer=1)
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())

@@ -104,6 +104,18 @@ def test_runtime_residual_ablation_is_exact_and_reversible():
     assert _leak(partial[2], u) < 1e-6 and _leak(partial[3], u) < 1e-6
 
 
+def test_a_partial_scale_is_applied_once_at_each_point():
+    """scale=0.5 halves the component once where a layer hands its output to the next, not twice."""
+    lm = from_pretrained_objects(post_ln_opt(), tiny_tokenizer(), residual_only=True)
+    u = _unit()
+    ids = torch.randint(3, VOCAB, (2, 8), generator=torch.Generator().manual_seed(0))
+    with ablate(lm, u, scale=0.5):
+        _, stream = _stream(lm, ids)
+    layer0_in, layer0_out, layer1_in, _ = stream
+    torch.testing.assert_close(layer1_in @ u, layer0_out @ u, rtol=1e-6, atol=1e-6)
+    assert float((layer0_out @ u).abs().max()) > 1e-3, "half the component is left"
+
+
 def test_weight_edits_through_a_residual_only_load_are_refused():
     lm = from_pretrained_objects(post_ln_opt(), tiny_tokenizer(), residual_only=True)
     before = {n: p.clone() for n, p in lm.model.named_parameters()}

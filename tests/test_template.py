@@ -25,6 +25,12 @@ NO_SYSTEM = (
     "<start>{{ message['role'] }}\n{{ message['content'] }}<end>\n{% endfor %}"
     "{% if add_generation_prompt %}<start>model\n{% endif %}"
 )
+# Parts for the user, but the system content printed as it is: a list of parts would show as its Python repr.
+USER_PARTS_ONLY = (
+    "{% for message in messages %}{{ message['role'].upper() + ': ' }}{% if message['role'] == 'system' %}"
+    "{{ message['content'] }}{% else %}{% for part in message['content'] %}{{ part['text'] }}{% endfor %}"
+    "{% endif %}{{ '\\n' }}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
 SILENT = "{% for message in messages %}{{ message['role'] }}: \n{% endfor %}ASSISTANT:"
 
 
@@ -48,6 +54,12 @@ def test_a_plain_text_template_keeps_strings():
     assert text == f"<start>user\n{HARMFUL[0]}<end>\n<start>model\n"
 
 
+def test_a_list_printed_as_text_does_not_count_as_rendered():
+    lm = _lm(USER_PARTS_ONLY)
+    with pytest.raises(ChatTemplateError, match="or the system prompt"):
+        lm.format([HARMFUL[0]], system="Be brief.")
+
+
 def test_a_template_that_drops_the_prompt_is_refused_in_one_line():
     lm = _lm(SILENT)
     with pytest.raises(ChatTemplateError, match="does not render the user's message") as exc:
@@ -57,7 +69,8 @@ def test_a_template_that_drops_the_prompt_is_refused_in_one_line():
 
 def test_a_system_prompt_the_template_rejects_is_refused_in_one_line():
     lm = _lm(NO_SYSTEM)
-    with pytest.raises(ChatTemplateError, match="or the system prompt, .*; drop the system prompt or pass") as exc:
+    match = r"or the system prompt, .* \(it says: System role not supported\); drop the system prompt or pass"
+    with pytest.raises(ChatTemplateError, match=match) as exc:
         lm.format([HARMFUL[0]], system="Be brief.")
     assert "\n" not in str(exc.value)
 

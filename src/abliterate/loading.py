@@ -190,8 +190,8 @@ def load_model(
     ``residual_only=True`` is for models no weight edit is exact for (a post-LN residual, sinusoidal positions, a
     gate or per-channel scale on the stream, ...): it needs only one hidden-size residual stream through the layers,
     and :func:`abliterate.ablate` then projects the direction out of that stream at every layer's input and output
-    (exact for any such model); weight edits through it are refused, and ``lm.anatomy.weight_error`` says why a
-    weight edit would not be exact.
+    (the direction is then absent from the stream between layers); weight edits through it are refused, and
+    ``lm.anatomy.weight_error`` says why a weight edit would not be exact.
     """
     from transformers import AutoTokenizer
 

@@ -67,7 +67,7 @@ def filter_taps(module: nn.Module, hidden: int) -> torch.Tensor | None:
     def run(x: torch.Tensor) -> torch.Tensor | None:
         try:
             out = module(x.to(device, param.dtype))
-        except (TypeError, RuntimeError, ValueError):
+        except Exception:  # a module that cannot take a plain (batch, time, hidden) probe is no such filter
             return None
         out = out[0] if isinstance(out, tuple) else out
         return out.double().cpu() if isinstance(out, torch.Tensor) and out.shape == x.shape else None

@@ -188,7 +188,8 @@ def checked_anatomy(
     again. Raises :class:`ArchitectureError` naming the layer when the writers cannot explain it.
 
     ``residual_only`` asks only that the layers carry one hidden-size residual stream: the anatomy is then for
-    runtime ablation of that stream (hooks on every layer's input and output), which is exact for any such model,
+    runtime ablation of that stream (hooks on every layer's input and output: the direction is then absent from
+    the stream between layers, though a sublayer can still read what an earlier sublayer of its layer wrote),
     and records in ``weight_error`` why a weight edit would not be (None when it would)."""
     anatomy = find_anatomy(
         model, layers_path=layers_path, writer_patterns=writer_patterns, require_writers=False, search_layers=True
@@ -212,14 +213,15 @@ def checked_anatomy(
         return anatomy
     try:
         _check_writers(model, anatomy, check, ids, writer_patterns)
-    except ArchitectureError as exc:  # name the runtime path only where it would be exact
+    except ArchitectureError as exc:  # name the runtime path only where it works
         hint = RESIDUAL_HINT if _residual_problem(model, anatomy, check, ids) is None else ""
         raise ArchitectureError(f"{exc}{hint}") from None
     return anatomy
 
 
 def _residual_problem(model: nn.Module, anatomy: Anatomy, check: Verification, ids: torch.Tensor) -> str | None:
-    """Why runtime ablation of the residual stream itself would not be exact for ``model`` (None: it would be)."""
+    """Why runtime ablation of the residual stream itself would not work for ``model``: layers that loop or add
+    positions, hooks the forward rejects or that do not take effect (None: it works)."""
     cls = type(model).__name__
     if (why := check.not_single_pass or check.token_error) is not None:
         return (
@@ -236,7 +238,7 @@ def _residual_problem(model: nn.Module, anatomy: Anatomy, check: Verification, i
     if leak > LEAK_TOLERANCE + (8 * eps if eps > 1e-6 else 0.0):  # rounding a half-precision stream
         return (
             f"{cls}: after projecting a random direction out of every layer's input and output {min(leak, 1.0):.1%} "
-            "of it is still in the residual stream; runtime ablation is not exact here"
+            "of it is still in the residual stream; runtime ablation does not take effect here"
         )
     return None
 
@@ -245,6 +247,8 @@ def _check_writers(
     model: nn.Module, anatomy: Anatomy, check: Verification, ids: torch.Tensor, writer_patterns: Sequence[str] | None
 ) -> None:
     """Everything a weight edit needs beyond one residual stream; fixes what discovery can, raises the rest."""
+    if check.writer_error is not None:
+        raise ArchitectureError(check.writer_error)
     if check.gap is not None:
         raise ArchitectureError(
             f"{type(model).__name__}: {check.gap}; abliterate edits models whose layers add, one after "

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .hooks import HookSet
-from .projection import project_out
+from .projection import ablate_fn
 
 Calls = list[list[tuple[torch.Tensor, torch.Tensor]]]  # per layer: (input, output) of every call
 
@@ -52,14 +52,32 @@ def residual_hooks(
     scales: Mapping[int, float],
     embedding_scale: float = 0.0,
 ) -> None:
-    """Project ``basis`` out of the residual stream itself: at the input and output of each layer in ``scales``
-    (scaling the component by ``1 - scale`` each time) and, for the embeddings, at layer 0's input."""
+    """Project ``basis`` out of the residual stream itself, removing ``scale`` of its component once at each point:
+    the embeddings at layer 0's input (``embedding_scale``), the output of each layer in ``scales``, and the input of
+    each such layer after the first, unless that input is the very tensor the previous layer's hook returned (so a
+    partial scale is not applied twice where nothing happens between layers, and a transform between layers is
+    still covered)."""
+    last: list[torch.Tensor | None] = [None]
+
+    def at_input(s: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        project = per_stream(ablate_fn(basis, s), hidden)
+        return lambda x: x if x is last[0] else project(x)
+
+    def at_output(s: float) -> Callable[[torch.Tensor], torch.Tensor]:
+        project = per_stream(ablate_fn(basis, s), hidden)
+
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            last[0] = project(x)
+            return last[0]
+
+        return fn
+
     if embedding_scale:
-        hooks.on_input(layers[0], per_stream(lambda x, s=float(embedding_scale): project_out(x, basis, s), hidden))
+        hooks.on_input(layers[0], per_stream(ablate_fn(basis, float(embedding_scale)), hidden))
     for i, s in sorted(scales.items()):
-        fn = per_stream(lambda x, s=s: project_out(x, basis, s), hidden)
-        hooks.on_input(layers[i], fn)
-        hooks.on_output(layers[i], fn)
+        if i > 0:
+            hooks.on_input(layers[i], at_input(s))
+        hooks.on_output(layers[i], at_output(s))
 
 
 # Layout checks on a probe: (input, output) of every call of every layer.

@@ -28,17 +28,24 @@ def messages(prompt: str, system: str | None, style: str) -> list[dict[str, Any]
 def content_style(tokenizer: Any, kwargs: Mapping[str, Any], system: str | None = None) -> str:
     """``"text"`` or ``"parts"``: the first message shape whose user text (and system text, when one is given)
     the template renders. Raises :class:`ChatTemplateError` when neither shows them."""
+    error = ""
     for style in STYLES:
         probe = messages(SENTINEL + "-user", SENTINEL + "-system" if system else None, style)
         try:
             text = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True, **kwargs)
-        except (TemplateError, TypeError, KeyError, ValueError, AttributeError):
+        except (TemplateError, TypeError, KeyError, ValueError, AttributeError) as exc:
+            error = f" (it says: {str(exc).strip().splitlines()[0]})" if str(exc).strip() else ""
             continue
-        if SENTINEL + "-user" in text and (not system or SENTINEL + "-system" in text):
+        if _shows(text, SENTINEL + "-user") and (not system or _shows(text, SENTINEL + "-system")):
             return style
     what = "the user's message" + (" or the system prompt" if system else "")
     fix = "drop the system prompt or pass" if system else "pass"
     raise ChatTemplateError(
-        f"the chat template does not render {what}, neither as plain text nor as a list of text parts; {fix} a "
-        "chat template that does (chat_template= in load_model or the config file)"
+        f"the chat template does not render {what}, neither as plain text nor as a list of text parts{error}; "
+        f"{fix} a chat template that does (chat_template= in load_model or the config file)"
     )
+
+
+def _shows(text: str, sentinel: str) -> bool:
+    """``sentinel`` rendered as text, not inside the printed form of a list of parts."""
+    return sentinel in text and f"'text': '{sentinel}" not in text and f'"text": "{sentinel}' not in text

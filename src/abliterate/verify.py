@@ -28,6 +28,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from .anatomy import Anatomy, Writer
+from .errors import ArchitectureError, DirectionError
 from .hooks import HookSet, first_tensor
 from .placement import execution_device, is_offloaded
 from .projection import hook_writer, writer_basis, writer_fn
@@ -72,6 +73,8 @@ class Verification:
     not_single_pass: str | None = None
     # the layers' token axis is not the input's (extra positions: a prefix or more streams along the tokens)
     token_error: str | None = None
+    # a writer whose edit cannot be built (what follows it is neither a norm nor a per-channel filter)
+    writer_error: str | None = None
 
     @property
     def failed(self) -> list[LayerCheck]:
@@ -83,6 +86,7 @@ class Verification:
             self.width_error is None
             and self.gap is None
             and self.not_single_pass is None
+            and self.writer_error is None
             and not self.failed
             and self.embedding_leak <= self.embedding_tolerance
         )
@@ -331,7 +335,13 @@ def verify_anatomy(model: nn.Module, anatomy: Anatomy, ids: torch.Tensor | None 
     result.not_single_pass = single_pass_error(base)
     result.token_error = token_error(base, anatomy.hidden_size, tuple(ids.shape))
     zeroed = run_probe(model, layers, ids, zero_writers(writers, layers))
-    ablated = run_probe(model, layers, ids, ablate_writers([*anatomy.embeddings, *writers], basis, anatomy.hidden_size))
+    try:
+        ablated = run_probe(
+            model, layers, ids, ablate_writers([*anatomy.embeddings, *writers], basis, anatomy.hidden_size)
+        )
+    except (ArchitectureError, DirectionError) as exc:  # a writer whose basis cannot be built: no weight edit
+        result.writer_error = str(exc)
+        return result
     dtype = anatomy.embeddings[0].weight.dtype
     for i in range(len(layers)):
         if not base[i] or len(zeroed[i]) != len(base[i]) or len(ablated[i]) != len(base[i]):

@@ -14,7 +14,7 @@ from torch import nn
 
 from .anatomy import Writer
 from .directions import Direction, as_basis
-from .errors import AbliterateError, DirectionError
+from .errors import AbliterateError, ArchitectureError, DirectionError
 from .kernel import (  # noqa: F401  (project_rows, work_buffer... are re-exported: the kernel's old home)
     WORK_ELEMENTS,
     Rows,
@@ -132,6 +132,13 @@ def bake_induction(
     basis = as_basis(direction, lm.hidden_size)
     if basis.shape[0] != 1:
         raise DirectionError("bake_induction takes a single direction")
+    normed = [w.name for w in lm.anatomy.embeddings if w.post_norm is not None or w.hook_input or w.is_bias]
+    if normed:
+        raise ArchitectureError(
+            f"{lm.name}'s embeddings pass a norm before the residual ({', '.join(normed)}), so a constant added to "
+            "the rows does not pin the residual's component; induce at run time instead (induce, or apply "
+            "--runtime-check --mode induce)"
+        )
     report = orthogonalize(lm, basis[0], layers=range(layer), embeddings=True, embedding_scale=1.0)
     emb = lm.anatomy.embeddings[0]
     gain = _embedding_gain(lm)
