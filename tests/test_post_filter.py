@@ -139,3 +139,26 @@ def test_bake_induction_refuses_embeddings_that_pass_a_norm(model_type):
     with pytest.raises(ArchitectureError, match="embeddings pass a norm before the residual"):
         bake_induction(lm, _unit(lm.hidden_size), 3.0, through_layer=1)
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+@needs_inkling
+def test_a_nonlinear_transform_after_a_writer_is_refused_for_weights_and_served_at_run_time():
+    """A tanh after the short convolution is neither a norm nor a linear filter: no weight edit, one line naming the
+    runtime path, which then loads (and says why weights would not do)."""
+    from abliterate import ArchitectureError
+
+    class Squashed(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor, **kwargs) -> torch.Tensor:
+            return torch.tanh(self.inner(x, **kwargs))
+
+    model = tiny_registry_model("inkling_text")
+    for layer in model.model.layers:
+        layer.attn_sconv = Squashed(layer.attn_sconv)
+    with pytest.raises(ArchitectureError, match=r"neither a norm nor a per-channel causal .*residual_only"):
+        checked_anatomy(model)
+    anatomy = checked_anatomy(model, residual_only=True)
+    assert anatomy.residual_only and "neither a norm nor a per-channel" in (anatomy.weight_error or "")
