@@ -138,6 +138,15 @@ OVERRIDES: dict[str, dict[str, Any]] = {
     "deepseek_v32": {"index_topk": 16},
     "glm4_moe_lite": {"index_topk": 16},
     "glm_moe_dsa": {"index_topk": 16},
+    # its loop (layers 6..17 run three times by default) must exist in the tiny model too: layers 2..3 run twice
+    "inkling2_loop_text": {
+        "num_hidden_layers": 4,
+        "n_layers_per_attn_res_block": 2,
+        "loop_layer_index_start": 2,
+        "loop_layer_index_end": 4,
+        "loop_num_passes": 2,
+        "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding", "hybrid"],
+    },
 }
 
 

@@ -417,3 +417,26 @@ def test_stream_edit_of_a_searched_spec_equals_the_in_memory_plan(family, tmp_pa
         edited.model.save_pretrained(tmp_path / f"ref{i}")
         assert_same(tensors(tmp_path / f"out{i}"), tensors(tmp_path / f"ref{i}"))
         assert (logits(tmp_path / f"out{i}") - logits(edited.model)).abs().max() < 1e-5
+
+
+def test_stream_edit_checks_the_architecture_on_a_small_copy(tmp_path):
+    """The streaming edit runs no forward on the checkpoint: a post-LN OPT, refused by load_model, is refused here
+    too (on a small copy of its config), nothing written; verify=False edits by the name patterns alone."""
+    from test_residual_stream import post_ln_opt
+
+    from abliterate import ArchitectureError
+
+    post_ln_opt().save_pretrained(tmp_path / "src")
+    u = torch.nn.functional.normalize(torch.randn(64, generator=torch.Generator().manual_seed(0)), dim=0)
+    with pytest.raises(ArchitectureError, match=r"small copy of this checkpoint's architecture fails .*post-LN"):
+        stream_orthogonalize(tmp_path / "src", tmp_path / "out", u)
+    assert not (tmp_path / "out").exists()
+    report = stream_orthogonalize(tmp_path / "src", tmp_path / "out", u, verify=False)
+    assert report.edited
+
+
+def test_no_verify_needs_stream(tmp_path):
+    from test_cli import invoke
+
+    res = invoke("apply", str(tmp_path), str(tmp_path / "d.safetensors"), "--out", str(tmp_path / "o"), "--no-verify")
+    assert res.exit_code == 2 and "--no-verify applies to --stream only" in res.output

@@ -158,6 +158,14 @@ def apply(
     stream: Annotated[
         bool, Opt("--stream", help="Edit a local safetensors checkpoint shard by shard (peak RSS ~ one shard).")
     ] = False,
+    no_verify: Annotated[
+        bool,
+        Opt(
+            "--no-verify",
+            help="With --stream: skip the anatomy check on a small copy of the checkpoint's architecture and edit "
+            "the writers the name patterns find.",
+        ),
+    ] = False,
     dtype: DTYPE_OPT = None,
     device: DEVICE_OPT = None,
     device_map: DEVICE_MAP_OPT = None,
@@ -212,6 +220,8 @@ def apply(
         "stream": stream,
         "edit": None if edit is None else str(edit),
     }
+    if no_verify and not stream:
+        fail("--no-verify applies to --stream only (a model loaded in memory is always checked)")
     if edit is not None:
         _apply_edit(
             model,
@@ -227,6 +237,7 @@ def apply(
             scale,
             norm_preserving,
             placement(dtype, device, device_map, max_memory, offload_folder, quantize),
+            verify=not no_verify,
         )
         return
     if stream:
@@ -244,6 +255,7 @@ def apply(
                 norm_preserving=norm_preserving,
                 overwrite=force,
                 progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
+                verify=not no_verify,
             )
         seal_apply(report.out_dir, settings, directions_file, None, direction)
         wrote(report.out_dir)
@@ -305,6 +317,7 @@ def _apply_edit(
     scale: float,
     norm_preserving: bool,
     where: dict[str, Any],
+    verify: bool = True,
 ) -> None:
     """``apply --edit``: the edit ``run`` chose (edit.json), built from the saved direction set."""
     from .directions import DirectionSet
@@ -331,6 +344,7 @@ def _apply_edit(
                 source,
                 overwrite=force,
                 progress=(lambda done, total: progress("stream edit", done, total)) if progress else None,
+                verify=verify,
             )
         seal_apply(report.out_dir, {"model": model, "edit": str(edit), "stream": True}, directions_file, edit, None)
         wrote(report.out_dir)

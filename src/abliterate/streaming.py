@@ -30,6 +30,7 @@ from torch import nn
 from .anatomy import Writer, find_anatomy
 from .directions import Direction
 from .errors import ArchitectureError, ModelLoadError, OutputError
+from .miniature import check_on_miniature
 from .model import LoadedModel, Progress
 from .plan import Directions, EditPlan, build_plan, edit_plan
 from .projection import Scale
@@ -243,6 +244,7 @@ def stream_orthogonalize(
     trust_remote_code: bool = False,
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
+    verify: bool = True,
 ) -> StreamReport:
     """Orthogonalize the safetensors checkpoint in ``src_dir`` against ``direction`` into ``out_dir``.
 
@@ -255,6 +257,11 @@ def stream_orthogonalize(
     written to a temporary sibling directory renamed into place at the end, so a failed or killed run never
     leaves a partial ``out_dir`` (a killed run may leave the hidden ``.<out_dir>.tmp-*`` sibling, which the
     next write to ``out_dir`` removes). ``progress(bytes_done, bytes_total)`` follows each shard.
+
+    No forward pass runs on the checkpoint, so the writers the name patterns find are checked (``verify``, on by
+    default) on a miniature of the same architecture: the config with its widths shrunk, every layer and flag kept
+    (:func:`abliterate.miniature.check_on_miniature`). An architecture refused there (a post-LN residual, ...) or
+    whose miniature cannot be built is refused in one line; ``verify=False`` edits by the patterns alone.
     """
     return _stream(
         src_dir,
@@ -266,6 +273,7 @@ def stream_orthogonalize(
         trust_remote_code=trust_remote_code,
         layers_path=layers_path,
         writer_patterns=writer_patterns,
+        verify=verify,
     )
 
 
@@ -280,6 +288,7 @@ def stream_edit(
     trust_remote_code: bool = False,
     layers_path: str | None = None,
     writer_patterns: Sequence[str] | None = None,
+    verify: bool = True,
 ) -> StreamReport:
     """The edit ``spec`` (e.g. the one ``run``'s search chose, from ``edit.json``) written shard by shard, as
     :func:`stream_orthogonalize` writes one direction: equal to ``apply_plan(build_plan(...))`` in memory."""
@@ -293,6 +302,7 @@ def stream_edit(
         trust_remote_code=trust_remote_code,
         layers_path=layers_path,
         writer_patterns=writer_patterns,
+        verify=verify,
     )
 
 
@@ -307,6 +317,7 @@ def _stream(
     trust_remote_code: bool,
     layers_path: str | None,
     writer_patterns: Sequence[str] | None,
+    verify: bool,
 ) -> StreamReport:
     started = time.perf_counter()
     src = Path(src_dir).expanduser().resolve()
@@ -320,6 +331,8 @@ def _stream(
     shards = [read_shard(src / n) for n in names]
     where = {k: (s, e) for s in shards for k, e in s.entries.items()}
     anatomy = find_anatomy(model, layers_path=layers_path, writer_patterns=writer_patterns)
+    if verify:
+        check_on_miniature(model, anatomy, layers_path, writer_patterns)
     sources = _sources(model, list(where))
     _materialize_post_norms(model, [*anatomy.embeddings, *anatomy.all_writers()], sources, where)
     lm = LoadedModel(model, None, anatomy, str(src), src)
