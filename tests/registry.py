@@ -16,6 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from abliterate import ArchitectureError, LoadedModel, ablate, orthogonalize
 from abliterate.hooks import HookSet
+from abliterate.miniature import randomize
 from abliterate.selfcheck import checked_anatomy
 from abliterate.streams import as_streams
 from abliterate.verify import forward, probe_ids
@@ -248,19 +249,6 @@ def tiny_registry_model(model_type: str, seed: int = 0) -> torch.nn.Module:
     if model_type in AFTER_BUILD:
         AFTER_BUILD[model_type](model)
     return randomize(model)
-
-
-@torch.no_grad()
-def randomize(model: torch.nn.Module) -> torch.nn.Module:
-    """Weights far from their initialisation (norm gains off 1, biases off 0), so no writer hides; eval mode."""
-    for name, p in model.named_parameters():
-        if "norm" in name or "ln_" in name or "layernorm" in name:
-            p.add_(0.3 * torch.randn_like(p))
-        elif name.endswith("bias"):
-            p.normal_(0, 0.05)
-        elif p.dim() >= 2:
-            p.normal_(0, 0.08)
-    return model.eval()
 
 
 CAUSAL_TYPES = sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)

@@ -14,6 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from abliterate import LoadedModel, from_pretrained_objects
+from abliterate.miniature import randomize
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -97,15 +98,7 @@ def tiny_model(family: str, seed: int = 0) -> torch.nn.Module:
     cls, kwargs = FAMILIES[family]
     torch.manual_seed(seed)
     config = cls(**kwargs)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    for name, p in model.named_parameters():
-        if "norm" in name or "ln_" in name or "layernorm" in name:
-            p.add_(0.3 * torch.randn_like(p))
-        elif name.endswith("bias"):
-            p.normal_(0, 0.05)
-        elif p.dim() >= 2:
-            p.normal_(0, 0.08)
-    return model.eval()
+    return randomize(AutoModelForCausalLM.from_config(config, dtype=torch.float32))
 
 
 def tiny_lm(family: str, seed: int = 0) -> LoadedModel:

@@ -105,15 +105,21 @@ def miniature(model: nn.Module, seed: int = 0) -> nn.Module:
             f"cannot build a small copy of {type(model).__name__}'s config to verify its anatomy "
             f"({type(exc).__name__}: {first})"
         ) from exc
-    with torch.no_grad():
-        for name, p in copy_.named_parameters():
-            if "norm" in name or "ln_" in name:
-                p.add_(0.3 * torch.randn_like(p))
-            elif name.endswith("bias"):
-                p.normal_(0, 0.05)
-            elif p.dim() >= 2:
-                p.normal_(0, 0.08)
-    return copy_.eval()
+    return randomize(copy_)
+
+
+@torch.no_grad()
+def randomize(model: nn.Module) -> nn.Module:
+    """Weights far from their initialisation (norm gains off one, biases off zero, matrices at a small random scale),
+    so that no writer or post-norm hides behind a symmetry; eval mode."""
+    for name, p in model.named_parameters():
+        if "norm" in name or "ln_" in name:
+            p.add_(0.3 * torch.randn_like(p))
+        elif name.endswith("bias"):
+            p.normal_(0, 0.05)
+        elif p.dim() >= 2:
+            p.normal_(0, 0.08)
+    return model.eval()
 
 
 def check_on_miniature(
