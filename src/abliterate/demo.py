@@ -19,6 +19,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock
+
 from .errors import ModelLoadError
 from .saving import atomic_directory
 
@@ -81,22 +83,33 @@ def fetch_demo_gguf(step: Step | None = None) -> Path:
     return target
 
 
-def demo_model_path(step: Step | None = None, *, keep_gguf: bool = False) -> Path:
-    """Return the cached safetensors directory of the demo model, building it on first use."""
-    target = cache_dir() / DEMO_NAME
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf_path = fetch_demo_gguf(step)
-    if step:
-        step("converting GGUF to safetensors (once)")
-    from .loading import load_model
+def _built(target: Path) -> bool:
+    return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
-    lm = load_model(gguf_path, dtype="float32")
-    if target.exists():
-        shutil.rmtree(target)
-    with atomic_directory(target) as tmp:
-        lm.model.save_pretrained(tmp)
-        lm.tokenizer.save_pretrained(tmp)
-    if not keep_gguf:
-        gguf_path.unlink()
+
+def demo_model_path(step: Step | None = None, *, keep_gguf: bool = False) -> Path:
+    """Return the cached safetensors directory of the demo model, building it on first use.
+
+    Concurrent callers (two terminals, parallel test workers) wait on a lock file beside the cache: one builds, the
+    others then find it built."""
+    target = cache_dir() / DEMO_NAME
+    if _built(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f"{DEMO_NAME}.lock")):
+        if _built(target):
+            return target
+        gguf_path = fetch_demo_gguf(step)
+        if step:
+            step("converting GGUF to safetensors (once)")
+        from .loading import load_model
+
+        lm = load_model(gguf_path, dtype="float32")
+        if target.exists():
+            shutil.rmtree(target)
+        with atomic_directory(target) as tmp:
+            lm.model.save_pretrained(tmp)
+            lm.tokenizer.save_pretrained(tmp)
+        if not keep_gguf:
+            gguf_path.unlink()
     return target
