@@ -15,6 +15,7 @@ from tiny import pretend_refusal, tiny_model, tiny_tokenizer
 
 from abliterate.card import base_model_of, front_matter
 from abliterate.manifest import MANIFEST, read_manifest
+from abliterate.pipeline import known_models
 
 BASE_CARD = "---\nlicense: mit\nlanguage: en\n---\n# tiny\n"
 
@@ -243,7 +244,8 @@ def test_base_model_of(tmp_path, cached_model, monkeypatch):
     monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path))
     demo = tmp_path / "qwen2.5-coder-0.5b-instruct"
     demo.mkdir()
-    base = base_model_of(str(demo))
+    assert base_model_of(str(demo)).hub_id is None, "the card knows no demo: the run passes it in"
+    base = base_model_of(str(demo), known_models())
     assert base.hub_id == "Qwen/Qwen2.5-Coder-0.5B-Instruct" and base.license == {"license": "apache-2.0"}
 
 

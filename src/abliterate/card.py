@@ -10,6 +10,7 @@ input model has no hub id unless its path tells it (a hub cache snapshot, the de
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .evaluation import Metrics, behaviour_label, format_rate
 
 if TYPE_CHECKING:
-    from .pipeline import RunResult
+    from .run_result import RunResult
 
 TAGS = ("abliterate", "abliterated", "abliteration", "uncensored", "refusal-direction")
 LICENSE_KEYS = ("license", "license_name", "license_link")
@@ -75,11 +76,19 @@ def _cached_card(hub_id: str) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def base_model_of(source: str) -> BaseModel:
-    """The hub id and license of the input model ``source`` (a hub id, a local folder or a ``.gguf`` file), from
-    what is on disk only."""
-    from .demo import DEMO_HUB_ID, DEMO_LICENSE, DEMO_NAME, cache_dir
+@dataclass(frozen=True)
+class KnownModel:
+    """A local model whose hub id the caller knows though the path does not say it (the demo's GGUF, converted
+    from a hub model), with the license its card would carry."""
 
+    path: Path
+    hub_id: str
+    license: dict[str, str] = field(default_factory=dict)
+
+
+def base_model_of(source: str, known: Sequence[KnownModel] = ()) -> BaseModel:
+    """The hub id and license of the input model ``source`` (a hub id, a local folder or a ``.gguf`` file), from
+    what is on disk only; ``known``: local models whose hub id the caller knows."""
     path = Path(source).expanduser()
     if not path.exists():
         if not _is_hub_id(source):
@@ -90,8 +99,9 @@ def base_model_of(source: str) -> BaseModel:
     cached = _cached_hub_id(resolved)
     if cached:
         return BaseModel(cached, "", licence)
-    if resolved == (cache_dir() / DEMO_NAME).resolve():
-        return BaseModel(DEMO_HUB_ID, "", licence or {"license": DEMO_LICENSE})
+    for model in known:
+        if resolved == model.path.resolve():
+            return BaseModel(model.hub_id, "", licence or dict(model.license))
     why = f"the input model was the local {'file' if path.is_file() else 'folder'} {path.name}, whose hub id is unknown"
     return BaseModel(None, why, licence)
 
@@ -192,10 +202,10 @@ def _usage(base: BaseModel, adapter: bool) -> str:
     )
 
 
-def model_card(result: RunResult) -> str:
+def model_card(result: RunResult, known: Sequence[KnownModel] = ()) -> str:
     sel, b, a, cfg = result.selection, result.before, result.after, result.config
     adapter = bool(cfg.get("as_adapter"))
-    base = base_model_of(str(cfg.get("model")))
+    base = base_model_of(str(cfg.get("model")), known)
     title = base.hub_id or Path(str(cfg.get("model"))).name
     label = result.choice.label() if result.choice else "-"
     missing = [] if base.hub_id else [f"`base_model` is omitted from the metadata: {base.why}."]

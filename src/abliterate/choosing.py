@@ -20,11 +20,11 @@ from .capture import Activations
 from .config import RunConfig
 from .directions import DirectionSet, compute
 from .errors import AbliterateError
-from .judge import MarkerJudge
 from .model import LoadedModel
 from .plan import Directions, applied
+from .run_context import RunContext
 from .scorer import Scorer
-from .search import Pick, SearchResult, SearchSpace, full_params, search
+from .search import Pick, SearchResult, SearchSettings, SearchSpace, full_params, search
 from .selection import Method, Selection
 from .space import EditSpec, Kernel
 
@@ -104,29 +104,27 @@ def _digest(items: Sequence[str]) -> str:
 
 
 def choose_edit(
-    cfg: RunConfig,
+    ctx: RunContext,
     lm: LoadedModel,
     acts: Activations,
     sel: Selection,
-    methods: Sequence[Method],
     scorer: Scorer,
     progress: StageProgress | None = None,
     pick: Pick | None = None,
-    judge: MarkerJudge | None = None,
 ) -> Choice:
     """The edit to make: the sweep's (``cfg.search.enabled`` false) or the search's pick, scored by ``scorer``
-    (the validation prompts, built on the unedited model); the front is checked with ``judge`` (default: the
-    refusal markers; a behaviour profile passes its own)."""
-    source = Directions(acts)
+    (the validation prompts, built on the unedited model); the front is checked with the behaviour profile's
+    markers."""
+    cfg, source = ctx.cfg, Directions(acts)
     if not cfg.search.enabled:
-        spec = sweep_spec(sel, methods, cfg.scale, cfg.norm_preserving)
+        spec = sweep_spec(sel, ctx.methods, cfg.scale, cfg.norm_preserving)
         return Choice(spec, source, None, f"the sweep's {sel.chosen.method} direction at full strength")
     sc = cfg.search
     space = space_of(cfg, acts.positions)
     mode = "hooks" if lm.offloaded or lm.quantized else "weights"  # weights can only be edited in memory
     if mode == "hooks" and any(w.weight.dim() == 3 for w in lm.anatomy.all_writers()):
         space = replace(space, norm_preserving=(False,))  # fused experts have no runtime norm-preserving twin
-    judge = judge or MarkerJudge()
+    judge = ctx.profile.marker_judge()
 
     def objective(spec: EditSpec) -> dict[str, float]:
         with applied(lm, spec, source, mode=mode):
@@ -136,44 +134,59 @@ def choose_edit(
         with applied(lm, spec, source, mode=mode):
             return scorer.refusal_counts(judge, max_new_tokens=sc.verify_tokens)
 
-    ranked = sorted((c for c in sel.candidates if c.passed), key=lambda c: c.bypass) or sorted(
-        (c for c in sel.candidates if c.bypass == c.bypass), key=lambda c: c.bypass
-    )
-    warm = []
-    for c in ranked[: sc.warm_start]:
-        m = method_of(c.method, methods)
-        if m.name in space.methods:
-            warm.append(full_params(space, lm.num_layers, c.layer, m.name, c.position))
-    identity = {
-        "model": lm.source,
-        "capture": acts.prompt_hash,
-        "validation": _digest([*scorer.harmful, "\x01", *scorer.harmless]),
-        "system": cfg.system,
-        "template": repr(sorted(lm.template_kwargs.items())) + repr(lm.response_prefix),
-        "seed": sc.seed,
-    }
-    result = search(
-        objective,
-        num_layers=lm.num_layers,
+    settings = SearchSettings(
         space=space,
         trials=sc.trials if sc.trials is not None else (None if sc.timeout else DEFAULT_TRIALS),
         timeout=sc.timeout,
         seed=sc.seed,
         journal=journal_path(cfg.out),
         resume=sc.resume,
-        identity=identity,
-        warm_start=warm,
+        identity=search_identity(cfg, lm, acts, scorer),
         startup=sc.startup,
-        verify=verify if sc.verify_top else None,
         verify_top=sc.verify_top,
         kl_budget=sc.kl_budget,
-        base=scorer.base.to_dict(),
         trial=sc.trial,
+    )
+    warm = warm_start(sel, ctx.methods, space, lm.num_layers, sc.warm_start)
+    result = search(
+        objective,
+        num_layers=lm.num_layers,
+        settings=settings,
+        warm_start=warm,
+        verify=verify if sc.verify_top else None,
+        base=scorer.base.to_dict(),
         progress=progress,
         pick=pick,
     )
     assert result.chosen is not None
     return Choice(result.chosen.edit(), source, result, result.note)
+
+
+def warm_start(
+    sel: Selection, methods: Sequence[Method], space: SearchSpace, num_layers: int, count: int
+) -> list[dict[str, Any]]:
+    """The sweep's best ``count`` candidates (passing ones, else any scored) as full-strength search parameters."""
+    ranked = sorted((c for c in sel.candidates if c.passed), key=lambda c: c.bypass) or sorted(
+        (c for c in sel.candidates if c.bypass == c.bypass), key=lambda c: c.bypass
+    )
+    warm = []
+    for c in ranked[:count]:
+        m = method_of(c.method, methods)
+        if m.name in space.methods:
+            warm.append(full_params(space, num_layers, c.layer, m.name, c.position))
+    return warm
+
+
+def search_identity(cfg: RunConfig, lm: LoadedModel, acts: Activations, scorer: Scorer) -> dict[str, Any]:
+    """What a search journal must have been written for to be resumed by this run."""
+    return {
+        "model": lm.source,
+        "capture": acts.prompt_hash,
+        "validation": _digest([*scorer.harmful, "\x01", *scorer.harmless]),
+        "system": cfg.system,
+        "template": repr(sorted(lm.template_kwargs.items())) + repr(lm.response_prefix),
+        "seed": cfg.search.seed,
+    }
 
 
 def with_projection(ds: DirectionSet, acts: Activations, position: int | str, sel: Selection) -> DirectionSet:

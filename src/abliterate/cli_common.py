@@ -185,21 +185,18 @@ def _global(
 
 
 Opt = typer.Option
+RUN_HELP = config_mod.RUN_HELP  # each RunConfig option's help, defined once on its config field
 CONFIG_OPT = Annotated[Path | None, Opt("--config", "-c", help="TOML file; keys mirror the flags.")]
 # Where and how the model is loaded: shared by every command that loads one.
-DTYPE_OPT = Annotated[str | None, Opt("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on CPU).")]
-DEVICE_OPT = Annotated[str | None, Opt("--device", help="cpu, cuda, cuda:1, mps ... (the whole model on one device).")]
+DTYPE_OPT = Annotated[str | None, Opt("--dtype", help=RUN_HELP["dtype"])]
+DEVICE_OPT = Annotated[str | None, Opt("--device", help=RUN_HELP["device"])]
 DEVICE_MAP_OPT = Annotated[
     str | None,
-    Opt("--device-map", help="auto, balanced or sequential: spread the model over GPUs, CPU and disk (accelerate)."),
+    Opt("--device-map", help=RUN_HELP["device_map"]),
 ]
-MAX_MEMORY_OPT = Annotated[
-    str | None, Opt("--max-memory", help="Per-device cap with --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB.")
-]
-OFFLOAD_OPT = Annotated[str | None, Opt("--offload-folder", help="Folder for weights offloaded to disk.")]
-QUANTIZE_OPT = Annotated[
-    str | None, Opt("--quantize", help="4bit or 8bit: load linear layers through bitsandbytes (capture, eval).")
-]
+MAX_MEMORY_OPT = Annotated[str | None, Opt("--max-memory", help=RUN_HELP["max_memory"])]
+OFFLOAD_OPT = Annotated[str | None, Opt("--offload-folder", help=RUN_HELP["offload_folder"])]
+QUANTIZE_OPT = Annotated[str | None, Opt("--quantize", help=RUN_HELP["quantize"])]
 RESIDUAL_OPT = Annotated[
     bool,
     Opt(
@@ -213,28 +210,24 @@ THINKING_OPT = Annotated[
     bool | None,
     Opt(
         "--disable-thinking/--enable-thinking",
-        help="Pass enable_thinking=False to the chat template (Qwen3 and alike: empty thinking block).",
+        help=RUN_HELP["disable_thinking"],
     ),
 ]
-PREFIX_OPT = Annotated[
-    str | None, Opt("--response-prefix", help="Text appended after the generation prompt: every reply starts with it.")
-]
+PREFIX_OPT = Annotated[str | None, Opt("--response-prefix", help=RUN_HELP["response_prefix"])]
 
 
 # The final evaluation's judge: shared by run and eval.
 JUDGE_OPT = Annotated[
     str | None,
-    Opt("--judge", help="marker (default: the behaviour profile's phrases), llm:PATH (a local LM) or classifier:PATH."),
+    Opt("--judge", help=RUN_HELP["judge"]),
 ]
-JUDGE_LABELS_OPT = Annotated[
-    str | None, Opt("--judge-labels", help="Classifier judge label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.")
-]
+JUDGE_LABELS_OPT = Annotated[str | None, Opt("--judge-labels", help=RUN_HELP["judge_labels"])]
 # The behaviour profile: shared by run, measure and eval.
 BEHAVIOUR_OPT = Annotated[
     str | None,
     Opt(
         "--behaviour",
-        help="Behaviour profile: refusal (default), flowery, or a .toml profile (its prompts, judge and goal).",
+        help=RUN_HELP["behaviour"],
     ),
 ]
 

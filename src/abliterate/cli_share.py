@@ -159,10 +159,11 @@ def reproduce(
 
     Example: abliterate reproduce qwen-abliterated
     """
-    from .manifest import check_inputs, edit_difference, first_tensor_difference, read_manifest, run_config
+    from .manifest import check_inputs, edit_difference, first_tensor_difference, read_manifest
     from .manifest import verify_folder as check_folder
     from .pipeline import run as run_pipeline
     from .pipeline import versions
+    from .run_manifest import run_config
     from .saving import check_output
 
     manifest = read_manifest(folder)

@@ -86,7 +86,7 @@ def measure(
 
     Example: abliterate measure Qwen/Qwen2.5-0.5B-Instruct --out qwen-directions --position -1 --position -2
     """
-    from .pipeline import load_for, write_measurement
+    from .pipeline import load_for, resolve, write_measurement
     from .pipeline import measure as run_measure
     from .saving import check_output
 
@@ -112,9 +112,10 @@ def measure(
     )
     target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
     lm = load_for(cfg, residual_only=residual_stream)
+    ctx = resolve(cfg)
     with progress_bars() as progress:
-        acts, sel = run_measure(cfg, lm, progress)
-    wrote(write_measurement(target, cfg, acts, sel))
+        acts, sel = run_measure(ctx, lm, progress)
+    wrote(write_measurement(target, ctx, acts, sel))
     if STATE["json"]:
         out().print_json(json.dumps(sel.to_dict()))
         return

@@ -68,53 +68,74 @@ SEARCH_HELP = {f.name: f.metadata["help"] for f in fields(SearchConfig)}
 
 @dataclass
 class RunConfig:
-    model: str = ""
-    out: str = ""
-    dtype: str | None = None
-    device: str = "cpu"
-    device_map: str | None = None
-    max_memory: str | None = None
-    offload_folder: str | None = None
-    quantize: str | None = None
-    trust_remote_code: bool = False
-    chat_template: str | None = None
-    system: str | None = None
-    disable_thinking: bool = False
-    response_prefix: str = ""
-    behaviour: str = "refusal"  # behaviour profile: a bundled name or a .toml path (abliterate.profiles)
-    harmful: list[str] = field(default_factory=lambda: ["bundled"])
-    harmless: list[str] = field(default_factory=lambda: ["bundled"])
-    prompt_prefix: str = ""
-    prompt_suffix: str = ""
-    n_train: int = 64
-    n_val: int = 16
-    n_test: int = 64  # held-out prompts per side for the final evaluation (evaluation.N_TEST)
-    seed: int = 0
-    positions: list[int] = field(default_factory=lambda: [-1])
-    methods: list[str] = field(default_factory=lambda: ["mean_diff"])
-    slerp_t: float = 1.0
-    layers: list[int] | None = None
-    skip_last: float = 0.2
-    kl_threshold: float = 0.1
-    min_induce: float = 0.5
-    min_bypass_drop: float = 1.0
-    scale: float = 1.0
-    norm_preserving: bool = False
-    batch_size: int = 16
-    max_new_tokens: int = 100  # final-evaluation answers: up to this many new tokens (evaluation.MAX_NEW_TOKENS)
-    min_new_tokens: int = 0  # and at least this many (0: a model that stops early is not forced on)
-    kl_tokens: int = 16  # multi-token KL: averaged over this many tokens of the base model's answers
-    judge: str = "marker"  # final-evaluation judge: marker, llm:PATH or classifier:PATH
-    judge_labels: str | None = None  # classifier judge: LABEL=refusal,OTHER=compliance
-    samples: int = 6
-    force: bool = False
-    as_adapter: bool = False
-    search: SearchConfig = field(default_factory=SearchConfig)
+    """One run's settings (``run``, ``measure``, ``eval``): each field's help text is the CLI option's."""
+
+    model: str = _opt("", "Hub id, local model directory or .gguf file.")
+    out: str = _opt("", "Output directory (must not exist unless --force).")
+    dtype: str | None = _opt(None, "float32, bfloat16, float16 or auto (default: float32 on CPU).")
+    device: str = _opt("cpu", "cpu, cuda, cuda:1, mps ... (the whole model on one device).")
+    device_map: str | None = _opt(
+        None, "auto, balanced or sequential: spread the model over GPUs, CPU and disk (accelerate)."
+    )
+    max_memory: str | None = _opt(None, "Per-device cap with --device-map, e.g. 0=20GiB,1=20GiB,cpu=60GiB.")
+    offload_folder: str | None = _opt(None, "Folder for weights offloaded to disk.")
+    quantize: str | None = _opt(None, "4bit or 8bit: load linear layers through bitsandbytes (capture, eval).")
+    trust_remote_code: bool = _opt(False, "Run the model repository's own modelling code (only for repos you trust).")
+    chat_template: str | None = _opt(None, "A Jinja chat template (file or text) for a model without one.")
+    system: str | None = _opt(None, "System prompt for every conversation.")
+    disable_thinking: bool = _opt(
+        False, "Pass enable_thinking=False to the chat template (Qwen3 and alike: empty thinking block)."
+    )
+    response_prefix: str = _opt("", "Text appended after the generation prompt: every reply starts with it.")
+    behaviour: str = _opt(  # a bundled name or a .toml path (abliterate.profiles)
+        "refusal", "Behaviour profile: refusal (default), flowery, or a .toml profile (its prompts, judge and goal)."
+    )
+    harmful: list[str] = _opt(
+        ["bundled"], "Prompt source(s): bundled, FILE.txt/.jsonl/.csv/.parquet[:COL], hf:ID[:SPLIT[:COL]]."
+    )
+    harmless: list[str] = _opt(["bundled"], "Prompt source(s) for harmless prompts.")
+    prompt_prefix: str = _opt("", "Text put before every prompt (both sides).")
+    prompt_suffix: str = _opt("", "Text put after every prompt (both sides).")
+    n_train: int = _opt(64, "Prompts per side that build the direction.")
+    n_val: int = _opt(16, "Validation prompts per side (candidate selection).")
+    n_test: int = _opt(  # evaluation.N_TEST
+        64, "Held-out prompts per side for the before/after evaluation (default 64)."
+    )
+    seed: int = _opt(0, "Sampling seed for prompt sets.")
+    positions: list[int] = _opt([-1], "Token offsets from the prompt end (repeatable).")
+    methods: list[str] = _opt(["mean_diff"], "mean_diff, slerp or projected (repeatable).")
+    slerp_t: float = _opt(1.0, "slerp's interpolation t in (0, 1].")
+    layers: list[int] | None = _opt(None, "Restrict candidate layers (repeatable).")
+    skip_last: float = _opt(0.2, "The last fraction of layers, never chosen.")
+    kl_threshold: float = _opt(0.1, "Maximum KL for a candidate.")
+    min_induce: float = _opt(0.5, "A candidate must raise the harmless prompts' refusal score by more than this.")
+    min_bypass_drop: float = _opt(1.0, "A candidate must lower the harmful prompts' refusal score by more than this.")
+    scale: float = _opt(1.0, "Fraction of the direction to remove (1 = all).")
+    norm_preserving: bool = _opt(False, "Keep writer norms.")
+    batch_size: int = _opt(16, "Prompts per forward pass.")
+    max_new_tokens: int = _opt(  # evaluation.MAX_NEW_TOKENS
+        100, "Final evaluation: at most this many new tokens per answer (default 100)."
+    )
+    min_new_tokens: int = _opt(0, "Final evaluation: at least this many (default 0: the model may stop earlier).")
+    kl_tokens: int = _opt(16, "Multi-token KL over this many tokens of the unedited model's answers (default 16).")
+    judge: str = _opt(
+        "marker", "marker (default: the behaviour profile's phrases), llm:PATH (a local LM) or classifier:PATH."
+    )
+    judge_labels: str | None = _opt(None, "Classifier judge label map, e.g. 'LABEL_1=refusal,LABEL_0=compliance'.")
+    samples: int = _opt(6, "Sample answers shown per condition in the report.")
+    force: bool = _opt(False, "Replace an existing output directory.")
+    as_adapter: bool = _opt(
+        False,
+        "Write the edit as a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) instead of the "
+        "edited model's weights.",
+    )
+    search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "The [search] table."})
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
+RUN_HELP = {f.name: f.metadata["help"] for f in fields(RunConfig)}
 SECTIONS: dict[str, type] = {"search": SearchConfig}  # TOML tables; keys "search.trials", env ABLITERATE_SEARCH_TRIALS
 KEYS = {f.name for f in fields(RunConfig) if f.name not in SECTIONS} | {
     f"{name}.{f.name}" for name, cls in SECTIONS.items() for f in fields(cls)

@@ -20,7 +20,6 @@ from typing import Any
 
 import torch
 
-from .config import RunConfig, load
 from .errors import AbliterateError
 
 MANIFEST = "manifest.json"
@@ -176,26 +175,6 @@ def write_manifest(
     return path
 
 
-def write_run_manifest(folder: Path, cfg: RunConfig, versions: Mapping[str, str], command: str = "run") -> Path:
-    """The manifest of a ``run`` (or ``measure``) output: model, prompt sources, seed, config, versions, the
-    chosen edit (edit.json), outputs. A behaviour profile other than the bundled refusal one is an input file
-    (``profile``), and its prompt sources are the prompts."""
-    from .profiles import bundled_profile_path, load_profile, prompt_sources
-
-    profile = load_profile(cfg.behaviour)
-    own = profile.name == "refusal" and profile.path == str(bundled_profile_path("refusal"))
-    return write_manifest(
-        folder,
-        command,
-        config=cfg.to_dict(),
-        versions=versions,
-        model=cfg.model,
-        prompts=prompt_inputs(prompt_sources(profile, cfg.harmful, cfg.harmless)),
-        files=None if own else {"profile": Path(profile.path)},
-        seed=cfg.seed,
-    )
-
-
 def read_manifest(folder: str | Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     if not Path(folder).is_dir():
@@ -274,46 +253,6 @@ def _check_file(what: str, entry: Mapping[str, Any]) -> None:
         raise ManifestError(f"input {what} {path} is not found; put it back there")
     if sha256_file(path) != entry["sha256"]:
         raise _differs(what, str(path))
-
-
-def run_config(manifest: Mapping[str, Any], out: Path) -> RunConfig:
-    """The ``run`` config recorded in ``manifest``, writing to ``out``, with its inputs at their recorded paths
-    (a relative model or prompt path is made absolute) and the environment ignored."""
-    if manifest.get("command") != "run":
-        raise ManifestError(
-            f"this folder was written by '{manifest.get('command')}', and only run outputs can be reproduced"
-        )
-    flat: dict[str, Any] = {}
-    for key, value in manifest["config"].items():
-        if isinstance(value, Mapping):  # a config table ([search]) travels as section.key
-            flat.update({f"{key}.{k}": v for k, v in value.items()})
-        else:
-            flat[key] = value
-    inputs = manifest.get("inputs") or {}
-    model = inputs.get("model") or {}
-    if model.get("local") and model.get("path"):
-        flat["model"] = model["path"]
-    recorded = {(p["kind"], p["spec"]): p.get("path") for p in inputs.get("prompts", [])}
-    for kind in ("harmful", "harmless"):
-        flat[kind] = [_absolute(spec, recorded.get((kind, spec))) for spec in flat.get(kind, [])]
-    profile = (inputs.get("files") or {}).get("profile")
-    if profile:  # the behaviour profile, found again at its recorded path
-        flat["behaviour"] = profile["path"]
-    flat.update(out=str(out), force=False)
-    flat.pop("search.resume", None)
-    try:
-        return load(None, flat, env={})
-    except AbliterateError as exc:
-        raise ManifestError(f"the manifest's config is not usable by this abliterate: {exc}") from exc
-
-
-def _absolute(spec: str, path: str | None) -> str:
-    """A prompt spec whose file part is replaced by its recorded absolute path (the column kept)."""
-    if path is None or Path(spec).is_absolute():
-        return spec
-    if Path(spec).exists() or ":" not in spec:
-        return path
-    return f"{path}:{spec.partition(':')[2]}"
 
 
 def _tensor_files(folder: Path) -> list[str]:

@@ -11,71 +11,37 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from . import __version__
 from .adapter import restrict_run, write_run_adapter
 from .capture import Activations, capture
+from .card import KnownModel
 from .choosing import Choice, choose_edit, edit_directions, journal_path, with_projection
 from .config import RunConfig
 from .directions import DirectionSet
 from .errors import AbliterateError
 from .evaluation import Evaluator, Metrics, baseline_note
-from .judge import Judge
 from .loading import load_model
-from .manifest import write_run_manifest
 from .model import LoadedModel
-from .plan import applied, apply_plan, build_plan
-from .profiles import Profile, ProfileError, load_profile, profile_splits
-from .prompts import PromptSplits
+from .plan import AppliedEdit, applied, apply_plan, build_plan
+from .profiles import Profile, ProfileError, load_profile
+from .run_context import RunContext, resolve
+from .run_manifest import write_run_manifest
+from .run_result import RunResult
 from .saving import atomic_directory, check_output
 from .scorer import Scorer
 from .scoring import refusal_token_ids
 from .search import Pick
-from .selection import Method, Selection, select
+from .selection import Selection, select
 
 StageProgress = Callable[[str, int, int], None]
 
 
 class NoRefusalError(AbliterateError):
     """The model does not refuse the harmful prompts: there is nothing to abliterate."""
-
-
-@dataclass
-class RunResult:
-    out: Path | None
-    selection: Selection
-    before: Metrics
-    after: Metrics
-    timings: dict[str, float] = field(default_factory=dict)
-    config: dict[str, Any] = field(default_factory=dict)
-    note: str = ""
-    capabilities: dict[str, Any] = field(default_factory=dict)  # the model's ForwardCapabilities
-    choice: Choice | None = None  # the edit made: the sweep's, or the search's pick (with every trial)
-    behaviour: dict[str, Any] = field(default_factory=dict)  # the profile: name, goal, judge, scored token ids
-    induction: dict[str, Any] | None = None  # goal induce: the baked induction (edit.json)
-
-    def metrics(self) -> dict[str, Any]:
-        chosen = self.selection.chosen
-        return {
-            "abliterate_version": __version__,
-            "model": self.config.get("model"),
-            "chosen": None
-            if chosen is None
-            else {"layer": chosen.layer, "position": chosen.position, "method": chosen.method},
-            "before": self.before.to_dict(),
-            "after": self.after.to_dict(),
-            "selection": self.selection.to_dict(),
-            "timings_s": self.timings,
-            "model_capabilities": self.capabilities,
-            "edit": None if self.choice is None else self.choice.to_dict(),
-            "search": None if self.choice is None or self.choice.search is None else self.choice.search.to_dict(),
-            "behaviour": self.behaviour,
-            "induction": self.induction,
-            "note": self.note,
-        }
 
 
 def versions() -> dict[str, str]:
@@ -88,10 +54,6 @@ def versions() -> dict[str, str]:
         "transformers": transformers.__version__,
         "python": platform.python_version(),
     }
-
-
-def _methods(cfg: RunConfig) -> list[Method]:
-    return [Method(m, {"t": cfg.slerp_t} if m == "slerp" else {}) for m in cfg.methods]
 
 
 def load_for(cfg: RunConfig, *, residual_only: bool = False) -> LoadedModel:
@@ -113,54 +75,23 @@ def load_for(cfg: RunConfig, *, residual_only: bool = False) -> LoadedModel:
     return lm
 
 
-def judge_for(cfg: RunConfig, profile: Profile | None = None) -> Judge:
-    """The final-evaluation judge: ``cfg.judge`` when it is not the default ``marker``, else the behaviour
-    profile's judge (its markers; a judge model loaded on ``cfg.device``)."""
-    from .judges import judge_from_spec
-
-    profile = profile or load_profile(cfg.behaviour)
-    spec = cfg.judge if cfg.judge != "marker" else profile.judge
-    if spec == "marker":
-        return profile.marker_judge()
-    settings = profile.judge_settings()
-    labels = cfg.judge_labels or settings.pop("labels", None)
-    settings.pop("labels", None)
-    load = {"device": cfg.device, "dtype": cfg.dtype, "trust_remote_code": cfg.trust_remote_code}
-    return judge_from_spec(spec, labels=labels, batch_size=cfg.batch_size, **settings, **load)
-
-
-def splits_for(cfg: RunConfig, profile: Profile | None = None) -> tuple[PromptSplits, PromptSplits]:
-    """(behaviour side, plain side) prompts: for refusal the harmful and harmless sets."""
-    return profile_splits(
-        profile or load_profile(cfg.behaviour),
-        harmful=cfg.harmful,
-        harmless=cfg.harmless,
-        n_train=cfg.n_train,
-        n_val=cfg.n_val,
-        n_test=cfg.n_test,
-        seed=cfg.seed,
-        prefix=cfg.prompt_prefix,
-        suffix=cfg.prompt_suffix,
+def scorer_for(ctx: RunContext, lm: LoadedModel, **kw: Any) -> Scorer:
+    """The validation scorer, counting the first tokens of the profile's answer openers."""
+    ids = refusal_token_ids(lm.tokenizer, ctx.profile.openers)
+    cfg = ctx.cfg
+    return Scorer(
+        lm, ctx.harmful.val, ctx.harmless.val, system=cfg.system, batch_size=cfg.batch_size, refusal_ids=ids, **kw
     )
 
 
-def scorer_for(
-    cfg: RunConfig, lm: LoadedModel, profile: Profile, harmful: PromptSplits, harmless: PromptSplits, **kw: Any
-) -> Scorer:
-    """The validation scorer, counting the first tokens of the profile's answer openers."""
-    ids = refusal_token_ids(lm.tokenizer, profile.openers)
-    return Scorer(lm, harmful.val, harmless.val, system=cfg.system, batch_size=cfg.batch_size, refusal_ids=ids, **kw)
-
-
 def measure(
-    cfg: RunConfig, lm: LoadedModel, progress: StageProgress | None = None, scorer: Scorer | None = None
+    ctx: RunContext, lm: LoadedModel, progress: StageProgress | None = None, scorer: Scorer | None = None
 ) -> tuple[Activations, Selection]:
     """Capture on the train split and sweep candidates on the validation split (scored by ``scorer``, built
     on the unedited model and the validation split, when given: the search then reuses it)."""
-    profile = load_profile(cfg.behaviour)
-    harmful, harmless = splits_for(cfg, profile)
+    cfg, harmful, harmless = ctx.cfg, ctx.harmful, ctx.harmless
     if scorer is None:
-        scorer = scorer_for(cfg, lm, profile, harmful, harmless)
+        scorer = scorer_for(ctx, lm)
     if progress:
         progress("capture", 0, len(harmful.train) + len(harmless.train))
     acts = capture(
@@ -172,23 +103,30 @@ def measure(
         system=cfg.system,
         progress=(lambda d, t: progress("capture", d, t)) if progress else None,
     )
-    sel = select(
-        lm,
-        acts,
-        harmful.val,
-        harmless.val,
-        methods=_methods(cfg),
-        layers=cfg.layers,
-        skip_last=cfg.skip_last,
-        kl_threshold=cfg.kl_threshold,
-        min_induce=cfg.min_induce,
-        min_bypass_drop=cfg.min_bypass_drop,
-        batch_size=cfg.batch_size,
-        progress=(lambda d, t, _s: progress("sweep", d, t)) if progress else None,
-        scorer=scorer,
-        prefer="induce" if profile.goal == "induce" else "bypass",
-    )
+    sweep_progress = (lambda d, t, _s: progress("sweep", d, t)) if progress else None
+    sel = select(lm, acts, harmful.val, harmless.val, ctx.sweep_settings(), progress=sweep_progress, scorer=scorer)
     return acts, sel
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The model of a run, and where its edit is written from: in memory, or (``why``: quantized or offloaded)
+    shard by shard from the ``checkpoint`` it was loaded from."""
+
+    lm: LoadedModel
+    why: str = ""
+    checkpoint: Path | None = None
+
+
+@dataclass
+class Evaluated:
+    """The evaluation stage's outcome: before and after, the edit applied in memory, the induction baked."""
+
+    before: Metrics
+    after: Metrics
+    edit: AppliedEdit | None
+    induction: dict[str, Any] | None
+    notes: list[str]
 
 
 def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None = None) -> RunResult:
@@ -197,9 +135,36 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
-    profile = load_profile(cfg.behaviour)
-    lm = load_for(cfg)
+    profile = load_profile(cfg.behaviour)  # the run's one profile load: everything below reads the context
+    loaded = load_checked(cfg, profile)
     timings["load"] = time.perf_counter() - t0
+    ctx = resolve(cfg, profile, judge=True)
+    t = time.perf_counter()
+    base_progress = (lambda d, t: progress("validation base", d, t)) if progress else None
+    scorer = scorer_for(ctx, loaded.lm, progress=base_progress)
+    scorer.progress = None  # the base pass is reported; the sweep and search report their own steps
+    acts, sel = measure(ctx, loaded.lm, progress, scorer)
+    timings["capture_and_sweep"] = time.perf_counter() - t
+    check_found(ctx, sel)
+    t = time.perf_counter()
+    choice = None
+    if profile.goal == "remove":
+        choice = choose_edit(ctx, loaded.lm, acts, sel, scorer, progress, pick)
+        timings["search" if choice.search else "choose"] = time.perf_counter() - t
+    done = evaluate(ctx, loaded, sel, acts, choice, timings, progress)
+    lm = loaded.lm
+    ids = refusal_token_ids(lm.tokenizer, profile.openers)
+    note = "; ".join(n for n in done.notes if n)
+    result = RunResult(None, sel, done.before, done.after, timings, cfg.to_dict(), note, lm.caps.to_dict(), choice)
+    result.behaviour, result.induction = {**profile.to_dict(), "score_token_ids": ids}, done.induction
+    save(target, ctx, loaded, result, acts, done.edit, t0, progress)
+    result.out = target
+    return result
+
+
+def load_checked(cfg: RunConfig, profile: Profile) -> Loaded:
+    """Load the model and refuse, before the long part, what its edit could not be written to."""
+    lm = load_for(cfg)
     why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
     if profile.goal == "induce" and (why or cfg.as_adapter):
         raise ProfileError(
@@ -209,29 +174,35 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
     if cfg.as_adapter:  # refuse what no adapter holds before the long part; keep the search to edits one can
         restrict_run(cfg, lm)
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
-    judge = judge_for(cfg, profile)
-    harmful, harmless = splits_for(cfg, profile)
-    t = time.perf_counter()
-    base_progress = (lambda d, t: progress("validation base", d, t)) if progress else None
-    scorer = scorer_for(cfg, lm, profile, harmful, harmless, progress=base_progress)
-    scorer.progress = None  # the base pass is reported; the sweep and search report their own steps
-    acts, sel = measure(cfg, lm, progress, scorer)
-    timings["capture_and_sweep"] = time.perf_counter() - t
+    return Loaded(lm, why, checkpoint)
+
+
+def check_found(ctx: RunContext, sel: Selection) -> None:
+    """Stop when the model does not show the behaviour, or when nothing can be chosen."""
     if not sel.baseline_refuses:
-        raise NoRefusalError(sel.note if profile.name == "refusal" else no_behaviour(profile, sel))
-    if sel.chosen is None and (not cfg.search.enabled or profile.goal == "induce"):
+        raise NoRefusalError(sel.note if ctx.is_refusal else no_behaviour(ctx.profile, sel))
+    if sel.chosen is None and (not ctx.cfg.search.enabled or ctx.profile.goal == "induce"):
         raise AbliterateError(sel.note)
-    t = time.perf_counter()
-    choice = None
-    if profile.goal == "remove":
-        choice = choose_edit(cfg, lm, acts, sel, _methods(cfg), scorer, progress, pick, profile.marker_judge())
-        timings["search" if choice.search else "choose"] = time.perf_counter() - t
+
+
+def evaluate(
+    ctx: RunContext,
+    loaded: Loaded,
+    sel: Selection,
+    acts: Activations,
+    choice: Choice | None,
+    timings: dict[str, float],
+    progress: StageProgress | None,
+) -> Evaluated:
+    """Evaluate the unedited model, make the edit (or bake the induction), evaluate again."""
+    cfg, profile, lm, judge = ctx.cfg, ctx.profile, loaded.lm, ctx.judge
+    assert judge is not None, "a run's context is resolved with its judge"
     compare = [] if judge.name == "marker" else [profile.marker_judge()]
-    others = {} if profile.name == "refusal" else {"compare": compare}  # refusal: the evaluator's own default
+    others = {} if ctx.is_refusal else {"compare": compare}  # refusal: the evaluator's own default
     evaluator = Evaluator(
         lm,
-        harmful.test,
-        harmless.test,
+        ctx.harmful.test,
+        ctx.harmless.test,
         judge=judge,
         system=cfg.system,
         max_new_tokens=cfg.max_new_tokens,
@@ -241,7 +212,7 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
         **others,
     )
 
-    def evaluate(name: str, edit: Any = None) -> Metrics:
+    def measured(name: str, edit: Any = None) -> Metrics:
         start = time.perf_counter()
         if progress:
             progress(f"evaluate {name}", 0, 1)
@@ -252,48 +223,58 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
         timings[f"evaluate_{name}"] = time.perf_counter() - start
         return metrics
 
-    before = evaluate("before")
-    notes = [baseline_note(before) if profile.name == "refusal" else ""]
-    induction = None
+    before = measured("before")
+    notes = [baseline_note(before) if ctx.is_refusal else ""]
+    induction, edit = None, None
     if choice is None:  # goal induce: the sweep's direction pinned to the behaviour side's mean projection
         from .induction import bake_chosen
 
         induction = bake_chosen(lm, sel, acts)
-        edit = None
-        after = evaluate("after")
+        after = measured("after")
         notes.append(f"induced {profile.name}: {induction['note']}")
-    elif checkpoint is None:
+    elif loaded.checkpoint is None:
         edit = apply_plan(lm, build_plan(lm, choice.spec, choice.source), mode="weights")  # reverted by as_adapter only
-        after = evaluate("after")
+        after = measured("after")
     else:  # offloaded or quantized: measure the runtime twin, write the edit from the checkpoint
-        after = evaluate("after", lambda: applied(lm, choice.spec, choice.source, mode="hooks"))
+        after = measured("after", lambda: applied(lm, choice.spec, choice.source, mode="hooks"))
         notes.append(
-            f"the model was {why}, so 'after' was measured with runtime ablation hooks (which equal the weight "
-            f"edit) and the weights were edited shard by shard from {checkpoint}"
+            f"the model was {loaded.why}, so 'after' was measured with runtime ablation hooks (which equal the "
+            f"weight edit) and the weights were edited shard by shard from {loaded.checkpoint}"
         )
-    ids = refusal_token_ids(lm.tokenizer, profile.openers)
-    result = RunResult(
-        None, sel, before, after, timings, cfg.to_dict(), "; ".join(n for n in notes if n), lm.caps.to_dict(), choice
-    )
-    result.behaviour, result.induction = {**profile.to_dict(), "score_token_ids": ids}, induction
+    return Evaluated(before, after, edit, induction, notes)
+
+
+def save(
+    target: Path,
+    ctx: RunContext,
+    loaded: Loaded,
+    result: RunResult,
+    acts: Activations,
+    edit: AppliedEdit | None,
+    t0: float,
+    progress: StageProgress | None,
+) -> None:
+    """Write everything into a temporary folder renamed to ``target``: the model (or adapter), tokenizer,
+    directions, edit.json, the search journal, config, card, report, metrics and, last, the manifest."""
+    cfg, lm, choice, sel, timings = ctx.cfg, loaded.lm, result.choice, result.selection, result.timings
     t = time.perf_counter()
     if progress:
         progress("save", 0, 1)
     with atomic_directory(target) as tmp:
         if cfg.as_adapter:  # the adapter (read off the original weights) instead of the edited model
             result.note = "; ".join([result.note, *write_run_adapter(tmp, lm, edit)]).strip("; ")
-        elif checkpoint is None:
+        elif loaded.checkpoint is None:
             lm.model.save_pretrained(tmp)
         else:
-            _stream_into(tmp, checkpoint, choice, cfg, progress)
+            _stream_into(tmp, loaded.checkpoint, choice, cfg, progress)
         lm.tokenizer.save_pretrained(tmp)
         directions = (
             annotate(sel, acts, sel.chosen.method) if choice is None else edit_directions(acts, choice.spec, sel)
         )
-        if profile.name != "refusal":
-            directions.meta["behaviour"] = profile.name
+        if not ctx.is_refusal:
+            directions.meta["behaviour"] = ctx.profile.name
         directions.save(tmp / "directions.safetensors")
-        (tmp / "edit.json").write_text(json.dumps(induction or choice.to_dict(), indent=2) + "\n")
+        (tmp / "edit.json").write_text(json.dumps(result.induction or choice.to_dict(), indent=2) + "\n")
         journal = journal_path(cfg.out)
         if choice is not None and choice.search is not None and journal.exists():
             os.replace(journal, tmp / "search_journal.log")  # the run succeeded: the journal goes inside
@@ -301,11 +282,9 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
         timings["save"] = time.perf_counter() - t
         timings["total"] = time.perf_counter() - t0
         (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
-        write_run_manifest(tmp, cfg, versions())  # last: it hashes every file written
+        write_run_manifest(tmp, cfg, ctx.profile, versions())  # last: it hashes every file written
         if progress:  # before the rename, so that nothing runs between the rename and the return
             progress("save", 1, 1)
-    result.out = target
-    return result
 
 
 def no_behaviour(profile: Profile, sel: Selection) -> str:
@@ -351,14 +330,15 @@ def _stream_into(tmp: Path, checkpoint: Path, choice: Choice, cfg: RunConfig, pr
     staging.rmdir()
 
 
-def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Selection) -> Path:
+def write_measurement(target: Path, ctx: RunContext, acts: Activations, sel: Selection) -> Path:
     """``abliterate measure``'s outputs, written atomically to ``target``: the direction set (with the chosen
     candidate), candidates.json, the effective config + versions and report.html with its PNG plots."""
     from .report import write_measure_report
 
+    cfg = ctx.cfg
     with atomic_directory(target) as tmp:
         label = sel.chosen.method if sel.chosen else next(iter(sel.direction_sets))
-        directions, name = annotate(sel, acts, label), load_profile(cfg.behaviour).name
+        directions, name = annotate(sel, acts, label), ctx.profile.name
         if name != "refusal":
             directions.meta["behaviour"] = name
         directions.save(tmp / "directions.safetensors")
@@ -367,7 +347,7 @@ def write_measurement(target: Path, cfg: RunConfig, acts: Activations, sel: Sele
             json.dumps({"config": cfg.to_dict(), "versions": versions()}, indent=2) + "\n"
         )
         write_measure_report(tmp, sel, acts, cfg.to_dict())
-        write_run_manifest(tmp, cfg, versions(), command="measure")
+        write_run_manifest(tmp, cfg, ctx.profile, versions(), command="measure")
     return target
 
 
@@ -386,5 +366,12 @@ def write_artifacts(folder: Path, result: RunResult, acts: Activations) -> None:
     (folder / "abliterate_config.json").write_text(
         json.dumps({"config": result.config, "versions": versions()}, indent=2) + "\n"
     )
-    (folder / "README.md").write_text(model_card(result))
+    (folder / "README.md").write_text(model_card(result, known_models()))
     write_report(folder, result, acts)
+
+
+def known_models() -> tuple[KnownModel, ...]:
+    """Local models whose hub id the model card cannot read off their path: the demo's GGUF."""
+    from .demo import DEMO_HUB_ID, DEMO_LICENSE, DEMO_NAME, cache_dir
+
+    return (KnownModel(cache_dir() / DEMO_NAME, DEMO_HUB_ID, {"license": DEMO_LICENSE}),)

@@ -3,7 +3,6 @@ is in :mod:`abliterate.card`)."""
 
 from __future__ import annotations
 
-import base64
 import html
 import math
 from pathlib import Path
@@ -12,31 +11,17 @@ from typing import TYPE_CHECKING, Any
 from .capability import Capability
 from .capture import Activations
 from .evaluation import Metrics, Sample, behaviour_label, format_rate
+from .plots import img_tag, pyplot, save_figure
+from .report_search import search_section
 
 if TYPE_CHECKING:
-    from .pipeline import RunResult
+    from .run_result import RunResult
     from .selection import Selection
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    _pyplot().close(fig)
-    return path
 
 
 def candidates_plot(folder: Path, sel: Selection) -> Path:
     """candidates.png: bypass, induce and KL of every candidate per layer, the chosen one starred."""
-    fig, axes = _pyplot().subplots(1, 3, figsize=(13, 3.6))
+    fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for method in sel.settings["methods"]:
         for pos in sel.settings["positions"]:
             rows = [c for c in sel.candidates if c.method == method and c.position == pos and not math.isnan(c.bypass)]
@@ -59,7 +44,7 @@ def candidates_plot(folder: Path, sel: Selection) -> Path:
         for ax, key in zip(axes, ("bypass", "induce", "kl"), strict=True):
             ax.plot([sel.chosen.layer], [getattr(sel.chosen, key)], "r*", ms=12)
     axes[0].legend(fontsize=7)
-    return _save(fig, folder / "candidates.png")
+    return save_figure(fig, folder / "candidates.png")
 
 
 def directions_plot(folder: Path, acts: Activations) -> Path:
@@ -71,7 +56,7 @@ def directions_plot(folder: Path, acts: Activations) -> Path:
         1 - float((a @ b) / (a.norm() * b.norm() + 1e-12))
         for a, b in zip(acts.harmful_mean[:, -1], acts.harmless_mean[:, -1], strict=True)
     ]
-    fig, axes = _pyplot().subplots(1, 2, figsize=(10, 3.4))
+    fig, axes = pyplot().subplots(1, 2, figsize=(10, 3.4))
     axes[0].plot(norms, marker="o", ms=3, label="|mean diff|")
     axes[0].plot(
         [n / max(s, 1e-12) for n, s in zip(norms, scale, strict=True)], marker="s", ms=3, label="|mean diff| / |mean|"
@@ -84,13 +69,13 @@ def directions_plot(folder: Path, acts: Activations) -> Path:
         ax.set_xlabel("residual point (layer input)")
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    return _save(fig, folder / "directions.png")
+    return save_figure(fig, folder / "directions.png")
 
 
 def refusals_plot(folder: Path, before: Metrics, after: Metrics) -> Path:
     """refusals.png: refusal, compliance and degenerate rates on harmful prompts and over-refusal on harmless
     ones, before and after the edit, with 95 % Wilson intervals as error bars."""
-    fig, ax = _pyplot().subplots(figsize=(7, 3.4))
+    fig, ax = pyplot().subplots(figsize=(7, 3.4))
     keys = ["refusal_rate", "compliance_rate", "degenerate_rate", "over_refusal", "harmless_degenerate_rate"]
     labels = [
         "refusal\n(harmful)",
@@ -113,12 +98,7 @@ def refusals_plot(folder: Path, before: Metrics, after: Metrics) -> Path:
     ax.set_ylim(0, 1)
     ax.set_title(f"verdicts on held-out prompts, 95% Wilson intervals (KL after: {after.kl:.3f})", fontsize=9)
     ax.legend(fontsize=8)
-    return _save(fig, folder / "refusals.png")
-
-
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<img alt="{path.stem}" src="data:image/png;base64,{data}">'
+    return save_figure(fig, folder / "refusals.png")
 
 
 def _cell(sample: Sample) -> str:
@@ -221,8 +201,8 @@ def _selection_sections(sel: Selection, candidates: Path, directions: Path) -> t
         for x in sel.candidates
     )
     plots = (
-        f"<h2>Per-layer candidate scores</h2>{_img(candidates)}\n"
-        f"<h2>Direction norm and separation</h2>{_img(directions)}\n"
+        f"<h2>Per-layer candidate scores</h2>{img_tag(candidates)}\n"
+        f"<h2>Direction norm and separation</h2>{img_tag(directions)}\n"
     )
     return plots, (
         f"<h2>Candidate table</h2><p>{html.escape(sel.note)} ({sel.seconds:.0f} s)</p>\n"
@@ -253,7 +233,7 @@ def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
     body = f"""{_header("abliterate report", result.config.get("model"), sel, result.note)}
 {_kpi({"before": b, "after": a})}
-{plots}<h2>{"Refusals" if b.behaviour == "refusal" else html.escape(b.behaviour)} before / after</h2>{_img(refusals_plot(folder, b, a))}
+{plots}<h2>{"Refusals" if b.behaviour == "refusal" else html.escape(b.behaviour)} before / after</h2>{img_tag(refusals_plot(folder, b, a))}
 {_search_html(folder, result)}
 <h2>Sample generations</h2><table><tr><th>prompt</th><th>before</th><th>after</th></tr>
 {_samples([b, a], int(result.config.get("samples", 6)))}</table>
@@ -265,8 +245,6 @@ def _search_html(folder: Path, result: RunResult) -> str:
     choice = result.choice
     if choice is None or choice.search is None:
         return ""
-    from .report_search import search_section
-
     return search_section(folder, choice.search)
 
 

@@ -5,15 +5,14 @@ from __future__ import annotations
 import html
 from pathlib import Path
 
+from .plots import img_tag, pyplot, save_figure
 from .search import SearchResult
 
 
 def front_plot(folder: Path, result: SearchResult) -> Path:
     """front.png: every trial's validation refusal score against its first-token KL, the Pareto front joined,
     trials checked by generation ringed, the chosen one starred, the unedited model at KL 0."""
-    from .report import _pyplot, _save
-
-    fig, ax = _pyplot().subplots(figsize=(6.4, 3.8))
+    fig, ax = pyplot().subplots(figsize=(6.4, 3.8))
     ax.scatter([t.kl for t in result.trials], [t.refusal for t in result.trials], s=12, c="#9aa", label="trials")
     front = sorted((t for t in result.trials if t.on_front), key=lambda t: t.kl)
     ax.plot([t.kl for t in front], [t.refusal for t in front], "-o", ms=4, color="#1f77b4", label="Pareto front")
@@ -45,13 +44,11 @@ def front_plot(folder: Path, result: SearchResult) -> Path:
     ax.set_ylabel("refusal score (harmful validation)", fontsize=8)
     ax.set_title(f"search: {len(result.trials)} trials, {len(front)} on the front", fontsize=9)
     ax.legend(fontsize=7, loc="best")
-    return _save(fig, folder / "front.png")
+    return save_figure(fig, folder / "front.png")
 
 
 def search_section(folder: Path, result: SearchResult) -> str:
     """HTML: the front plot, the policy's note and the front's trials (every trial is in metrics.json)."""
-    from .report import _img
-
     rows = []
     for t in sorted((t for t in result.trials if t.on_front), key=lambda t: t.refusal):
         spec = t.spec
@@ -68,7 +65,7 @@ def search_section(folder: Path, result: SearchResult) -> str:
     judged_base = "" if result.base_refused is None else f"; unedited judged refusals: {result.base_refused}"
     return (
         f"<h2>Search</h2><p>{html.escape(result.note)} ({result.seconds:.0f} s; unedited refusal score "
-        f"{base if base is None else f'{base:.2f}'}{judged_base})</p>{_img(front_plot(folder, result))}\n"
+        f"{base if base is None else f'{base:.2f}'}{judged_base})</p>{img_tag(front_plot(folder, result))}\n"
         "<table><tr><th>trial</th><th>refusal score</th><th>KL</th><th>judged refusals</th><th>method</th>"
         "<th>direction</th><th>k</th><th>embedding</th><th>norm-preserving</th></tr>\n" + "\n".join(rows) + "</table>"
     )

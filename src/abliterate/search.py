@@ -23,11 +23,11 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .search_space import SearchError, SearchSpace, full_params, suggest
+from .search_space import SearchError, SearchSettings, SearchSpace, full_params, suggest
 from .space import EditSpec
 
 Objective = Callable[[EditSpec], Mapping[str, float]]
@@ -36,6 +36,7 @@ SearchProgress = Callable[[str, int, int], None]
 __all__ = [
     "SearchError",
     "SearchResult",
+    "SearchSettings",
     "SearchSpace",
     "TrialRecord",
     "choose",
@@ -228,111 +229,55 @@ def search(
     objective: Objective,
     *,
     num_layers: int,
-    space: SearchSpace | None = None,
-    trials: int | None = 40,
-    timeout: float | None = None,
-    seed: int = 0,
-    journal: str | Path | None = None,
-    resume: bool = False,
-    identity: Mapping[str, Any] | None = None,
+    settings: SearchSettings | None = None,
     warm_start: Sequence[Mapping[str, Any]] = (),
-    startup: int = 8,
     verify: Verify | None = None,
-    verify_top: int = 4,
-    kl_budget: float = 0.05,
     base: Mapping[str, float] | None = None,
-    trial: int | None = None,
     progress: SearchProgress | None = None,
     pick: Pick | None = None,
+    **overrides: Any,
 ) -> SearchResult:
     """Run (or resume) the search and choose a trial; see the module docstring.
 
-    ``trials`` is the total number of finished trials wanted (a resumed journal counts its own), ``timeout``
-    a wall-clock limit in seconds for this call; at least one must be given. ``warm_start``: Optuna parameter
-    dicts (:func:`full_params`) tried first in a new study. ``verify(spec) -> (refused, n)`` judges generated
-    answers for the ``verify_top`` most promising front trials. ``base``: the unedited model's scores.
-    ``pick(front, default, note)``: asked for a trial number once the default policy has chosen (not when
-    ``trial`` is given); None keeps the default, a number must be on the front.
+    ``settings`` (default :class:`SearchSettings`), with any of its fields given as keywords (``overrides``,
+    e.g. ``trials=20, seed=3``) replacing its own. ``trials`` is the total number of finished trials wanted (a
+    resumed journal counts its own), ``timeout`` a wall-clock limit in seconds for this call; at least one must
+    be given. ``warm_start``: Optuna parameter dicts (:func:`full_params`) tried first in a new study.
+    ``verify(spec) -> (refused, n)`` judges generated answers for the ``verify_top`` most promising front trials.
+    ``base``: the unedited model's scores. ``pick(front, default, note)``: asked for a trial number once the
+    default policy has chosen (not when ``trial`` is given); None keeps the default, a number must be on the
+    front.
     """
     import optuna
 
-    if trials is None and timeout is None:
-        raise SearchError("give the search a budget: --trials N and/or --timeout SECONDS")
-    if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
-        raise SearchError(f"--trials must be a positive integer, got {trials!r}")
-    if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
-        raise SearchError(f"--timeout must be a positive number of seconds, got {timeout!r}")
-    if not (math.isfinite(kl_budget) and kl_budget > 0):
-        raise SearchError(f"--kl-budget must be a positive number, got {kl_budget!r}")
-    space = space or SearchSpace()
+    s = replace(settings or SearchSettings(), **overrides)
+    s.check()
+    space = s.space or SearchSpace()
     space.check()
     start = time.perf_counter()
-    path = Path(journal) if journal is not None else None
-    ident = {**dict(identity or {}), "space": identity_of(space.to_dict()), "num_layers": num_layers}
+    path = Path(s.journal) if s.journal is not None else None
+    ident = {**dict(s.identity or {}), "space": identity_of(space.to_dict()), "num_layers": num_layers}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library never prints
     try:
-        study = _open_study(path, ident, seed, resume, startup)
+        study = _open_study(path, ident, s.seed, s.resume, s.startup)
         _fail_stale(study)
-        from optuna.trial import TrialState
-
-        done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
-        resumed = done
+        resumed = len(_finished(study))
         if not study.trials:
             for params in warm_start:
                 study.enqueue_trial(dict(params), skip_if_exists=True)
-        total = trials if trials is not None else done + 10**9
-        while done < total and (timeout is None or time.perf_counter() - start < timeout):
-            if progress:
-                progress("search", done, total if trials is not None else done + 1)
-            t = study.ask()
-            try:
-                spec = suggest(t, space, num_layers)
-                t0 = time.perf_counter()
-                scores = dict(objective(spec))
-                seconds = time.perf_counter() - t0
-                t.set_user_attr("spec", spec.to_dict())
-                t.set_user_attr("scores", scores)
-                t.set_user_attr("seconds", seconds)
-            except BaseException:
-                study.tell(t, state=TrialState.FAIL)
-                raise
-            values = [float(scores["refusal"]), float(scores["kl"])]
-            if all(math.isfinite(v) for v in values):
-                study.tell(t, values)
-                done += 1
-            else:
-                study.tell(t, state=TrialState.FAIL)
-        if progress:
-            progress("search", done, done if trials is None else total)
-        records = [_record(t) for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))]
+        _run_trials(study, objective, space, num_layers, s, start, resumed, progress)
+        records = [_record(t) for t in _finished(study)]
         front = pareto_front(records)
         for r in front:
             r.on_front = True
-        checked = dict(study.user_attrs.get("verified", {}))
-        if verify is not None:
-            todo = _to_verify(front, kl_budget, verify_top, float((base or {}).get("refusal", math.inf)))
-            if "base" not in checked:
-                checked["base"] = list(verify(EditSpec()))  # the unedited model, judged the same way
-            for i, r in enumerate(todo):
-                if progress:
-                    progress("check front", i, len(todo))
-                if str(r.number) not in checked:
-                    checked[str(r.number)] = list(verify(r.edit()))
-                    study.set_user_attr("verified", checked)  # in the journal: a resume does not judge twice
-            if progress:
-                progress("check front", len(todo), len(todo))
+        base_refusal = float((base or {}).get("refusal", math.inf))
+        checked = _check_front(study, front, verify, s, base_refusal, progress)
         for r in records:
             if str(r.number) in checked:
                 r.refused, r.judged = checked[str(r.number)]
-        base_refusal = float((base or {}).get("refusal", math.inf))
         base_refused = checked["base"][0] if "base" in checked else None
-        chosen, note = choose(records, base_refusal, kl_budget, trial, base_refused)
-        if pick is not None and trial is None:
-            number = pick(front, chosen, note)
-            if number is not None and number != chosen.number:
-                chosen, _ = choose(records, base_refusal, kl_budget, number, base_refused)
-                note = f"trial {number} picked at the prompt (the default policy's: {note})"
+        chosen, note = _pick(records, front, base_refusal, s, base_refused, pick)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return SearchResult(
@@ -341,13 +286,103 @@ def search(
         chosen=chosen,
         note=note,
         base=dict(base or {}),
-        kl_budget=kl_budget,
+        kl_budget=s.kl_budget,
         seconds=time.perf_counter() - start,
         journal=None if path is None else str(path),
         resumed=resumed,
         space=space.to_dict(),
         base_refused=base_refused,
     )
+
+
+def _finished(study: Any) -> list[Any]:
+    from optuna.trial import TrialState
+
+    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+
+
+def _run_trials(
+    study: Any,
+    objective: Objective,
+    space: SearchSpace,
+    num_layers: int,
+    s: SearchSettings,
+    start: float,
+    done: int,
+    progress: SearchProgress | None,
+) -> None:
+    """Ask, apply and score trials until ``s.trials`` are finished or ``s.timeout`` has passed since ``start``;
+    a trial whose scores are not finite fails, one interrupted is told failed before the error goes on."""
+    from optuna.trial import TrialState
+
+    total = s.trials if s.trials is not None else done + 10**9
+    while done < total and (s.timeout is None or time.perf_counter() - start < s.timeout):
+        if progress:
+            progress("search", done, total if s.trials is not None else done + 1)
+        t = study.ask()
+        try:
+            spec = suggest(t, space, num_layers)
+            t0 = time.perf_counter()
+            scores = dict(objective(spec))
+            seconds = time.perf_counter() - t0
+            t.set_user_attr("spec", spec.to_dict())
+            t.set_user_attr("scores", scores)
+            t.set_user_attr("seconds", seconds)
+        except BaseException:
+            study.tell(t, state=TrialState.FAIL)
+            raise
+        values = [float(scores["refusal"]), float(scores["kl"])]
+        if all(math.isfinite(v) for v in values):
+            study.tell(t, values)
+            done += 1
+        else:
+            study.tell(t, state=TrialState.FAIL)
+    if progress:
+        progress("search", done, done if s.trials is None else total)
+
+
+def _check_front(
+    study: Any,
+    front: Sequence[TrialRecord],
+    verify: Verify | None,
+    s: SearchSettings,
+    base_refusal: float,
+    progress: SearchProgress | None,
+) -> dict[str, list[int]]:
+    """Judged refusals by trial number (and ``"base"``: the unedited model), kept in the journal's study."""
+    checked = dict(study.user_attrs.get("verified", {}))
+    if verify is None:
+        return checked
+    todo = _to_verify(front, s.kl_budget, s.verify_top, base_refusal)
+    if "base" not in checked:
+        checked["base"] = list(verify(EditSpec()))  # the unedited model, judged the same way
+    for i, r in enumerate(todo):
+        if progress:
+            progress("check front", i, len(todo))
+        if str(r.number) not in checked:
+            checked[str(r.number)] = list(verify(r.edit()))
+            study.set_user_attr("verified", checked)  # in the journal: a resume does not judge twice
+    if progress:
+        progress("check front", len(todo), len(todo))
+    return checked
+
+
+def _pick(
+    records: Sequence[TrialRecord],
+    front: Sequence[TrialRecord],
+    base_refusal: float,
+    s: SearchSettings,
+    base_refused: int | None,
+    pick: Pick | None,
+) -> tuple[TrialRecord, str]:
+    """The policy's choice (or ``s.trial``), then the one ``pick`` asks for, if another."""
+    chosen, note = choose(records, base_refusal, s.kl_budget, s.trial, base_refused)
+    if pick is not None and s.trial is None:
+        number = pick(front, chosen, note)
+        if number is not None and number != chosen.number:
+            chosen, _ = choose(records, base_refusal, s.kl_budget, number, base_refused)
+            note = f"trial {number} picked at the prompt (the default policy's: {note})"
+    return chosen, note
 
 
 def _to_verify(front: Sequence[TrialRecord], kl_budget: float, top: int, base_refusal: float) -> list[TrialRecord]:

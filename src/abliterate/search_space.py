@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .errors import AbliterateError
@@ -121,3 +122,34 @@ def full_params(
     if len(space.norm_preserving) > 1:
         params["norm_preserving"] = False
     return params
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How :func:`abliterate.search.search` searches (the defaults are its own): the space, the budget (finished
+    trials wanted, a resumed journal counting its own, and/or a wall-clock ``timeout`` in seconds), the sampler
+    seed and random startup trials, the journal (with ``resume`` and the ``identity`` it must match), how many
+    front trials to check by generation, and the policy's KL budget or a ``trial`` chosen by hand."""
+
+    space: SearchSpace | None = None  # None: SearchSpace()
+    trials: int | None = 40
+    timeout: float | None = None
+    seed: int = 0
+    journal: str | Path | None = None
+    resume: bool = False
+    identity: Mapping[str, Any] | None = None
+    startup: int = 8
+    verify_top: int = 4
+    kl_budget: float = 0.05
+    trial: int | None = None
+
+    def check(self) -> None:
+        trials, timeout = self.trials, self.timeout
+        if trials is None and timeout is None:
+            raise SearchError("give the search a budget: --trials N and/or --timeout SECONDS")
+        if trials is not None and (isinstance(trials, bool) or not isinstance(trials, int) or trials < 1):
+            raise SearchError(f"--trials must be a positive integer, got {trials!r}")
+        if timeout is not None and not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and timeout > 0):
+            raise SearchError(f"--timeout must be a positive number of seconds, got {timeout!r}")
+        if not (math.isfinite(self.kl_budget) and self.kl_budget > 0):
+            raise SearchError(f"--kl-budget must be a positive number, got {self.kl_budget!r}")

@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from . import directions as dirs
@@ -132,48 +132,102 @@ def validation_scorer(
     return scorer
 
 
+@dataclass(frozen=True)
+class SweepSettings:
+    """What the sweep scores and how it filters (the defaults are :func:`select`'s)."""
+
+    methods: Sequence[Method] = (Method("mean_diff"),)
+    layers: Sequence[int] | None = None  # None: every layer
+    skip_last: float = 0.2  # the last fraction of layers, not scored (unless score_skipped) and never chosen
+    kl_threshold: float = 0.1
+    min_induce: float = 0.5
+    min_bypass_drop: float = 1.0
+    max_kl: float = 1.0  # the KL threshold is doubled up to this while no candidate passes
+    score_skipped: bool = False
+    batch_size: int = 16
+    prefer: str = "bypass"  # or "induce": the passing candidate that raises the harmless score the most
+
+    def check(self) -> None:
+        if self.prefer not in ("bypass", "induce"):
+            raise PromptError(f"prefer must be bypass or induce, got {self.prefer!r}")
+        if not 0 < self.kl_threshold <= self.max_kl:
+            raise PromptError(f"need 0 < kl_threshold <= max_kl, got {self.kl_threshold} and {self.max_kl}")
+
+
 def select(
     lm: LoadedModel,
     acts: Activations,
     harmful_val: Sequence[str],
     harmless_val: Sequence[str],
+    settings: SweepSettings | None = None,
     *,
-    methods: Sequence[Method] = (Method("mean_diff"),),
-    layers: Sequence[int] | None = None,
-    skip_last: float = 0.2,
-    kl_threshold: float = 0.1,
-    min_induce: float = 0.5,
-    min_bypass_drop: float = 1.0,
-    max_kl: float = 1.0,
-    score_skipped: bool = False,
-    batch_size: int = 16,
     progress: SweepProgress | None = None,
     scorer: Scorer | None = None,
-    prefer: str = "bypass",
+    **overrides: Any,
 ) -> Selection:
     """Score every candidate direction and pick the best bypass that passes the filters.
 
-    Layers in the last ``skip_last`` fraction are not scored at all unless ``score_skipped``.
-    ``scorer`` reuses a :class:`Scorer` built on the same validation prompts (and the unedited
-    model), so its base pass is not repeated; by default one is built here. ``prefer="induce"`` picks the
-    passing candidate that raises the score on harmless prompts the most (for inducing), not the best bypass.
+    ``settings`` (default :class:`SweepSettings`), with any of its fields given as keywords (``overrides``,
+    e.g. ``kl_threshold=0.2``) replacing its own. Layers in the last ``skip_last`` fraction are not scored at
+    all unless ``score_skipped``. ``scorer`` reuses a :class:`Scorer` built on the same validation prompts (and
+    the unedited model), so its base pass is not repeated; by default one is built here. ``prefer="induce"``
+    picks the passing candidate that raises the score on harmless prompts the most (for inducing), not the best
+    bypass.
     """
-    if prefer not in ("bypass", "induce"):
-        raise PromptError(f"prefer must be bypass or induce, got {prefer!r}")
+    s = replace(settings or SweepSettings(), **overrides)
+    s.check()
     start = time.perf_counter()
-    if not 0 < kl_threshold <= max_kl:
-        raise PromptError(f"need 0 < kl_threshold <= max_kl, got {kl_threshold} and {max_kl}")
     harmful_val, harmless_val = list(harmful_val), list(harmless_val)
     check_validation(acts, harmful_val, harmless_val)
-    scorer = validation_scorer(lm, acts, harmful_val, harmless_val, batch_size, scorer)
+    scorer = validation_scorer(lm, acts, harmful_val, harmless_val, s.batch_size, scorer)
     base_bypass, base_induce = scorer.base.refusal, scorer.base.harmless_refusal
-
-    sets = {m.label: dirs.compute(acts, m.name, **m.kwargs) for m in methods}
-    max_layer = int(lm.num_layers * (1.0 - skip_last))
-    chosen_layers = list(range(lm.num_layers)) if layers is None else [lm.anatomy.check_layer(i) for i in layers]
-    if not score_skipped:
+    sets = {m.label: dirs.compute(acts, m.name, **m.kwargs) for m in s.methods}
+    max_layer = int(lm.num_layers * (1.0 - s.skip_last))
+    chosen_layers = list(range(lm.num_layers)) if s.layers is None else [lm.anatomy.check_layer(i) for i in s.layers]
+    if not s.score_skipped:
         chosen_layers = [i for i in chosen_layers if i < max_layer]
     grid = [(label, layer, pos) for label in sets for layer in chosen_layers for pos in acts.positions]
+    table = score_grid(lm, acts, sets, grid, scorer, progress)
+    passed, limit = apply_filters(table, s, max_layer, base_bypass, base_induce)
+    best = (lambda c: c.bypass) if s.prefer == "bypass" else (lambda c: -c.induce)
+    chosen = min(passed, key=best) if passed else None
+    settings_used = {
+        "methods": [m.label for m in s.methods],
+        "layers": chosen_layers,
+        "positions": list(acts.positions),
+        "skip_last": s.skip_last,
+        "kl_threshold": s.kl_threshold,
+        "min_induce": s.min_induce,
+        "min_bypass_drop": s.min_bypass_drop,
+        **({"prefer": s.prefer} if s.prefer != "bypass" else {}),
+        "kl_limit_used": limit,
+        "n_harmful_val": len(harmful_val),
+        "n_harmless_val": len(harmless_val),
+        # bypass and KL were scored with the direction projected out of the residual stream itself
+        **({"ablation": "residual_stream"} if lm.anatomy.residual_only else {}),
+    }
+    return Selection(
+        candidates=table,
+        chosen=chosen,
+        base_bypass=base_bypass,
+        base_induce=base_induce,
+        baseline_refuses=base_bypass > NO_REFUSAL_LOGODDS,
+        note=sweep_note(chosen, s, limit, base_bypass),
+        settings=settings_used,
+        seconds=time.perf_counter() - start,
+        direction_sets=sets,
+    )
+
+
+def score_grid(
+    lm: LoadedModel,
+    acts: Activations,
+    sets: dict[str, DirectionSet],
+    grid: Sequence[tuple[str, int, Position]],
+    scorer: Scorer,
+    progress: SweepProgress | None,
+) -> list[CandidateScore]:
+    """Every candidate's bypass and KL (its direction ablated everywhere) and induce (added at its layer)."""
     table: list[CandidateScore] = []
     for i, (label, layer, pos) in enumerate(grid):
         if progress:
@@ -192,73 +246,55 @@ def select(
         table.append(CandidateScore(layer, pos, label, bypass=ablated.refusal, induce=induced, kl=ablated.kl))
     if progress:
         progress(len(grid), len(grid), "done")
+    return table
 
-    limit = kl_threshold
+
+def apply_filters(
+    table: list[CandidateScore], s: SweepSettings, max_layer: int, base_bypass: float, base_induce: float
+) -> tuple[list[CandidateScore], float]:
+    """Mark each candidate passed or why not; the KL limit doubles (up to ``max_kl``) until one passes.
+    Returns the passing candidates and the KL limit used."""
+    limit = s.kl_threshold
     while True:
         for c in table:
             if c.reason.startswith("zero-norm"):
                 continue
             reasons = []
             if c.layer >= max_layer:
-                reasons.append(f"in the last {skip_last:.0%} of layers")
+                reasons.append(f"in the last {s.skip_last:.0%} of layers")
             if c.kl > limit:
                 reasons.append(f"KL {c.kl:.3f} > {limit:g}")
-            if c.induce - base_induce <= min_induce:
+            if c.induce - base_induce <= s.min_induce:
                 reasons.append(
-                    f"induce {c.induce:.2f} raises refusal by <= {min_induce:g} (unedited {base_induce:.2f})"
+                    f"induce {c.induce:.2f} raises refusal by <= {s.min_induce:g} (unedited {base_induce:.2f})"
                 )
-            if base_bypass - c.bypass <= min_bypass_drop:
+            if base_bypass - c.bypass <= s.min_bypass_drop:
                 reasons.append(
-                    f"bypass {c.bypass:.2f} lowers refusal by <= {min_bypass_drop:g} (unedited {base_bypass:.2f})"
+                    f"bypass {c.bypass:.2f} lowers refusal by <= {s.min_bypass_drop:g} (unedited {base_bypass:.2f})"
                 )
             c.passed, c.reason = not reasons, "; ".join(reasons)
         passed = [c for c in table if c.passed]
-        if passed or limit >= max_kl:
-            break
-        limit = min(limit * 2, max_kl)
-    best = (lambda c: c.bypass) if prefer == "bypass" else (lambda c: -c.induce)
-    chosen = min(passed, key=best) if passed else None
-    refuses = base_bypass > NO_REFUSAL_LOGODDS
-    if not refuses:
-        note = (
+        if passed or limit >= s.max_kl:
+            return passed, limit
+        limit = min(limit * 2, s.max_kl)
+
+
+def sweep_note(chosen: CandidateScore | None, s: SweepSettings, limit: float, base_bypass: float) -> str:
+    """One line: the winner and its scores, or why there is none."""
+    if not base_bypass > NO_REFUSAL_LOGODDS:  # a NaN score does not refuse either
+        return (
             f"the model does not refuse these harmful prompts at baseline (mean refusal log-odds "
             f"{base_bypass:.2f}); there is no refusal to remove"
         )
-    elif chosen is None:
-        note = (
-            f"no candidate passed the filters (KL <= {limit:g}, refusal score lowered by > {min_bypass_drop:g} "
-            f"and raised by > {min_induce:g}); loosen them (kl_threshold, min_bypass_drop, min_induce, skip_last)"
+    if chosen is None:
+        return (
+            f"no candidate passed the filters (KL <= {limit:g}, refusal score lowered by > {s.min_bypass_drop:g} "
+            f"and raised by > {s.min_induce:g}); loosen them (kl_threshold, min_bypass_drop, min_induce, skip_last)"
         )
-    else:
-        note = (
-            f"chose {chosen.method} at layer {chosen.layer}, position {chosen.position}: refusal score "
-            f"{base_bypass:.2f} -> {chosen.bypass:.2f}, KL {chosen.kl:.3f}"
-        )
-        if limit != kl_threshold:
-            note += f" (no candidate had KL <= {kl_threshold:g}; the limit was relaxed to {limit:g})"
-    settings = {
-        "methods": [m.label for m in methods],
-        "layers": chosen_layers,
-        "positions": list(acts.positions),
-        "skip_last": skip_last,
-        "kl_threshold": kl_threshold,
-        "min_induce": min_induce,
-        "min_bypass_drop": min_bypass_drop,
-        **({"prefer": prefer} if prefer != "bypass" else {}),
-        "kl_limit_used": limit,
-        "n_harmful_val": len(harmful_val),
-        "n_harmless_val": len(harmless_val),
-        # bypass and KL were scored with the direction projected out of the residual stream itself
-        **({"ablation": "residual_stream"} if lm.anatomy.residual_only else {}),
-    }
-    return Selection(
-        candidates=table,
-        chosen=chosen,
-        base_bypass=base_bypass,
-        base_induce=base_induce,
-        baseline_refuses=refuses,
-        note=note,
-        settings=settings,
-        seconds=time.perf_counter() - start,
-        direction_sets=sets,
+    note = (
+        f"chose {chosen.method} at layer {chosen.layer}, position {chosen.position}: refusal score "
+        f"{base_bypass:.2f} -> {chosen.bypass:.2f}, KL {chosen.kl:.3f}"
     )
+    if limit != s.kl_threshold:
+        note += f" (no candidate had KL <= {s.kl_threshold:g}; the limit was relaxed to {limit:g})"
+    return note
