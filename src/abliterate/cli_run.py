@@ -10,26 +10,21 @@ from . import config as config_mod
 from .cli_common import (
     BEHAVIOUR_OPT,
     CONFIG_OPT,
-    DEVICE_MAP_OPT,
-    DEVICE_OPT,
-    DTYPE_OPT,
     JUDGE_LABELS_OPT,
     JUDGE_OPT,
-    MAX_MEMORY_OPT,
-    OFFLOAD_OPT,
     PREFIX_OPT,
-    QUANTIZE_OPT,
     STATE,
     THINKING_OPT,
     Opt,
-    _cfg,
     agreement_rows,
     app,
     config_app,
+    config_from_flags,
     damage_rows,
     err,
     fail,
     guarded,
+    loads_model,
     out,
     progress_bars,
     rate_rows,
@@ -84,16 +79,12 @@ def _execute(cfg: config_mod.RunConfig, hub: Any = None) -> None:
 
 @app.command()
 @guarded
+@loads_model
 def run(
     model: Annotated[str, typer.Argument(help="Hub id, local model directory or .gguf file.")],
     out_dir: Annotated[str | None, Opt("--out", "-o", help="Output directory (must not exist unless --force).")] = None,
     config: CONFIG_OPT = None,
-    dtype: DTYPE_OPT = None,
-    device: DEVICE_OPT = None,
-    device_map: DEVICE_MAP_OPT = None,
-    max_memory: MAX_MEMORY_OPT = None,
-    offload_folder: OFFLOAD_OPT = None,
-    quantize: QUANTIZE_OPT = None,
+    where: dict[str, Any] | None = None,
     harmful: Annotated[
         list[str] | None,
         Opt(help="Prompt source(s): bundled, FILE.txt/.jsonl/.csv/.parquet[:COL], hf:ID[:SPLIT[:COL]]."),
@@ -175,16 +166,11 @@ def run(
       abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-lora --as-adapter --push-to-hub me/qwen-abliterated-lora
       abliterate run meta-llama/Llama-3.1-70B-Instruct --device-map auto --max-memory 0=70GiB,cpu=100GiB --out l70
     """
-    cfg = _cfg(
+    cfg = config_from_flags(
         config,
         model=model,
         out=out_dir,
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        max_memory=max_memory,
-        offload_folder=offload_folder,
-        quantize=quantize,
+        **(where or {}),
         harmful=harmful,
         harmless=harmless,
         behaviour=behaviour,
@@ -262,5 +248,5 @@ def config_show(
     model: Annotated[str | None, Opt(help="Model, as for run.")] = None,
 ) -> None:
     """Print the effective configuration (defaults < file < ABLITERATE_* env < flags) as TOML-like JSON."""
-    cfg = _cfg(config, model=model)
+    cfg = config_from_flags(config, model=model)
     out().print_json(json.dumps(cfg.to_dict()))
