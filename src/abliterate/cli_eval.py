@@ -28,6 +28,7 @@ from .cli_common import (
 )
 
 
+# Long only for its option list and help text (typer reads both from the signature and docstring); the body is thin.
 @app.command("eval")
 @guarded
 @loads_model

@@ -11,6 +11,7 @@ from .cli_common import Opt, app, err, fail, guarded, out, wrote
 from .cli_share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destination, upload
 
 
+# Long only for its option list and help text (typer reads both from the signature and docstring); the body is thin.
 @app.command()
 @guarded
 def export(

@@ -77,6 +77,7 @@ def _execute(cfg: config_mod.RunConfig, hub: Any = None) -> None:
         upload(result.out, hub)
 
 
+# Long only for its option list and help text (typer reads both from the signature and docstring); the body is thin.
 @app.command()
 @guarded
 @loads_model
@@ -166,45 +167,13 @@ def run(
       abliterate run Qwen/Qwen2.5-0.5B-Instruct --out qwen-lora --as-adapter --push-to-hub me/qwen-abliterated-lora
       abliterate run meta-llama/Llama-3.1-70B-Instruct --device-map auto --max-memory 0=70GiB,cpu=100GiB --out l70
     """
-    cfg = config_from_flags(
-        config,
-        model=model,
-        out=out_dir,
-        **(where or {}),
-        harmful=harmful,
-        harmless=harmless,
-        behaviour=behaviour,
-        n_train=n_train,
-        n_val=n_val,
-        n_test=n_test,
-        methods=methods,
-        layers=layers,
-        kl_threshold=kl_threshold,
-        scale=scale,
-        norm_preserving=norm_preserving,
-        system=system,
-        disable_thinking=disable_thinking,
-        response_prefix=response_prefix,
-        max_new_tokens=max_new_tokens,
-        min_new_tokens=min_new_tokens,
-        kl_tokens=kl_tokens,
-        judge=judge,
-        judge_labels=judge_labels,
-        batch_size=batch_size,
-        seed=seed,
-        force=force,
-        as_adapter=as_adapter,
-        search_enabled=search_enabled,
-        search_trials=search_trials,
-        search_timeout=search_timeout,
-        search_kl_budget=search_kl_budget,
-        search_trial=search_trial,
-        search_resume=search_resume,
-        search_pick_wait=search_pick_wait,
-    )
+    flags = dict(locals())  # the options as given (read first): each one after --config is named after its config key
+    hub = [flags.pop(name) for name in ("push_to_hub", "public", "endpoint")]
+    config, out_dir, where = flags.pop("config"), flags.pop("out_dir"), flags.pop("where") or {}
+    cfg = config_from_flags(config, model=flags.pop("model"), out=out_dir, **where, **flags)
     if not cfg.out:
         fail("no output directory; pass --out DIR (or set out in the config file)")
-    _execute(cfg, hub_destination(push_to_hub, public, endpoint))
+    _execute(cfg, hub_destination(*hub))
 
 
 @app.command()
