@@ -13,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from . import config as config_mod
 from .errors import AbliterateError
@@ -355,6 +356,19 @@ def agreement_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
         )
         for name in names
     ]
+
+
+def metrics_table(title: str, caption: str, columns: dict[str, Any]) -> Table:
+    """One right-aligned column per measured condition (``columns``: its name and metrics): verdict rates with
+    intervals, agreement with other judges, and damage (KL, perplexity)."""
+    table = Table(title=title, caption=caption)
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right")
+    conditions = list(columns.values())
+    for label, cells in [*rate_rows(conditions), *agreement_rows(conditions), *damage_rows(conditions)]:
+        table.add_row(label, *cells)
+    return table
 
 
 def capability_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:

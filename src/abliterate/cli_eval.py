@@ -16,15 +16,13 @@ from .cli_common import (
     STATE,
     THINKING_OPT,
     Opt,
-    agreement_rows,
     app,
     capability_rows,
-    damage_rows,
     err,
     guarded,
     loads_model,
+    metrics_table,
     out,
-    rate_rows,
 )
 
 
@@ -118,17 +116,11 @@ def evaluate(
 def eval_table(rows: dict[str, Any], scores: dict[str, Any]) -> Table:
     """One column per measured condition: verdict rates, judge agreement, damage and lm-eval scores."""
     first = next(iter(rows.values()))
-    table = Table(
-        title="eval",
-        caption=f"{first.n_harmful} harmful / {first.n_harmless} harmless held-out prompts, judge {first.judge}; "
-        "rates with 95% Wilson intervals",
+    caption = (
+        f"{first.n_harmful} harmful / {first.n_harmless} harmless held-out prompts, judge {first.judge}; "
+        "rates with 95% Wilson intervals"
     )
-    table.add_column("")
-    for name in rows:
-        table.add_column(name, justify="right")
-    conditions = list(rows.values())
-    for label, cells in [*rate_rows(conditions), *agreement_rows(conditions), *damage_rows(conditions)]:
-        table.add_row(label, *cells)
+    table = metrics_table("eval", caption, rows)
     for label, cells in capability_rows(list(scores.values())):
         table.add_row(label, *cells)
     return table

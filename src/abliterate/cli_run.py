@@ -4,7 +4,6 @@ import json
 from typing import Annotated, Any
 
 import typer
-from rich.table import Table
 
 from . import config as config_mod
 from .cli_common import (
@@ -16,18 +15,16 @@ from .cli_common import (
     STATE,
     THINKING_OPT,
     Opt,
-    agreement_rows,
     app,
     config_app,
     config_from_flags,
-    damage_rows,
     err,
     fail,
     guarded,
     loads_model,
+    metrics_table,
     out,
     progress_bars,
-    rate_rows,
     wrote,
 )
 from .cli_share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destination, upload
@@ -37,21 +34,10 @@ from .config import SEARCH_HELP
 def _summary(result: Any) -> None:
     b, a, c = result.before, result.after, result.selection.chosen
     sides = "harmful / {} harmless" if b.behaviour == "refusal" else f"behaviour / {{}} plain ({b.behaviour})"
-    table = Table(
-        title="abliterate",
-        caption=f"{b.n_harmful} {sides.format(b.n_harmless)} held-out prompts, judge {b.judge}; "
-        "rates with 95% Wilson intervals",
-        show_header=True,
+    caption = (
+        f"{b.n_harmful} {sides.format(b.n_harmless)} held-out prompts, judge {b.judge}; rates with 95% Wilson intervals"
     )
-    table.add_column("")
-    table.add_column("before", justify="right")
-    table.add_column("after", justify="right")
-    for label, cells in rate_rows([b, a]):
-        table.add_row(label, *cells)
-    for label, cells in agreement_rows([b, a]):
-        table.add_row(label, *cells)
-    for label, cells in damage_rows([b, a]):
-        table.add_row(label, *cells)
+    table = metrics_table("abliterate", caption, {"before": b, "after": a})
     chosen = result.choice.label() if result.choice else f"{c.method} layer {c.layer}"
     table.add_row("chosen", "", chosen + (" (induced)" if result.induction else ""))
     table.add_row("time", "", f"{result.timings.get('total', 0):.0f} s")
