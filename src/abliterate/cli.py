@@ -2,7 +2,11 @@
 
 import sys
 
-from . import cli_chat, cli_eval, cli_export, cli_run, cli_share, cli_tools  # noqa: F401  (registers the commands)
+# Importing a cli_* module registers its commands; --help lists them in this order.
+from . import cli_share, cli_tools  # noqa: F401  (verify, reproduce, push; measure, apply)
+
+# isort: split
+from . import cli_chat, cli_eval, cli_export, cli_run  # noqa: F401  (chat; eval; export; run, demo)
 from .cli_common import app
 
 

@@ -3,18 +3,12 @@
 import contextlib
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
 from .cli_common import (
-    DEVICE_MAP_OPT,
-    DEVICE_OPT,
-    DTYPE_OPT,
-    MAX_MEMORY_OPT,
-    OFFLOAD_OPT,
     PREFIX_OPT,
-    QUANTIZE_OPT,
     RESIDUAL_OPT,
     THINKING_OPT,
     Opt,
@@ -22,16 +16,15 @@ from .cli_common import (
     err,
     fail,
     guarded,
+    loads_model,
     out,
-    placement,
-    prompt_format,
 )
-from .cli_tools import _check_hidden, _direction
 from .errors import AbliterateError
 
 
 @app.command()
 @guarded
+@loads_model
 def chat(
     model: Annotated[str, typer.Argument(help="Model to chat with.")],
     directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
@@ -40,12 +33,7 @@ def chat(
     system: Annotated[str | None, Opt(help="System prompt for every message.")] = None,
     disable_thinking: THINKING_OPT = None,
     response_prefix: PREFIX_OPT = None,
-    dtype: DTYPE_OPT = None,
-    device: DEVICE_OPT = None,
-    device_map: DEVICE_MAP_OPT = None,
-    max_memory: MAX_MEMORY_OPT = None,
-    offload_folder: OFFLOAD_OPT = None,
-    quantize: QUANTIZE_OPT = None,
+    where: dict[str, Any] | None = None,
     residual_stream: RESIDUAL_OPT = False,
 ) -> None:
     """Interactive chat with a live toggle: type /base, /ablate or /induce to switch, /quit to leave.
@@ -55,19 +43,17 @@ def chat(
 
     Example: abliterate chat Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors
     """
+    from .applying import check_hidden, load_direction, prompt_format
     from .interventions import ablate, induce
     from .loading import load_model
 
     if not sys.stdin.isatty():
         fail("chat needs an interactive terminal; use 'abliterate apply --runtime-check PROMPT' in scripts")
-    direction, recorded = _direction(directions_file, layer, None)
-    lm = load_model(
-        model,
-        residual_only=residual_stream,
-        **placement(dtype, device, device_map, max_memory, offload_folder, quantize),
+    direction, recorded = load_direction(directions_file, layer, None)
+    lm = prompt_format(
+        load_model(model, residual_only=residual_stream, **(where or {})), disable_thinking, response_prefix
     )
-    prompt_format(lm, disable_thinking, response_prefix)
-    _check_hidden(direction, lm, model)
+    check_hidden(direction, lm, model)
     mode = "ablate"
     modes = {
         "base": contextlib.nullcontext,

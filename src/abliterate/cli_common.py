@@ -2,6 +2,7 @@
 
 import contextlib
 import functools
+import inspect
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from . import config as config_mod
 from .errors import AbliterateError
@@ -234,15 +236,6 @@ BEHAVIOUR_OPT = Annotated[
 DEFAULTS = config_mod.RunConfig()  # option defaults of commands that take flags only (eval)
 
 
-def prompt_format(lm: Any, disable_thinking: bool | None, response_prefix: str | None) -> Any:
-    """Apply --disable-thinking / --response-prefix to a loaded model (as ``pipeline.load_for`` does for run)."""
-    if disable_thinking:
-        lm.template_kwargs["enable_thinking"] = False
-    if response_prefix:
-        lm.response_prefix = response_prefix
-    return lm
-
-
 def placement(
     dtype: str | None,
     device: str | None,
@@ -262,12 +255,46 @@ def placement(
     )
 
 
+# The model-loading options, defined once: every command that loads a model takes them through loads_model.
+PLACEMENT_OPTS: dict[str, Any] = {
+    "dtype": DTYPE_OPT,
+    "device": DEVICE_OPT,
+    "device_map": DEVICE_MAP_OPT,
+    "max_memory": MAX_MEMORY_OPT,
+    "offload_folder": OFFLOAD_OPT,
+    "quantize": QUANTIZE_OPT,
+}
+
+
+def loads_model(fn: Any) -> Any:
+    """Give a command the model-loading options (:data:`PLACEMENT_OPTS`, each defaulting to None), listed where
+    its ``where`` parameter stands; the command receives them as ``where``: the :func:`placement` of those given."""
+    signature = inspect.signature(fn)
+    params = list(signature.parameters.values())
+    at = [p.name for p in params].index("where")
+    options = [
+        inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=None, annotation=annotation)
+        for name, annotation in PLACEMENT_OPTS.items()
+    ]
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        given = {name: kwargs.pop(name, None) for name in PLACEMENT_OPTS}
+        return fn(*args, where=placement(**given), **kwargs)
+
+    # typer reads a command's options from its signature and type hints: show the six instead of ``where``
+    shown = signature.replace(parameters=[*params[:at], *options, *params[at + 1 :]])
+    wrapper.__signature__ = shown  # type: ignore[attr-defined]
+    wrapper.__annotations__ = {**{k: v for k, v in fn.__annotations__.items() if k != "where"}, **PLACEMENT_OPTS}
+    return wrapper
+
+
 def _flags(**given: Any) -> dict[str, Any]:
     """Only flags the user actually gave (None means 'not given'), for the precedence rules."""
     return {k: v for k, v in given.items() if v is not None and v != []}
 
 
-def _cfg(config: Path | None, **given: Any) -> config_mod.RunConfig:
+def config_from_flags(config: Path | None, **given: Any) -> config_mod.RunConfig:
     """The effective config; a flag named ``<section>_<key>`` (``search_trials``) sets ``section.key``."""
     flags = {}
     for key, value in _flags(**given).items():
@@ -322,6 +349,19 @@ def agreement_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:
         )
         for name in names
     ]
+
+
+def metrics_table(title: str, caption: str, columns: dict[str, Any]) -> Table:
+    """One right-aligned column per measured condition (``columns``: its name and metrics): verdict rates with
+    intervals, agreement with other judges, and damage (KL, perplexity)."""
+    table = Table(title=title, caption=caption)
+    table.add_column("")
+    for name in columns:
+        table.add_column(name, justify="right")
+    conditions = list(columns.values())
+    for label, cells in [*rate_rows(conditions), *agreement_rows(conditions), *damage_rows(conditions)]:
+        table.add_row(label, *cells)
+    return table
 
 
 def capability_rows(conditions: list[Any]) -> list[tuple[str, list[str]]]:

@@ -1,5 +1,5 @@
-"""``abliterate verify``, ``reproduce`` (manifests) and ``push`` (hub upload); the hub options of ``run`` and the
-manifest of ``apply``'s outputs."""
+"""``abliterate verify``, ``reproduce`` (manifests) and ``push`` (hub upload); the hub options of ``run``,
+``apply`` and ``export``."""
 
 from __future__ import annotations
 
@@ -79,45 +79,6 @@ def upload(folder: Path, target: Any) -> None:
         err().print(line, soft_wrap=True)
     else:
         out().print(line, soft_wrap=True)
-
-
-def load_edit(path: Path) -> tuple[Any, dict[str, Any]]:
-    """The :class:`EditSpec` of an ``edit.json`` written by ``run`` (``{"spec": {...}, ...}``), and its content."""
-    from .space import EditSpec
-
-    try:
-        data = json.loads(path.read_text())
-        spec = EditSpec.from_dict(data["spec"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        fail(f"{path} is not an edit.json written by run ({exc}); pass the edit.json of a run's output")
-    return spec, data
-
-
-def seal_apply(
-    folder: str | Path, settings: dict[str, Any], directions_file: Path, edit: Path | None, direction: Any
-) -> None:
-    """Write the manifest of a finished ``apply`` output (the model written by ``lm.save`` or a streaming edit):
-    ``settings`` are apply's options, the edit is ``edit.json``'s or ``direction`` with the settings' scale."""
-    from .manifest import write_manifest
-    from .pipeline import versions
-
-    if edit is not None:
-        chosen = json.loads(edit.read_text())
-    else:
-        where = {"layer": direction.layer, "position": direction.position, "method": direction.method}
-        chosen = {
-            "direction": where,
-            **{k: settings.get(k) for k in ("mode", "scale", "coefficient", "norm_preserving")},
-        }
-    write_manifest(
-        Path(folder),
-        "apply",
-        config=settings,
-        versions=versions(),
-        model=str(settings["model"]),
-        files={"directions": directions_file, "edit": edit},
-        edit=chosen,
-    )
 
 
 @app.command()

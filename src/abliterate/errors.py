@@ -37,3 +37,7 @@ class OutputError(AbliterateError):
 
 class CapabilityError(AbliterateError):
     """lm-evaluation-harness is missing, a benchmark task is unknown or its settings are unusable."""
+
+
+class OptionError(AbliterateError):
+    """A command's options do not fit together, or one is out of range."""
