@@ -28,7 +28,7 @@ from .cli_common import (
     wrote,
 )
 from .cli_share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destination, upload
-from .config import SEARCH_HELP
+from .config import RUN_HELP, SEARCH_HELP
 
 
 def _summary(result: Any) -> None:
@@ -68,7 +68,7 @@ def _execute(cfg: config_mod.RunConfig, hub: Any = None) -> None:
 @guarded
 @loads_model
 def run(
-    model: Annotated[str, typer.Argument(help="Hub id, local model directory or .gguf file.")],
+    model: Annotated[str, typer.Argument(help=RUN_HELP["model"])],
     out_dir: Annotated[str | None, Opt("--out", "-o", help="Output directory (must not exist unless --force).")] = None,
     config: CONFIG_OPT = None,
     where: dict[str, Any] | None = None,
@@ -76,37 +76,29 @@ def run(
         list[str] | None,
         Opt(help="Prompt source(s): bundled, FILE.txt/.jsonl/.csv/.parquet[:COL], hf:ID[:SPLIT[:COL]]."),
     ] = None,
-    harmless: Annotated[list[str] | None, Opt(help="Prompt source(s) for harmless prompts.")] = None,
+    harmless: Annotated[list[str] | None, Opt(help=RUN_HELP["harmless"])] = None,
     behaviour: BEHAVIOUR_OPT = None,
-    n_train: Annotated[int | None, Opt(help="Prompts per side that build the direction.")] = None,
-    n_val: Annotated[int | None, Opt(help="Validation prompts per side (candidate selection).")] = None,
-    n_test: Annotated[
-        int | None, Opt(help="Held-out prompts per side for the before/after evaluation (default 64).")
-    ] = None,
-    methods: Annotated[list[str] | None, Opt("--method", help="mean_diff, slerp or projected (repeatable).")] = None,
-    layers: Annotated[list[int] | None, Opt("--layer", help="Restrict candidate layers (repeatable).")] = None,
-    kl_threshold: Annotated[float | None, Opt(help="Maximum KL for a candidate.")] = None,
-    scale: Annotated[float | None, Opt(help="Fraction of the direction to remove (1 = all).")] = None,
+    n_train: Annotated[int | None, Opt(help=RUN_HELP["n_train"])] = None,
+    n_val: Annotated[int | None, Opt(help=RUN_HELP["n_val"])] = None,
+    n_test: Annotated[int | None, Opt(help=RUN_HELP["n_test"])] = None,
+    methods: Annotated[list[str] | None, Opt("--method", help=RUN_HELP["methods"])] = None,
+    layers: Annotated[list[int] | None, Opt("--layer", help=RUN_HELP["layers"])] = None,
+    kl_threshold: Annotated[float | None, Opt(help=RUN_HELP["kl_threshold"])] = None,
+    scale: Annotated[float | None, Opt(help=RUN_HELP["scale"])] = None,
     norm_preserving: Annotated[
-        bool | None, Opt("--norm-preserving/--no-norm-preserving", help="Keep writer norms.")
+        bool | None, Opt("--norm-preserving/--no-norm-preserving", help=RUN_HELP["norm_preserving"])
     ] = None,
-    system: Annotated[str | None, Opt(help="System prompt for every conversation.")] = None,
+    system: Annotated[str | None, Opt(help=RUN_HELP["system"])] = None,
     disable_thinking: THINKING_OPT = None,
     response_prefix: PREFIX_OPT = None,
-    max_new_tokens: Annotated[
-        int | None, Opt(help="Final evaluation: at most this many new tokens per answer (default 100).")
-    ] = None,
-    min_new_tokens: Annotated[
-        int | None, Opt(help="Final evaluation: at least this many (default 0: the model may stop earlier).")
-    ] = None,
+    max_new_tokens: Annotated[int | None, Opt(help=RUN_HELP["max_new_tokens"])] = None,
+    min_new_tokens: Annotated[int | None, Opt(help=RUN_HELP["min_new_tokens"])] = None,
     judge: JUDGE_OPT = None,
     judge_labels: JUDGE_LABELS_OPT = None,
-    kl_tokens: Annotated[
-        int | None, Opt(help="Multi-token KL over this many tokens of the unedited model's answers (default 16).")
-    ] = None,
-    batch_size: Annotated[int | None, Opt(help="Prompts per forward pass.")] = None,
-    seed: Annotated[int | None, Opt(help="Sampling seed for prompt sets.")] = None,
-    force: Annotated[bool | None, Opt("--force", help="Replace an existing output directory.")] = None,
+    kl_tokens: Annotated[int | None, Opt(help=RUN_HELP["kl_tokens"])] = None,
+    batch_size: Annotated[int | None, Opt(help=RUN_HELP["batch_size"])] = None,
+    seed: Annotated[int | None, Opt(help=RUN_HELP["seed"])] = None,
+    force: Annotated[bool | None, Opt("--force", help=RUN_HELP["force"])] = None,
     as_adapter: Annotated[
         bool | None,
         Opt(
