@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 
@@ -14,3 +16,17 @@ def model_dir(tmp_path_factory):
     tiny_model("qwen2").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core, at most 4 (each holds its own torch and models in memory)."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def pytest_configure(config) -> None:
+    """Under pytest-xdist, share the cores among the workers instead of each torch taking all of them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))

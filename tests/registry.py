@@ -26,6 +26,7 @@ VOCAB = 128
 # Size fields, by the name configs use, and a tiny value for each (only fields a config has are passed).
 SIZES: dict[str, Any] = {
     "vocab_size": VOCAB,
+    "ngram_vocab_size_base": 256,  # Qwen4-exp PLE n-gram table (20M rows by default)
     "hidden_size": 64,
     "num_hidden_layers": 2,
     "num_attention_heads": 4,

@@ -85,9 +85,9 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
         "--out",
         str(out),
         "--n-train",
-        "48",
+        "32",
         "--n-val",
-        "12",
+        "8",
         "--n-test",
         "8",
         "--layer",
@@ -95,9 +95,9 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
         "--layer",
         "15",
         "--max-new-tokens",
-        "24",
+        "16",
         "--trials",
-        "6",
+        "4",
     ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -105,7 +105,7 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
     assert json.loads(res.stdout)["chosen"] == metrics["chosen"]
     assert metrics["chosen"]["layer"] in (13, 15)
     search = metrics["search"]
-    assert len(search["trials"]) == 6 and search["chosen"] in search["front"]
+    assert len(search["trials"]) == 4 and search["chosen"] in search["front"]
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
     assert chosen["refusal"] < search["base"]["refusal"], "the pick lowers the refusal score"
     if chosen["refused"] is not None:  # checked by generation: it refuses less than the unedited model

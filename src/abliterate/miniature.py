@@ -19,6 +19,7 @@ from .selfcheck import checked_anatomy
 # Width fields, by the names configs use, and the miniature's value (only fields a config already has are set).
 SIZES: dict[str, Any] = {
     "vocab_size": 128,
+    "ngram_vocab_size_base": 256,  # Qwen4-exp PLE n-gram table (20M rows by default)
     "hidden_size": 64,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,

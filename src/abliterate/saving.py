@@ -9,9 +9,12 @@ import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import OutputError
-from .model import LoadedModel
+
+if TYPE_CHECKING:  # saving is below the model: LoadedModel.save calls save_model
+    from .model import LoadedModel
 
 
 def check_output(out: str | Path, *, overwrite: bool = False, inputs: tuple[Path | None, ...] = ()) -> Path:
