@@ -25,11 +25,12 @@ def export_peft(
     """``export --format peft``: the edit (``edit.json``'s, else ``direction`` removed from every writer and the
     embeddings at ``scale``, as ``apply`` does) as a PEFT LoRA adapter folder with its manifest."""
     from .adapter import Adapter, check_spec
+    from .direction_edit import edit_plan
     from .directions import DirectionSet
     from .loading import load_model
     from .manifest import write_manifest
     from .pipeline import versions
-    from .plan import Directions, build_plan, edit_plan
+    from .plan import Directions, build_plan
     from .saving import atomic_directory, check_output
 
     target = check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
