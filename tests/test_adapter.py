@@ -13,8 +13,9 @@ from tiny import tiny_lm, tiny_model
 
 from abliterate import DirectionSet, load_model
 from abliterate.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, adapter_notes, export_adapter
+from abliterate.direction_edit import edit_plan
 from abliterate.errors import OutputError
-from abliterate.plan import Directions, EditPlan, apply_plan, build_plan, edit_plan
+from abliterate.plan import Directions, EditPlan, apply_plan, build_plan
 from abliterate.space import FLAT, EditSpec, Kernel
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'abliterate[adapter]')")

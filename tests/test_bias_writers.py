@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from abliterate import LoadedModel, apply_plan, orthogonalize
 from abliterate.adapter import AdapterError, export_adapter
-from abliterate.plan import edit_plan
+from abliterate.direction_edit import edit_plan
 from abliterate.projection import norm_gain
 from abliterate.selfcheck import checked_anatomy
 from abliterate.streaming import stream_orthogonalize

@@ -15,8 +15,8 @@ from torch import nn
 
 from abliterate import LoadedModel, ablate, orthogonalize
 from abliterate.adapter import AdapterError
+from abliterate.direction_edit import edit_plan
 from abliterate.hooks import HookSet
-from abliterate.plan import edit_plan
 from abliterate.projection import filter_taps
 from abliterate.selfcheck import checked_anatomy
 from abliterate.streaming import stream_orthogonalize

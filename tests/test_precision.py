@@ -18,7 +18,7 @@ from tiny import HARMFUL, HARMLESS, tiny_lm
 
 from abliterate import capture, orthogonalize
 from abliterate.directions import mean_diff
-from abliterate.weights import project_tensor
+from abliterate.kernel import project_tensor
 
 HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 

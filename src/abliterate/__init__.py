@@ -17,11 +17,11 @@ from .errors import (
 from .interventions import ablate, add, induce
 from .loading import from_pretrained_objects, load_model
 from .model import LoadedModel
-from .plan import AppliedEdit, Directions, EditPlan, applied, apply_plan, build_plan
+from .plan import AppliedEdit, Directions, EditPlan, applied, apply_plan, build_plan, untie_embeddings
 from .scorer import Score, Scorer
 from .search import SearchResult, SearchSpace
 from .space import EditSpec, Kernel
-from .weights import EditReport, bake_induction, orthogonalize, untie_embeddings
+from .weights import EditReport, bake_induction, orthogonalize
 
 __version__ = "0.1.0"
 

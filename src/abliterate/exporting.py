@@ -27,7 +27,8 @@ def write_peft_adapter(
     from .loading import load_model
     from .manifest import write_manifest
     from .pipeline import versions
-    from .plan import Directions, build_plan, edit_plan
+    from .direction_edit import edit_plan
+    from .plan import Directions, build_plan
     from .saving import atomic_directory, check_output
 
     target = check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))

@@ -14,13 +14,14 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 
 from .capture import Activations
+from .direction_edit import DirectionEdit
 from .directions import Direction, as_basis
 from .errors import AbliterateError, DirectionError
 from .hooks import HookSet
 from .model import LoadedModel
-from .plan import edit_plan
-from .projection import Scale, embedding_scale_of, hook_writer, layer_scales, project_out, writer_fn
-from .streams import per_stream, residual_hooks
+from .plan import apply_plan
+from .projection import Scale, project_out
+from .streams import per_stream
 
 Coefficient = float | Mapping[int, float] | Activations
 
@@ -44,34 +45,15 @@ def ablate(
 
     On a model loaded with ``residual_only=True`` the direction is projected out of the residual stream itself
     instead: at the input and the output of each chosen layer (and at layer 0's input for the embeddings), each
-    time scaling the component by ``1 - scale``.
+    time scaling the component by ``1 - scale``. The plan of the
+    :class:`~abliterate.direction_edit.DirectionEdit`, applied as hooks (:func:`abliterate.plan.apply_plan`).
     """
-    if lm.anatomy.residual_only:
-        with _ablate_residual(lm, direction, layers, scale, embeddings, embedding_scale) as hooks:
-            yield hooks
-        return
-    plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
-    with HookSet() as hooks:
-        for e in plan.edits:
-            hook_writer(hooks, e.writer, writer_fn(e.writer, e.basis, e.scale))
-        yield hooks
-
-
-@contextlib.contextmanager
-def _ablate_residual(
-    lm: LoadedModel,
-    direction: Direction | torch.Tensor,
-    layers: Sequence[int] | None,
-    scale: Scale,
-    embeddings: bool | None,
-    embedding_scale: float | None,
-) -> Iterator[HookSet]:
-    basis = as_basis(direction, lm.hidden_size)
-    scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
-    emb_scale = embedding_scale_of(layers, scale, embeddings, embedding_scale)
-    with HookSet() as hooks:
-        residual_hooks(hooks, lm.anatomy.layers, basis, lm.hidden_size, scales, emb_scale)
-        yield hooks
+    edit = DirectionEdit(direction, layers, scale, embeddings, embedding_scale)
+    handle = apply_plan(lm, edit.plan(lm, residual=True), mode="hooks")
+    try:
+        yield handle.hooks
+    finally:
+        handle.revert()
 
 
 def _coefficients(

@@ -2,11 +2,13 @@
 
 An :class:`EditPlan` lists, per residual writer, an orthonormal basis (already adjusted for post-norms) and
 a scale. :func:`build_plan` makes one from an :class:`~abliterate.space.EditSpec` and the directions of a
-capture (:class:`Directions`); :func:`edit_plan` from one direction and per-layer scales (what
-``ablate``/``orthogonalize``/``stream_orthogonalize`` take). :func:`apply_plan` applies a plan either to
-the weights (the blocked float32 kernel writes each edited writer into a fresh tensor that is swapped in;
-the originals are kept untouched, so ``revert`` swaps them back and the model is bit-identical to before) or
-as runtime hooks (for offloaded or quantized models); both give the same logits.
+capture (:class:`Directions`); a :class:`~abliterate.direction_edit.DirectionEdit` (what ``ablate``,
+``orthogonalize`` and ``stream_orthogonalize`` take: one direction, layers, per-layer scales) plans itself.
+:func:`apply_plan` is the one way any plan reaches a model: to the weights (the blocked float32 kernel writes
+each edited writer into a fresh tensor that is swapped in; the originals are kept untouched, so ``revert`` swaps
+them back and the model is bit-identical to before; ``permanent=True`` edits in place and keeps nothing to undo,
+as ``orthogonalize`` does) or as runtime hooks (for offloaded or quantized models, and ``ablate``); both give the
+same logits.
 """
 
 from __future__ import annotations
@@ -16,29 +18,23 @@ import math
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
 from .anatomy import Writer
 from .capture import Activations
-from .directions import Direction, DirectionSet, as_basis, compute, unit
+from .directions import DirectionSet, as_basis, compute, unit
 from .errors import AbliterateError, DirectionError
+from .hook_edit import hook_edit
 from .hooks import HookSet
 from .kernel import project_tensor, tied_embeddings, work_buffer
 from .model import LoadedModel
-from .placement import flat_hooks, is_offloaded
-from .projection import (
-    Scale,
-    ablate_fn,
-    embedding_scale_of,
-    hook_writer,
-    layer_scales,
-    project_out,
-    writer_basis,
-    writer_fn,
-)
+from .placement import is_offloaded
+from .projection import project_out, writer_basis
 from .space import EditSpec
+from .streams import residual_hooks
 
 MODES = ("auto", "weights", "hooks")
 SPAN_TOL = 1e-3  # a neighbour whose unit direction lies this close to the span already taken adds nothing
@@ -55,32 +51,44 @@ class WriterEdit:
 
 
 @dataclass
+class ResidualEdit:
+    """On a model loaded ``residual_only``: project ``basis`` out of the residual stream itself, ``scales``
+    (``{layer: scale}``) at the chosen layers and ``embedding_scale`` at layer 0's input (runtime only)."""
+
+    basis: torch.Tensor
+    scales: dict[int, float]
+    embedding_scale: float
+
+
+@dataclass
 class EditPlan:
     edits: list[WriterEdit]
     norm_preserving: bool = False
     spec: EditSpec | None = None
+    residual: ResidualEdit | None = None
 
 
-def edit_plan(
+def assemble(
     lm: LoadedModel,
-    direction: Direction | torch.Tensor,
-    layers: Sequence[int] | None,
-    scale: Scale,
-    embeddings: bool | None,
-    embedding_scale: float | None,
+    embedding: float,
+    scale_of: Callable[[int, Writer], float],
+    basis_of: Callable[[int | None], torch.Tensor],
+    norm_preserving: bool = False,
+    spec: EditSpec | None = None,
 ) -> EditPlan:
-    """One direction (or subspace) removed from the writers of ``layers`` (default all) at ``scale`` (a number
-    or ``{layer: scale}``), and from the embeddings when ``embeddings`` (default: when all layers are edited)."""
-    lm.anatomy.require_weights()
-    basis = as_basis(direction, lm.hidden_size)
-    scales = layer_scales(lm.anatomy, None if layers is None else list(layers), scale)
-    emb_scale = embedding_scale_of(layers, scale, embeddings, embedding_scale)
-    pairs: list[tuple[Writer, float]] = []
-    if emb_scale:
-        pairs += [(w, emb_scale) for w in lm.anatomy.embeddings]
-    for layer, s in sorted(scales.items()):
-        pairs += [(w, s) for w in lm.anatomy.writers[layer]]
-    return EditPlan([WriterEdit(w, writer_basis(w, basis, lm.hidden_size), s) for w, s in pairs])
+    """The plan editing the embeddings at ``embedding`` and the writers of each layer ``i`` at
+    ``scale_of(i, writer)`` (0: left alone), each removing ``basis_of(i)`` (``None``: the embeddings) adjusted for
+    its post-norm."""
+    edits: list[WriterEdit] = []
+    if embedding:
+        b = basis_of(None)
+        edits += [WriterEdit(w, writer_basis(w, b, lm.hidden_size), embedding) for w in lm.anatomy.embeddings]
+    for i, writers in enumerate(lm.anatomy.writers):
+        for w in writers:
+            s = scale_of(i, w)
+            if s:
+                edits.append(WriterEdit(w, writer_basis(w, basis_of(i), lm.hidden_size), s))
+    return EditPlan(edits, norm_preserving, spec)
 
 
 class Directions:
@@ -157,80 +165,54 @@ def build_plan(lm: LoadedModel, spec: EditSpec, source: Directions) -> EditPlan:
             f"{lm.num_layers + 1} of size {lm.hidden_size}; capture from this model"
         )
     spec.validate(lm.num_layers, source.positions)
-    edits: list[WriterEdit] = []
-    if spec.embedding:
-        b = source.basis(spec, None)
-        edits += [WriterEdit(w, writer_basis(w, b, lm.hidden_size), spec.embedding) for w in lm.anatomy.embeddings]
     zero = [0.0] * lm.num_layers
     attn = spec.attn.weights(lm.num_layers) if spec.attn is not None else zero
     mlp = spec.mlp.weights(lm.num_layers) if spec.mlp is not None else zero
-    for i, writers in enumerate(lm.anatomy.writers):
-        for w in writers:
-            s = mlp[i] if w.kind == "mlp" else attn[i]
-            if s:
-                edits.append(WriterEdit(w, writer_basis(w, source.basis(spec, i), lm.hidden_size), s))
-    return EditPlan(edits, spec.norm_preserving, spec)
+    return assemble(
+        lm,
+        spec.embedding,
+        lambda i, w: mlp[i] if w.kind == "mlp" else attn[i],
+        lambda layer: source.basis(spec, layer),
+        spec.norm_preserving,
+        spec,
+    )
 
 
-def _norm_kept_fn(basis: torch.Tensor, scale: float) -> Callable[[torch.Tensor], torch.Tensor]:
-    """Runtime twin of a norm-preserving embedding edit: project, then give each output row its old norm."""
+class Plannable(Protocol):
+    """An edit that plans itself for a model (:class:`DirectionEdit`)."""
 
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        work = x.to(torch.promote_types(x.dtype, torch.float32))
-        u = basis.to(work.device, work.dtype)
-        new = work - scale * (work @ u.T) @ u
-        return (new * (work.norm(dim=-1, keepdim=True) / new.norm(dim=-1, keepdim=True).clamp_min(1e-12))).to(x.dtype)
-
-    return fn
+    def plan(self, lm: LoadedModel) -> EditPlan: ...
 
 
-def _gain_fn(gain: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    def fn(x: torch.Tensor) -> torch.Tensor:
-        work = x.to(torch.promote_types(x.dtype, torch.float32))
-        return (work * gain.to(work.device, work.dtype)).to(x.dtype)
-
-    return fn
-
-
-def _stored_weight(w: Writer) -> torch.Tensor:
-    """A writer's float weight, read from accelerate's weights map when the module is offloaded."""
-    weight = w.weight
-    if not weight.dtype.is_floating_point:
-        raise AbliterateError(
-            f"{w.name} is quantized, so a norm-preserving edit of it has no runtime twin; "
-            "use norm_preserving=False, or edit the unquantized model"
-        )
-    if weight.device.type != "meta":
-        return weight
-    for hook in flat_hooks(w.module):
-        weights_map = getattr(hook, "weights_map", None)
-        if weights_map is not None and w.param in weights_map:
-            return weights_map[w.param]
-    raise AbliterateError(f"cannot read the offloaded weight of {w.name}; use norm_preserving=False")
-
-
-@torch.no_grad()
-def _input_gain(w: Writer, basis: torch.Tensor, scale: float) -> torch.Tensor:
-    """Per input unit, old norm / edited norm of its output vector: what a norm-preserving edit multiplies by."""
-    weight = _stored_weight(w)
-    x = weight.to(torch.promote_types(weight.dtype, torch.float32))
-    x = x if w.out_axis == 1 else x.T  # [input units, hidden]
-    u = basis.to(x.device, x.dtype)
-    new = x - scale * (x @ u.T) @ u
-    return x.norm(dim=1) / new.norm(dim=1).clamp_min(1e-12)
+def plan_of(lm: LoadedModel, edit: EditSpec | Plannable | EditPlan, source: Directions | None = None) -> EditPlan:
+    """The plan of any edit: a plan as it is, an :class:`EditSpec` built from ``source``, else ``edit.plan(lm)``."""
+    if isinstance(edit, EditPlan):
+        return edit
+    if isinstance(edit, EditSpec):
+        if source is None:
+            raise AbliterateError("an EditSpec needs the directions to build its plan: pass Directions(acts)")
+        return build_plan(lm, edit, source)
+    return edit.plan(lm)
 
 
 class AppliedEdit:
-    """An applied plan. ``revert()`` (or leaving the ``with`` block) restores the model exactly; it is idempotent."""
+    """An applied plan. ``revert()`` (or leaving the ``with`` block) restores the model exactly; it is idempotent.
+    ``edited``: the parameters a weight edit changed; ``untied``: whether it untied the input/output embeddings."""
 
     def __init__(self, mode: str, plan: EditPlan) -> None:
         self.mode, self.plan = mode, plan
         self.hooks = HookSet()
         self._undo: list[Callable[[], None]] = []
+        self.edited: list[str] = []
+        self.untied = False
 
     @property
     def active(self) -> bool:
         return bool(self._undo) or len(self.hooks) > 0
+
+    def on_revert(self, undo: Callable[[], None]) -> None:
+        """Run ``undo`` on :meth:`revert` (undos run last first)."""
+        self._undo.append(undo)
 
     def revert(self) -> None:
         self.hooks.close()
@@ -244,18 +226,31 @@ class AppliedEdit:
         self.revert()
 
 
-def _untie(model: nn.Module, handle: AppliedEdit) -> None:
-    """Make the LM head keep the original embedding while the input side is edited; undone on revert."""
+def untie_embeddings(model: nn.Module, handle: AppliedEdit | None = None) -> bool:
+    """Give the LM head its own copy of tied embeddings, so editing the input side leaves logits
+    alone; the saved model then keeps a separate ``lm_head``. Returns whether anything was untied.
+
+    With ``handle`` (a reversible edit, which writes the embedding into a fresh tensor) the head gets its own
+    Parameter over the original tensor, no copy, and ``handle.revert()`` ties them again."""
+    if not tied_embeddings(model):
+        return False
+    out = model.get_output_embeddings()
+    head = out.weight
     configs = list({id(c): c for c in (model.config, model.config.get_text_config())}.values())
     before = [c.tie_word_embeddings for c in configs]
-
-    def undo() -> None:
-        for c, v in zip(configs, before, strict=True):
-            c.tie_word_embeddings = v
-
-    handle._undo.append(undo)
+    data = head.detach() if handle is not None else head.detach().clone()
+    out.weight = nn.Parameter(data, requires_grad=False if handle is None else head.requires_grad)
     for c in configs:
         c.tie_word_embeddings = False
+    if handle is not None:
+
+        def undo() -> None:
+            for c, v in zip(configs, before, strict=True):
+                c.tie_word_embeddings = v
+            out.weight = head
+
+        handle.on_revert(undo)
+    return True
 
 
 Pool = dict[tuple, list[torch.Tensor]]
@@ -272,18 +267,20 @@ def _layout(t: torch.Tensor) -> tuple:
 
 
 def _swap(
-    handle: AppliedEdit,
+    handle: AppliedEdit | None,
     pool: Pool,
     module: nn.Module,
     name: str,
-    fill: Callable[[torch.Tensor, torch.Tensor], None],
-    own: bool,
+    fill: Callable[[torch.Tensor, torch.Tensor | None], None],
 ) -> None:
     """Compute ``module.<name>``'s edited values into a scratch tensor and put it in place of the original,
-    which stays untouched for the undo; the undo returns the scratch tensor to ``pool``. ``own``: give the
-    module a new Parameter (the original is shared with the LM head)."""
+    which stays untouched for the undo; the undo returns the scratch tensor to ``pool``. Without ``handle``
+    (a permanent edit) the values are edited in place and nothing is kept."""
     param = getattr(module, name)
     original = param.data
+    if handle is None:
+        fill(original, None)
+        return
     free = pool.get(_layout(original))
     new = (
         free.pop()
@@ -291,32 +288,35 @@ def _swap(
         else torch.empty_strided(original.shape, original.stride(), dtype=original.dtype, device=original.device)
     )
     fill(original, new)
-    if own:
-        setattr(module, name, nn.Parameter(new, requires_grad=param.requires_grad))
-    else:
-        param.data = new
+    param.data = new
 
     def undo() -> None:
-        if own:
-            setattr(module, name, param)
-        else:
-            param.data = original
+        param.data = original
         pool.setdefault(_layout(new), []).append(new)
 
-    handle._undo.append(undo)
+    handle.on_revert(undo)
+
+
+def edited_names(w: Writer) -> list[str]:
+    """The names an edit of ``w`` reports (:class:`abliterate.weights.EditReport`): its weight, and its bias."""
+    names = [f"{w.name}.{w.param}" if w.param == "weight" else w.name]
+    if w.bias is not None:
+        names.append(f"{w.name}.{w.bias}" if w.param == "weight" else f"{w.name}_bias")
+    return names
 
 
 @torch.no_grad()
-def _apply_weights(lm: LoadedModel, plan: EditPlan, handle: AppliedEdit) -> None:
+def _apply_weights(lm: LoadedModel, plan: EditPlan, handle: AppliedEdit, permanent: bool) -> None:
+    if plan.residual is not None:  # a runtime projection of the residual stream: no weights to edit
+        lm.anatomy.require_weights()
     for e in plan.edits:
         if not e.writer.weight.dtype.is_floating_point or is_offloaded(e.writer.module):
             raise AbliterateError(
                 f"{e.writer.name} is quantized or offloaded, so it cannot be edited in place; use mode='hooks'"
             )
-    shared = tied_embeddings(lm.model) and any(e.writer.layer is None for e in plan.edits)
-    head = lm.model.get_output_embeddings().weight if shared else None
-    if shared:
-        _untie(lm.model, handle)
+    undo = None if permanent else handle
+    if any(e.writer.layer is None for e in plan.edits):
+        handle.untied = untie_embeddings(lm.model, undo)
     pool = _POOLS.setdefault(lm.model, {})
     buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
     for e in plan.edits:
@@ -327,52 +327,44 @@ def _apply_weights(lm: LoadedModel, plan: EditPlan, handle: AppliedEdit) -> None
             buffers[key] = work_buffer(weight)
         work = buffers.get(key)
 
-        def edit(src: torch.Tensor, dst: torch.Tensor, w: Writer = w, e: WriterEdit = e, work=work) -> None:
+        def edit(src: torch.Tensor, dst: torch.Tensor | None, w: Writer = w, e: WriterEdit = e, work=work) -> None:
             project_tensor(src, w.out_axis, e.basis, e.scale, plan.norm_preserving, work=work, out=dst)
 
-        _swap(handle, pool, w.module, w.param, edit, own=weight is head)
+        def edit_bias(src: torch.Tensor, dst: torch.Tensor | None, e: WriterEdit = e) -> None:
+            (src if dst is None else dst).copy_(project_out(src, e.basis, e.scale))
+
+        _swap(undo, pool, w.module, w.param, edit)
         if w.bias is not None:
-            _swap(
-                handle,
-                pool,
-                w.module,
-                w.bias,
-                lambda src, dst, e=e: dst.copy_(project_out(src, e.basis, e.scale)),
-                False,
-            )
+            _swap(undo, pool, w.module, w.bias, edit_bias)
+        handle.edited += edited_names(w)
 
 
-def _apply_hooks(plan: EditPlan, handle: AppliedEdit) -> None:
+def _apply_hooks(lm: LoadedModel, plan: EditPlan, handle: AppliedEdit) -> None:
     for e in plan.edits:
-        module = e.writer.hook_module
-        if not plan.norm_preserving or e.writer.is_bias:
-            hook_writer(handle.hooks, e.writer, writer_fn(e.writer, e.basis, e.scale))
-        elif e.writer.layer is None:
-            hook_writer(handle.hooks, e.writer, _norm_kept_fn(e.basis, e.scale))
-        elif e.writer.weight.dim() == 3:
-            raise AbliterateError(
-                f"a norm-preserving edit of the fused experts {e.writer.name} has no runtime twin (its gains act "
-                "inside the experts module); edit the weights (a model in memory) or use norm_preserving=False"
-            )
-        else:
-            handle.hooks.on_input(module, _gain_fn(_input_gain(e.writer, e.basis, e.scale)))
-            handle.hooks.on_output(module, ablate_fn(e.basis, e.scale))
+        hook_edit(handle.hooks, e.writer, e.basis, e.scale, plan.norm_preserving)
+    r = plan.residual
+    if r is not None:
+        residual_hooks(handle.hooks, lm.anatomy.layers, r.basis, lm.hidden_size, r.scales, r.embedding_scale)
 
 
-def apply_plan(lm: LoadedModel, plan: EditPlan, mode: str = "auto") -> AppliedEdit:
+def apply_plan(lm: LoadedModel, plan: EditPlan, mode: str = "auto", *, permanent: bool = False) -> AppliedEdit:
     """Apply ``plan`` to ``lm``: ``"weights"`` edits the weights (in memory, not quantized), ``"hooks"`` adds
-    runtime hooks, ``"auto"`` picks weights unless the model is offloaded or quantized. Returns the handle
-    whose ``revert()`` restores the model exactly; a failure part-way reverts what was done and re-raises."""
+    runtime hooks, ``"auto"`` picks weights unless the model is offloaded or quantized (or the plan is a
+    runtime projection of the residual stream). Returns the handle whose ``revert()`` restores the model
+    exactly; a failure part-way reverts what was done and re-raises. ``permanent`` (weights only): edit the
+    weights in place and keep nothing to revert (no copies, no scratch tensors), as ``orthogonalize`` does."""
     if mode not in MODES:
         raise AbliterateError(f"unknown edit mode {mode!r}; use one of {', '.join(MODES)}")
     if mode == "auto":
-        mode = "hooks" if lm.offloaded or lm.quantized else "weights"
+        mode = "hooks" if lm.offloaded or lm.quantized or plan.residual is not None else "weights"
+    if permanent and mode != "weights":
+        raise AbliterateError("a permanent edit changes the weights; use mode='weights' (hooks are always reverted)")
     handle = AppliedEdit(mode, plan)
     try:
         if mode == "weights":
-            _apply_weights(lm, plan, handle)
+            _apply_weights(lm, plan, handle, permanent)
         else:
-            _apply_hooks(plan, handle)
+            _apply_hooks(lm, plan, handle)
     except BaseException:
         handle.revert()
         raise
@@ -381,14 +373,14 @@ def apply_plan(lm: LoadedModel, plan: EditPlan, mode: str = "auto") -> AppliedEd
 
 @contextlib.contextmanager
 def applied(
-    lm: LoadedModel, spec_or_plan: EditSpec | EditPlan, source: Directions | None = None, mode: str = "auto"
+    lm: LoadedModel,
+    spec_or_plan: EditSpec | Plannable | EditPlan,
+    source: Directions | None = None,
+    mode: str = "auto",
 ) -> Iterator[AppliedEdit]:
-    """``with applied(lm, spec, Directions(acts)):`` runs the block with the edit applied, then reverts it."""
-    if isinstance(spec_or_plan, EditSpec):
-        if source is None:
-            raise AbliterateError("an EditSpec needs the directions to build its plan: pass Directions(acts)")
-        spec_or_plan = build_plan(lm, spec_or_plan, source)
-    handle = apply_plan(lm, spec_or_plan, mode)
+    """``with applied(lm, spec, Directions(acts)):`` runs the block with the edit applied, then reverts it
+    (``spec`` may also be a :class:`DirectionEdit` or a plan, with no ``source``)."""
+    handle = apply_plan(lm, plan_of(lm, spec_or_plan, source), mode)
     try:
         yield handle
     finally:

@@ -122,7 +122,7 @@ class Workspace:
 
 
 class FileRows:
-    """:class:`abliterate.weights.Rows` over a 2-D tensor stored at ``offset`` of ``fin``: row blocks are read
+    """:class:`abliterate.kernel.Rows` over a 2-D tensor stored at ``offset`` of ``fin``: row blocks are read
     with plain reads into the workspace's byte buffer, and stored (cast back) by appending them to ``fout``, so
     stores must come in order. Memory: one block, never the tensor."""
 

@@ -19,7 +19,7 @@ import os
 import shutil
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,12 @@ import torch
 from torch import nn
 
 from .anatomy import Writer, find_anatomy
+from .direction_edit import DirectionEdit
 from .directions import Direction
 from .errors import ArchitectureError, ModelLoadError, OutputError
 from .miniature import check_on_miniature
 from .model import LoadedModel, Progress
-from .plan import Directions, EditPlan, build_plan, edit_plan
+from .plan import Directions, EditPlan, plan_of
 from .projection import Scale
 from .saving import atomic_directory, check_output
 from .shard_edit import ShardEdit, write_shard
@@ -153,9 +154,7 @@ def _materialize_post_norms(model: nn.Module, writers: list[Writer], sources: So
         norm.load_state_dict(values, strict=False, assign=True)
 
 
-def _plan_edits(
-    plan: EditPlan, sources: Sources, where: Mapping, hidden: int, norm_preserving: bool
-) -> dict[str, ShardEdit]:
+def _plan_edits(plan: EditPlan, sources: Sources, where: Mapping, hidden: int) -> dict[str, ShardEdit]:
     """Checkpoint key -> edit, with the dtype and shape of every writer tensor checked."""
     edits: dict[str, ShardEdit] = {}
     for e in plan.edits:
@@ -178,7 +177,7 @@ def _plan_edits(
                         f"{key} has shape {list(entry.shape)}, which does not fit {pname} {list(target)} "
                         f"of this config.json (hidden size {hidden}); config and weights disagree"
                     )
-                edits[key] = ShardEdit(axis, basis, s, norm_preserving and axis is not None)
+                edits[key] = ShardEdit(axis, basis, s, plan.norm_preserving and axis is not None)
     return edits
 
 
@@ -263,11 +262,10 @@ def stream_orthogonalize(
     (:func:`abliterate.miniature.check_on_miniature`). An architecture refused there (a post-LN residual, ...) or
     whose miniature cannot be built is refused in one line; ``verify=False`` edits by the patterns alone.
     """
-    return _stream(
+    return stream_edit(
         src_dir,
         out_dir,
-        lambda lm: edit_plan(lm, direction, layers, scale, embeddings, embedding_scale),
-        norm_preserving,
+        DirectionEdit(direction, layers, scale, embeddings, embedding_scale, norm_preserving),
         overwrite=overwrite,
         progress=progress,
         trust_remote_code=trust_remote_code,
@@ -280,8 +278,8 @@ def stream_orthogonalize(
 def stream_edit(
     src_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
-    spec: EditSpec,
-    source: Directions,
+    spec: EditSpec | DirectionEdit,
+    source: Directions | None = None,
     *,
     overwrite: bool = False,
     progress: Progress | None = None,
@@ -290,35 +288,9 @@ def stream_edit(
     writer_patterns: Sequence[str] | None = None,
     verify: bool = True,
 ) -> StreamReport:
-    """The edit ``spec`` (e.g. the one ``run``'s search chose, from ``edit.json``) written shard by shard, as
-    :func:`stream_orthogonalize` writes one direction: equal to ``apply_plan(build_plan(...))`` in memory."""
-    return _stream(
-        src_dir,
-        out_dir,
-        lambda lm: build_plan(lm, spec, source),
-        spec.norm_preserving,
-        overwrite=overwrite,
-        progress=progress,
-        trust_remote_code=trust_remote_code,
-        layers_path=layers_path,
-        writer_patterns=writer_patterns,
-        verify=verify,
-    )
-
-
-def _stream(
-    src_dir: str | os.PathLike[str],
-    out_dir: str | os.PathLike[str],
-    make_plan: Callable[[LoadedModel], EditPlan],
-    norm_preserving: bool,
-    *,
-    overwrite: bool,
-    progress: Progress | None,
-    trust_remote_code: bool,
-    layers_path: str | None,
-    writer_patterns: Sequence[str] | None,
-    verify: bool,
-) -> StreamReport:
+    """The edit ``spec`` (e.g. the one ``run``'s search chose, from ``edit.json``, with the ``source`` of its
+    directions; or a :class:`~abliterate.direction_edit.DirectionEdit`) written shard by shard, as
+    :func:`stream_orthogonalize` writes one direction: equal to ``apply_plan`` of the same plan in memory."""
     started = time.perf_counter()
     src = Path(src_dir).expanduser().resolve()
     if not src.is_dir():
@@ -336,8 +308,8 @@ def _stream(
     sources = _sources(model, list(where))
     _materialize_post_norms(model, [*anatomy.embeddings, *anatomy.all_writers()], sources, where)
     lm = LoadedModel(model, None, anatomy, str(src), src)
-    plan = make_plan(lm)
-    edits = _plan_edits(plan, sources, where, anatomy.hidden_size, norm_preserving)
+    plan = plan_of(lm, spec, source)
+    edits = _plan_edits(plan, sources, where, anatomy.hidden_size)
     untie, extra = _untie(model, plan, sources, where)
 
     sizes = {s.path.name: s.size + sum(e.end - e.start for _, e in extra.get(s.path.name, [])) for s in shards}

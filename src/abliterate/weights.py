@@ -10,24 +10,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
-from torch import nn
 
 from .anatomy import Writer
+from .direction_edit import DirectionEdit
 from .directions import Direction, as_basis
 from .errors import AbliterateError, ArchitectureError, DirectionError
-from .kernel import (  # noqa: F401  (project_rows, work_buffer... are re-exported: the kernel's old home)
-    WORK_ELEMENTS,
-    Rows,
-    TensorRows,
-    project_rows,
-    project_tensor,
-    tied_embeddings,
-    work_buffer,
-)
 from .model import LoadedModel
 from .placement import is_offloaded
-from .plan import edit_plan
-from .projection import Scale, project_out
+from .plan import apply_plan
+from .projection import Scale
 
 
 @dataclass
@@ -38,30 +29,7 @@ class EditReport:
     untied: bool = False
 
 
-def untie_embeddings(model: nn.Module) -> bool:
-    """Give the LM head its own copy of tied embeddings, so editing the input side leaves logits
-    alone; the saved model then keeps a separate ``lm_head``. Returns whether anything was untied."""
-    if not tied_embeddings(model):
-        return False
-    out = model.get_output_embeddings()
-    out.weight = nn.Parameter(out.weight.detach().clone(), requires_grad=False)
-    for cfg in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
-        cfg.tie_word_embeddings = False
-    return True
-
-
-@torch.no_grad()
-def _edit(writer: Writer, basis: torch.Tensor, scale: float, norm_preserving: bool) -> list[str]:
-    project_tensor(writer.weight.data, writer.out_axis, basis, scale, norm_preserving)
-    names = [f"{writer.name}.{writer.param}" if writer.param == "weight" else writer.name]
-    bias = writer.bias_tensor
-    if bias is not None:
-        bias.data.copy_(project_out(bias.data, basis, scale))
-        names.append(f"{writer.name}.{writer.bias}" if writer.param == "weight" else f"{writer.name}_bias")
-    return names
-
-
-def _check_in_memory(lm: LoadedModel, writers: list[Writer]) -> None:
+def _check_in_memory(writers: list[Writer]) -> None:
     """An offloaded weight lives in accelerate's weights map (often the checkpoint file itself), not in the
     parameter: editing the parameter would change nothing, or fail half-way."""
     off = [w.name for w in writers if is_offloaded(w.module)]
@@ -94,15 +62,12 @@ def orthogonalize(
     Arguments match :func:`abliterate.ablate`; with ``norm_preserving=False`` the edited model's
     logits equal the runtime ablation's. ``norm_preserving=True`` keeps each writer's per-input-unit
     output norm (an exact, weight-only variant with no runtime twin). Save with ``lm.save(dir)``.
+    The plan of the :class:`~abliterate.direction_edit.DirectionEdit`, applied in place for good.
     """
-    plan = edit_plan(lm, direction, layers, scale, embeddings, embedding_scale)
-    _check_in_memory(lm, [e.writer for e in plan.edits])
-    report = EditReport()
-    if any(e.writer.layer is None for e in plan.edits):
-        report.untied = untie_embeddings(lm.model)
-    for e in plan.edits:
-        report.edited += _edit(e.writer, e.basis, e.scale, norm_preserving)
-    return report
+    plan = DirectionEdit(direction, layers, scale, embeddings, embedding_scale, norm_preserving).plan(lm)
+    _check_in_memory([e.writer for e in plan.edits])
+    done = apply_plan(lm, plan, "weights", permanent=True)
+    return EditReport(done.edited, done.untied)
 
 
 @torch.no_grad()
