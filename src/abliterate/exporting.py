@@ -23,11 +23,11 @@ def write_peft_adapter(
     ``apply`` does) as a PEFT LoRA adapter folder with its manifest; returns the folder and the :class:`Adapter`."""
     from .adapter import Adapter, check_spec
     from .applying import load_edit
+    from .direction_edit import edit_plan
     from .directions import DirectionSet
     from .loading import load_model
     from .manifest import write_manifest
     from .pipeline import versions
-    from .direction_edit import edit_plan
     from .plan import Directions, build_plan
     from .saving import atomic_directory, check_output
 
