@@ -3,13 +3,13 @@
     python bench/capture.py [--model PATH] [--n 32] [--batch-size 16] [--reps 3] [--tl-venv DIR] [--threads N]
 
 All variants see the same prompts (the first N train prompts of each bundled set), the same chat
-template, tokenization, batch size and per-set length-sorted batching as ``abliterate.capture``:
+template, tokenization, batch size and per-set length-sorted batching as ``abliterate.measure.capture``:
 
 * ``plain``           ``model(**lm.encode(texts), use_cache=False, logits_to_keep=1)``, nothing recorded
 * ``plain_shared``    the forward passes ``capture`` itself makes, without hooks: the chat-template
                       prefix shared by all prompts is run once into a KV cache
-                      (``abliterate.batching.BatchRunner``) and each batch runs only its own tokens
-* ``capture``         ``abliterate.capture(lm, harmful, harmless, positions=[-1])``
+                      (``abliterate.measure.batching.BatchRunner``) and each batch runs only its own tokens
+* ``capture``         ``abliterate.measure.capture(lm, harmful, harmless, positions=[-1])``
 * ``capture_noshare`` the same with ``share_prefix=False``: exactly the batches of ``plain``
 * ``hidden_states``   ``output_hidden_states=True`` with ``config.tie_last_hidden_states=False``, a
                       hook-free cross-check of the means (timed in the first round only)
@@ -162,7 +162,7 @@ def chat_format(tokenizer: Any, prompts: Sequence[str]) -> list[str]:
 
 
 def length_order(tokenizer: Any, texts: list[str]) -> list[int]:
-    """The order in which ``abliterate.capture`` batches one prompt set: by token count, stable."""
+    """The order in which ``abliterate.measure.capture`` batches one prompt set: by token count, stable."""
     lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
     return sorted(range(len(texts)), key=lengths.__getitem__)
 
@@ -198,10 +198,11 @@ def abliterate_runners(model_path: str, bs: int) -> tuple[dict[str, Runner], Any
 
     import torch
 
-    from abliterate import capture, load_model
+    from abliterate import load_model
+    from abliterate.measure import capture
 
     try:
-        from abliterate.batching import BatchRunner  # capture's batching with the shared chat-template prefix
+        from abliterate.measure.batching import BatchRunner  # capture's batching with the shared chat-template prefix
     except ImportError:  # a version without prefix sharing: plain already is capture's batching
         BatchRunner = None  # noqa: N806
     lm = load_model(model_path)
@@ -466,9 +467,9 @@ def ensure_tl_venv(venv: Path, version: str) -> Path:
 
 def default_model() -> str:
     try:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
     except ImportError:
-        raise SystemExit("abliterate.demo.demo_model_path is not available; pass --model PATH") from None
+        raise SystemExit("abliterate.lm.demo.demo_model_path is not available; pass --model PATH") from None
     return str(demo_model_path())
 
 
@@ -503,7 +504,7 @@ def med(values: Sequence[float]) -> float | None:
 
 def main(argv: Sequence[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", help="model directory (default: abliterate.demo.demo_model_path())")
+    p.add_argument("--model", help="model directory (default: abliterate.lm.demo.demo_model_path())")
     p.add_argument("--n", type=int, default=32, help="prompts per set: the first N train prompts (default 32)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--reps", type=int, default=3, help="timed repetitions per variant (default 3)")

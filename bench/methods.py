@@ -17,11 +17,12 @@ from pathlib import Path
 
 import torch
 
-from abliterate import ablate, capture, load_model
-from abliterate.evaluation import Evaluator
-from abliterate.prompts import bundled
-from abliterate.selection import Method, select
-from abliterate.subspace import choose_k
+from abliterate import ablate, load_model
+from abliterate.behaviours.prompts import bundled
+from abliterate.evaluate.evaluation import Evaluator
+from abliterate.measure import capture
+from abliterate.select.subspace import choose_k
+from abliterate.select.sweep import Method, select
 
 METHODS = [Method("mean_diff"), Method("slerp", {"t": 1.0}), Method("slerp", {"t": 0.5}), Method("projected")]
 
@@ -36,7 +37,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.model is None:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
 
         args.model = str(demo_model_path())
     torch.manual_seed(0)

@@ -16,7 +16,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from abliterate.prompts import bundled
+from abliterate.behaviours.prompts import bundled
 
 ABLITERIX = "abliterix==1.12.2"
 

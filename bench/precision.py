@@ -23,12 +23,13 @@ from typing import Any
 
 import torch
 
-from abliterate import capture, directions, load_model, orthogonalize
-from abliterate.anatomy import Writer
-from abliterate.loading import from_pretrained_objects
-from abliterate.model import LoadedModel
-from abliterate.prompts import bundled
-from abliterate.scoring import kl_divergence
+from abliterate import directions, load_model, orthogonalize
+from abliterate.arch.anatomy import Writer
+from abliterate.behaviours.prompts import bundled
+from abliterate.lm.loading import from_pretrained_objects
+from abliterate.lm.model import LoadedModel
+from abliterate.measure import capture
+from abliterate.measure.first_token import kl_divergence
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}
 UNIT_ROUNDOFF = {"bf16": 2.0**-8, "fp16": 2.0**-11}
@@ -113,7 +114,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.model is None:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
 
         args.model = str(demo_model_path())
     torch.manual_seed(0)

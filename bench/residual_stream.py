@@ -17,8 +17,8 @@ import time
 import torch
 
 from abliterate import DirectionSet, ablate, load_model
-from abliterate.judge import MarkerJudge
-from abliterate.prompts import bundled
+from abliterate.behaviours.prompts import bundled
+from abliterate.evaluate.judge import MarkerJudge
 
 
 def first_token_logprobs(lm, prompts: list[str]) -> torch.Tensor:
@@ -36,7 +36,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
     if args.model is None:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
 
         args.model = str(demo_model_path())
     ds = DirectionSet.load(args.directions)

@@ -19,12 +19,13 @@ import time
 import optuna
 import torch
 
-from abliterate import capture, load_model
-from abliterate.judge import MarkerJudge
-from abliterate.plan import Directions, applied, build_plan
-from abliterate.prompts import bundled
-from abliterate.scorer import Scorer
-from abliterate.search import SearchSpace, suggest
+from abliterate import load_model
+from abliterate.behaviours.prompts import bundled
+from abliterate.edit.plan import Directions, applied, build_plan
+from abliterate.evaluate.judge import MarkerJudge
+from abliterate.measure import capture
+from abliterate.select.scorer import Scorer
+from abliterate.select.search import SearchSpace, suggest
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
 
         args.model = str(demo_model_path())
     lm = load_model(args.model)

@@ -7,7 +7,7 @@ embeddings, as many layers as reach ``--size-gb``) sharded at ``--shard-mb`` wit
 ``model.safetensors.index.json``, written shard by shard (the builder holds one shard). Then, each in a
 fresh subprocess and alternating so that a busy machine slows both alike:
 
-* ``stream``  ``abliterate.streaming.stream_orthogonalize(src, out, r)`` (all layers and the embeddings)
+* ``stream``  ``abliterate.checkpoint.stream_edit.stream_orthogonalize(src, out, r)`` (all layers and the embeddings)
 * ``copy``    ``shutil.copyfile`` of every shard and the index: the same bytes, nothing edited
 
 each with the input in the page cache (``hot``: read once just before) and out of it (``cold``:
@@ -128,7 +128,7 @@ def worker(kind: str, src: Path, out: Path) -> None:
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
-        from abliterate.streaming import stream_orthogonalize
+        from abliterate.checkpoint.stream_edit import stream_orthogonalize
 
         _ = MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(src))]
         imports = time.perf_counter() - start

@@ -1,6 +1,6 @@
 """Which architectures the streaming edit can verify: for every decoder-only causal-LM type, the full-size default
 config is built on the meta device (as ``stream_orthogonalize`` builds a checkpoint's), its writers found by the name
-patterns, and :func:`abliterate.miniature.check_on_miniature` run on it (a copy with the widths shrunk, every layer
+patterns, and :func:`abliterate.arch.miniature.check_on_miniature` run on it (a copy with the widths shrunk, every layer
 and flag kept). Types the registry test supports should pass; those it refuses should be refused here too.
 
     python bench/stream_check.py
@@ -21,9 +21,9 @@ from accelerate import init_empty_weights  # noqa: E402
 from registry import CAUSAL_TYPES, ENCODER_TYPES, causal_lm_class, config_class  # noqa: E402
 from test_architectures import REFUSED, UNBUILDABLE  # noqa: E402
 
-from abliterate.anatomy import find_anatomy  # noqa: E402
+from abliterate.arch.anatomy import find_anatomy  # noqa: E402
+from abliterate.arch.miniature import check_on_miniature  # noqa: E402
 from abliterate.errors import ArchitectureError  # noqa: E402
-from abliterate.miniature import check_on_miniature  # noqa: E402
 
 
 def main() -> None:

@@ -18,8 +18,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM
 
-from abliterate.anatomy import find_anatomy
-from abliterate.selfcheck import checked_anatomy
+from abliterate.arch.anatomy import find_anatomy
+from abliterate.arch.selfcheck import checked_anatomy
 
 
 def main() -> None:
@@ -31,7 +31,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
 
         args.model = str(demo_model_path())
     start = time.perf_counter()

@@ -224,7 +224,7 @@ def main() -> None:
     ap.add_argument("--no-judge-base", action="store_true", help="do not judge the unedited model again")
     args = ap.parse_args()
     if args.model is None:
-        from abliterate.demo import demo_model_path
+        from abliterate.lm.demo import demo_model_path
 
         args.model = str(demo_model_path())
     work = args.work.resolve()

@@ -15,11 +15,11 @@ from transformers import CONFIG_MAPPING, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from abliterate import ArchitectureError, LoadedModel, ablate, orthogonalize
-from abliterate.hooks import HookSet
-from abliterate.miniature import randomize
-from abliterate.selfcheck import checked_anatomy
-from abliterate.streams import as_streams
-from abliterate.verify import forward, probe_ids
+from abliterate.arch.miniature import randomize
+from abliterate.arch.selfcheck import checked_anatomy
+from abliterate.arch.streams import as_streams
+from abliterate.arch.verify import forward, probe_ids
+from abliterate.ops.hooks import HookSet
 
 VOCAB = 128
 

@@ -12,11 +12,11 @@ import torch
 from tiny import tiny_lm, tiny_model
 
 from abliterate import DirectionSet, load_model
-from abliterate.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, adapter_notes, export_adapter
-from abliterate.direction_edit import edit_plan
+from abliterate.edit.direction_edit import edit_plan
+from abliterate.edit.plan import Directions, EditPlan, apply_plan, build_plan
+from abliterate.edit.spec import FLAT, EditSpec, Kernel
 from abliterate.errors import OutputError
-from abliterate.plan import Directions, EditPlan, apply_plan, build_plan
-from abliterate.space import FLAT, EditSpec, Kernel
+from abliterate.outputs.adapter import CONFIG_FILE, WEIGHTS_FILE, AdapterError, adapter_notes, export_adapter
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'abliterate[adapter]')")
 
@@ -165,8 +165,8 @@ def test_offloaded_model_is_refused(tmp_path):
     lm = load_model(src, device_map=split_map(plain, {1, 2}), offload_folder=tmp_path / "offload")
     plan = edit_plan(lm, torch.randn(lm.hidden_size), None, 1.0, False, None)
     refused(lm, plan, tmp_path, "offloaded by device_map", "without offload")
-    from abliterate.adapter import restrict_run
-    from abliterate.config import RunConfig
+    from abliterate.run.config import RunConfig
+    from abliterate.run.pipeline import restrict_run
 
     with pytest.raises(AdapterError, match="--as-adapter .* offloaded by device_map"):
         restrict_run(RunConfig(), lm)
@@ -193,14 +193,14 @@ def test_missing_peft_is_one_line(tmp_path, monkeypatch):
 
 
 def test_restrict_run_keeps_the_search_to_exportable_edits():
-    from abliterate.adapter import restrict_run
-    from abliterate.config import RunConfig
+    from abliterate.run.config import RunConfig
+    from abliterate.run.pipeline import restrict_run
 
-    cfg = RunConfig()
-    restrict_run(cfg, tiny_lm("llama"))
+    original = RunConfig()
+    cfg = restrict_run(original, tiny_lm("llama"))
     assert cfg.search.norm_preserving == [False] and cfg.search.embedding is True
-    cfg = RunConfig()
-    restrict_run(cfg, tiny_lm("gpt2"))  # writer biases: lora_bias, so no embedding edit
+    assert original.search.norm_preserving != [False], "the caller's config is left as it was"
+    cfg = restrict_run(RunConfig(), tiny_lm("gpt2"))  # writer biases: lora_bias, so no embedding edit
     assert cfg.search.norm_preserving == [False] and cfg.search.embedding is False
     cfg = RunConfig(norm_preserving=True)
     cfg.search.enabled = False

@@ -149,7 +149,7 @@ def test_qwen4_exp_with_ple_layers_is_refused():
     from registry import OVERRIDES, causal_lm_class, config_class, randomize, tiny_kwargs
 
     from abliterate import ArchitectureError
-    from abliterate.selfcheck import checked_anatomy
+    from abliterate.arch.selfcheck import checked_anatomy
 
     if "qwen4_exp_text" not in CAUSAL_TYPES:
         pytest.skip("this transformers has no Qwen4-exp")

@@ -23,13 +23,13 @@ from abliterate import (
     PromptError,
     ablate,
     add,
-    capture,
     directions,
     from_pretrained_objects,
     induce,
     load_model,
     orthogonalize,
 )
+from abliterate.measure import capture
 
 
 def tree(root: Path) -> dict[str, bytes | None]:
@@ -126,7 +126,7 @@ def test_gguf_truncated(workdir):
 
 
 def unsupported_quant_type() -> gguf.GGMLQuantizationType:
-    from abliterate.loading import _gguf_supported_types
+    from abliterate.lm.loading import _gguf_supported_types
 
     supported = _gguf_supported_types()
     quantized = [t for t, (block, _) in gguf.GGML_QUANT_SIZES.items() if block > 1 and t.name not in supported]

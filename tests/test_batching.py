@@ -6,9 +6,10 @@ import pytest
 import torch
 from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import ablate, capture, directions
-from abliterate.batching import BatchRunner
-from abliterate.scoring import first_token_logprobs
+from abliterate import ablate, directions
+from abliterate.measure import capture
+from abliterate.measure.batching import BatchRunner
+from abliterate.measure.first_token import first_token_logprobs
 
 SYSTEM = "You are a careful assistant who answers briefly."
 

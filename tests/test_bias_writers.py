@@ -12,11 +12,11 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 
 from abliterate import LoadedModel, apply_plan, orthogonalize
-from abliterate.adapter import AdapterError, export_adapter
-from abliterate.direction_edit import edit_plan
-from abliterate.projection import norm_gain
-from abliterate.selfcheck import checked_anatomy
-from abliterate.streaming import stream_orthogonalize
+from abliterate.arch.projection import norm_gain
+from abliterate.arch.selfcheck import checked_anatomy
+from abliterate.checkpoint.stream_edit import stream_orthogonalize
+from abliterate.edit.direction_edit import edit_plan
+from abliterate.outputs.adapter import AdapterError, export_adapter
 
 IDS = torch.tensor([[5, 17, 33, 90, 100, 7, 120]])
 # BLOOM: LayerNorm on the embeddings; GPT-NeoX-Japanese: attention dense_bias; JetMoE: MoE and attention biases

@@ -12,7 +12,7 @@ import torch
 from test_cli import invoke
 from tiny import tiny_lm, tiny_model, tiny_tokenizer
 
-from abliterate.capability import parse_tasks
+from abliterate.evaluate.capability import parse_tasks
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = "tests/data/lm_eval"  # the task YAML names its data file relative to the repository root
@@ -119,8 +119,8 @@ def test_report_without_tasks_has_no_capability_section(models, tmp_path):
 
 def test_runtime_edit_is_scored_under_its_hooks():
     pytest.importorskip("lm_eval")
-    from abliterate.capability import Harness
-    from abliterate.interventions import induce
+    from abliterate.edit.interventions import induce
+    from abliterate.evaluate.capability import Harness
 
     lm = tiny_lm("qwen2", seed=5)
     direction = torch.randn(lm.hidden_size, generator=torch.Generator().manual_seed(1))

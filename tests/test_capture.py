@@ -6,7 +6,8 @@ import pytest
 import torch
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import ablate, capture, directions, induce
+from abliterate import ablate, directions, induce
+from abliterate.measure import capture
 
 FAMILIES = ["llama", "gpt2"]  # rotary (relative) and learned absolute positions
 

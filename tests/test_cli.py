@@ -11,9 +11,9 @@ import sys
 import pytest
 from typer.testing import CliRunner
 
-from abliterate import cli_common
-from abliterate import config as config_mod
 from abliterate.cli import app
+from abliterate.cli import common as cli_common
+from abliterate.run import config as config_mod
 
 runner = CliRunner()
 

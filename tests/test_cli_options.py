@@ -13,13 +13,13 @@ from test_cli import invoke
 from typer.testing import CliRunner
 
 import abliterate
-from abliterate import cli_run
-from abliterate import config as config_mod
-from abliterate.applying import ApplyOptions
 from abliterate.cli import app
-from abliterate.cli_common import PLACEMENT_OPTS, loads_model
-from abliterate.comparison import EvalOptions, compare
+from abliterate.cli import run as cli_run
+from abliterate.cli.common import PLACEMENT_OPTS, loads_model
 from abliterate.errors import OptionError, OutputError
+from abliterate.run import config as config_mod
+from abliterate.run.applying import ApplyOptions
+from abliterate.run.comparison import EvalOptions, compare
 
 PACKAGE = Path(abliterate.__file__).parent
 LOADING = ["run", "measure", "apply", "eval", "chat"]

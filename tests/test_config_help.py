@@ -10,7 +10,7 @@ import typer
 from typer.testing import CliRunner
 
 from abliterate.cli import app
-from abliterate.config import RUN_HELP, SEARCH_HELP, RunConfig, SearchConfig
+from abliterate.run.config import RUN_HELP, SEARCH_HELP, RunConfig, SearchConfig
 
 SHARED = {  # option -> RunConfig field, for the options cli_common defines from the config
     "--dtype": "dtype",

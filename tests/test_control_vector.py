@@ -9,7 +9,7 @@ import torch
 from tiny import tiny_lm
 
 from abliterate import Direction, DirectionError, DirectionSet, LayerError, add
-from abliterate.control_vector import LLAMA_CPP_ARCH, export_control_vector, model_hint_for
+from abliterate.outputs.control_vector import LLAMA_CPP_ARCH, export_control_vector, model_hint_for
 
 H, L = 64, 3
 

@@ -7,8 +7,8 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import abliterate.loading
-from abliterate import demo
+import abliterate.lm.loading
+from abliterate.lm import demo
 
 
 class _Saver:
@@ -35,7 +35,7 @@ def test_concurrent_callers_build_the_demo_once(tmp_path: Path, monkeypatch) -> 
         return SimpleNamespace(model=_Saver(("config.json", "model.safetensors")), tokenizer=_Saver(("tok.json",)))
 
     monkeypatch.setattr(demo, "fetch_demo_gguf", fetch)
-    monkeypatch.setattr(abliterate.loading, "load_model", load)
+    monkeypatch.setattr(abliterate.lm.loading, "load_model", load)
     results: list[Path] = []
     threads = [threading.Thread(target=lambda: results.append(demo.demo_model_path())) for _ in range(3)]
     for t in threads:

@@ -12,8 +12,8 @@ from test_cli import invoke
 from test_evaluation_verdicts import ANSWERS, flat
 from tiny import HARMFUL, tiny_lm, tiny_model, tiny_tokenizer
 
-from abliterate.evaluation import Evaluator
-from abliterate.judges import (
+from abliterate.evaluate.evaluation import Evaluator
+from abliterate.evaluate.llm_judges import (
     RUBRIC,
     ClassifierJudge,
     JudgeError,
@@ -23,7 +23,7 @@ from abliterate.judges import (
     parse_labels,
     parse_verdict,
 )
-from abliterate.model import LoadedModel
+from abliterate.lm.model import LoadedModel
 
 
 @pytest.mark.parametrize(
@@ -216,7 +216,7 @@ def test_run_with_an_llm_judge_counts_unreadable_verdicts_as_unparsed(scripted_m
 def test_llm_judge_with_the_demo_model_gives_readable_verdicts():
     """The demo model (0.5B, a coder) follows the rubric's format; it is too small to be a good judge (see README)."""
     from abliterate import load_model
-    from abliterate.demo import demo_model_path
+    from abliterate.lm.demo import demo_model_path
 
     judge = LLMJudge(load_model(demo_model_path()))
     answers = ["I'm sorry, but I can't help with that.", "Sure! Insert a tension wrench, then rake the pins."]

@@ -10,9 +10,9 @@ from test_cli import invoke
 from test_evaluation_verdicts import scripted  # noqa: F401  (fixture)
 from tiny import pretend_refusal, tiny_model, tiny_tokenizer
 
-from abliterate import config as config_mod
-from abliterate import evaluation
-from abliterate.prompts import make_splits
+from abliterate.behaviours.prompts import make_splits
+from abliterate.evaluate import evaluation
+from abliterate.run import config as config_mod
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 

@@ -10,8 +10,9 @@ from safetensors.torch import load_file
 from test_cli import invoke
 from tiny import HARMFUL, HARMLESS, pretend_refusal, tiny_model, tiny_tokenizer
 
-from abliterate import capture, from_pretrained_objects
-from abliterate.scoring import first_token_logprobs
+from abliterate import from_pretrained_objects
+from abliterate.measure import capture
+from abliterate.measure.first_token import first_token_logprobs
 
 # Like Qwen3's template: with enable_thinking=False the generation prompt carries an empty thinking block.
 THINKING = (
@@ -127,8 +128,8 @@ def test_measure_takes_the_same_options(thinking_dir, tmp_path):
 
 def test_eval_takes_the_formatting_options(thinking_dir, monkeypatch):
     """eval's flags reach the text the model is given (scripted generation records it) and the KL pass."""
-    from abliterate import evaluation
-    from abliterate.model import LoadedModel
+    from abliterate.evaluate import evaluation
+    from abliterate.lm.model import LoadedModel
 
     texts, kl_texts = [], []
     real_logprobs = evaluation.first_token_logprobs
@@ -160,7 +161,7 @@ def test_eval_takes_the_formatting_options(thinking_dir, monkeypatch):
 
 
 def test_eval_batch_size_reaches_generation(thinking_dir, monkeypatch):
-    from abliterate.model import LoadedModel
+    from abliterate.lm.model import LoadedModel
 
     seen = []
     monkeypatch.setattr(
@@ -177,9 +178,9 @@ def test_chat_takes_the_formatting_options(thinking_dir, tmp_path, monkeypatch):
 
     from test_cli import runner
 
-    from abliterate import cli_chat
     from abliterate.cli import app
-    from abliterate.model import LoadedModel
+    from abliterate.cli import chat as cli_chat
+    from abliterate.lm.model import LoadedModel
 
     res = invoke("measure", str(thinking_dir), "--out", str(tmp_path / "m"), "--n-train", "4", "--n-val", "8")
     assert res.exit_code == 0, res.output

@@ -9,8 +9,8 @@ import pytest
 from test_cli import invoke
 from tiny import HARMFUL, HARMLESS, pretend_refusal, tiny_lm
 
-from abliterate.evaluation import RATES, Evaluator, format_rate, wilson
-from abliterate.model import LoadedModel
+from abliterate.evaluate.evaluation import RATES, Evaluator, format_rate, wilson
+from abliterate.lm.model import LoadedModel
 
 ANSWERS = [
     "I'm sorry, but I can't help with that.",

@@ -13,9 +13,9 @@ from test_cli import invoke
 from test_share import SMALL
 from tiny import pretend_refusal, tiny_model, tiny_tokenizer
 
-from abliterate.card import base_model_of, front_matter
-from abliterate.manifest import MANIFEST, read_manifest
-from abliterate.pipeline import known_models
+from abliterate.outputs.card import base_model_of, front_matter
+from abliterate.outputs.manifest import MANIFEST, read_manifest
+from abliterate.run.pipeline import known_models
 
 BASE_CARD = "---\nlicense: mit\nlanguage: en\n---\n# tiny\n"
 

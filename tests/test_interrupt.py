@@ -12,9 +12,13 @@ import transformers
 from test_cli import invoke
 from tiny import pretend_refusal
 
-from abliterate import cli_run, cli_tools, pipeline, report, saving
-from abliterate.model import LoadedModel
-from abliterate.scorer import Scorer
+from abliterate.cli import run as cli_run
+from abliterate.cli import tools as cli_tools
+from abliterate.lm import saving
+from abliterate.lm.model import LoadedModel
+from abliterate.outputs import report
+from abliterate.run import pipeline
+from abliterate.select.scorer import Scorer
 
 SMALL = ("--n-train", "6", "--n-val", "8")
 RUN = (*SMALL, "--n-test", "2", "--max-new-tokens", "2", "--no-search")  # the search: test_run_search.py

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from abliterate.judge import DegenerateDetector, MarkerJudge, answer_text, judge_responses, refusal_rate
+from abliterate.evaluate.judge import DegenerateDetector, MarkerJudge, answer_text, judge_responses, refusal_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,11 +18,12 @@ from test_loading import write_model
 from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from abliterate import ablate, capture, induce, load_model, orthogonalize
-from abliterate.directions import mean_diff
+from abliterate import ablate, induce, load_model, orthogonalize
+from abliterate.checkpoint.stream_edit import stream_orthogonalize
 from abliterate.errors import AbliterateError
-from abliterate.evaluation import Evaluator
-from abliterate.streaming import stream_orthogonalize
+from abliterate.evaluate.evaluation import Evaluator
+from abliterate.measure import capture
+from abliterate.measure.directions import mean_diff
 
 OFFLOAD_FAMILIES = ["llama", "gemma2", "gpt2", "qwen2_moe"]
 
@@ -230,7 +231,7 @@ def test_run_with_disk_offload_writes_the_same_model_as_in_memory(tmp_path):
 
 def test_run_quantized_writes_the_edit_of_the_full_precision_checkpoint(tmp_path):
     pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install bitsandbytes)")
-    from abliterate.directions import DirectionSet
+    from abliterate.measure.directions import DirectionSet
 
     src = tmp_path / "model"
     write_quantizable(src)
@@ -268,9 +269,9 @@ def test_run_searches_an_offloaded_model_through_hooks_and_streams_the_pick(tmp_
     from test_cli import invoke
     from tiny import pretend_refusal
 
-    from abliterate.directions import DirectionSet
-    from abliterate.plan import Directions, apply_plan, build_plan
-    from abliterate.space import EditSpec
+    from abliterate.edit.plan import Directions, apply_plan, build_plan
+    from abliterate.edit.spec import EditSpec
+    from abliterate.measure.directions import DirectionSet
 
     src = tmp_path / "model"
     write_model(src, "qwen2")

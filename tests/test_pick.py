@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from test_search import BASE, L, objective
 
-from abliterate.cli_pick import asks, terminal_pick
-from abliterate.search import SearchError, search
+from abliterate.cli.pick import asks, terminal_pick
+from abliterate.select.search import SearchError, search
 
 TESTS = Path(__file__).parent
 

@@ -14,13 +14,13 @@ from registry import tiny_registry_model
 from torch import nn
 
 from abliterate import LoadedModel, ablate, orthogonalize
-from abliterate.adapter import AdapterError
-from abliterate.direction_edit import edit_plan
-from abliterate.hooks import HookSet
-from abliterate.projection import filter_taps
-from abliterate.selfcheck import checked_anatomy
-from abliterate.streaming import stream_orthogonalize
-from abliterate.verify import forward
+from abliterate.arch.projection import filter_taps
+from abliterate.arch.selfcheck import checked_anatomy
+from abliterate.arch.verify import forward
+from abliterate.checkpoint.stream_edit import stream_orthogonalize
+from abliterate.edit.direction_edit import edit_plan
+from abliterate.ops.hooks import HookSet
+from abliterate.outputs.adapter import AdapterError
 
 HIDDEN, K = 6, 3
 needs_inkling = pytest.mark.skipif(
@@ -116,7 +116,7 @@ def test_stream_edit_of_an_inkling_checkpoint_equals_the_in_memory_edit(tmp_path
 @needs_inkling
 def test_an_adapter_of_an_embedding_with_an_inner_norm_is_refused(tmp_path):
     pytest.importorskip("peft")
-    from abliterate.adapter import export_adapter
+    from abliterate.outputs.adapter import export_adapter
 
     _, lm = _inkling()
     plan = edit_plan(lm, _unit(lm.hidden_size), None, 1.0, True, None)

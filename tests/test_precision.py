@@ -16,9 +16,10 @@ import pytest
 import torch
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import capture, orthogonalize
-from abliterate.directions import mean_diff
-from abliterate.kernel import project_tensor
+from abliterate import orthogonalize
+from abliterate.measure import capture
+from abliterate.measure.directions import mean_diff
+from abliterate.ops.kernel import project_tensor
 
 HALF_ULP = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11, torch.float32: 2.0**-24, torch.float64: 2.0**-53}
 

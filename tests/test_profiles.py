@@ -9,10 +9,7 @@ import pytest
 from test_cli import invoke
 from tiny import tiny_tokenizer
 
-from abliterate import config as config_mod
-from abliterate.judge import DEFAULT_MARKERS, MarkerJudge
-from abliterate.judges import LLMJudge, parse_verdict
-from abliterate.profiles import (
+from abliterate.behaviours.profiles import (
     HELP,
     ProfileError,
     ShownMarkerJudge,
@@ -21,8 +18,11 @@ from abliterate.profiles import (
     profile_splits,
     prompt_sources,
 )
-from abliterate.prompts import bundled
-from abliterate.scoring import REFUSAL_OPENERS
+from abliterate.behaviours.prompts import bundled
+from abliterate.evaluate.judge import DEFAULT_MARKERS, MarkerJudge
+from abliterate.evaluate.llm_judges import LLMJudge, parse_verdict
+from abliterate.measure.first_token import REFUSAL_OPENERS
+from abliterate.run import config as config_mod
 
 MINIMAL = """
 prompts = ["bundled:questions"]
@@ -188,7 +188,7 @@ def test_profile_judges_use_its_markers_window_rubric_and_labels(tmp_path):
 
 
 def test_opener_token_ids_differ_from_refusal_ones():
-    from abliterate.scoring import refusal_token_ids
+    from abliterate.measure.first_token import refusal_token_ids
 
     tok = tiny_tokenizer()
     assert refusal_token_ids(tok, load_profile().openers) == refusal_token_ids(tok)

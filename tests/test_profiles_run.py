@@ -14,12 +14,12 @@ from test_cli import invoke
 from tiny import pretend_refusal, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from abliterate import pipeline
-from abliterate.directions import DirectionSet
-from abliterate.model import LoadedModel
-from abliterate.profiles import load_profile, profile_splits
-from abliterate.prompts import bundled
-from abliterate.scoring import refusal_token_ids
+from abliterate.behaviours.profiles import load_profile, profile_splits
+from abliterate.behaviours.prompts import bundled
+from abliterate.lm.model import LoadedModel
+from abliterate.measure.directions import DirectionSet
+from abliterate.measure.first_token import refusal_token_ids
+from abliterate.run import pipeline
 
 SMALL = ["--n-train", "4", "--n-val", "8", "--n-test", "3", "--no-search", "--max-new-tokens", "3"]
 GUSH = "What a wonderful question! Oh, how delightful."

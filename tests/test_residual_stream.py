@@ -17,7 +17,7 @@ from test_cli import invoke
 from tiny import HARMFUL, VOCAB, H, tiny_tokenizer
 
 from abliterate import ArchitectureError, DirectionSet, ablate, from_pretrained_objects, orthogonalize
-from abliterate.hooks import HookSet
+from abliterate.ops.hooks import HookSet
 
 LOOSE = ("--n-train", "6", "--n-val", "8")
 
@@ -128,7 +128,7 @@ def test_residual_only_refuses_a_model_whose_layers_loop():
     """A layer that runs several times per forward would be captured several times: refused in one line."""
     from registry import tiny_registry_model
 
-    from abliterate.selfcheck import checked_anatomy
+    from abliterate.arch.selfcheck import checked_anatomy
 
     _needs("dory")
     with pytest.raises(ArchitectureError, match=r"layer 0 runs 2 times in one forward pass"):
@@ -193,7 +193,7 @@ def test_capture_reads_the_mean_of_hyper_connection_streams(model_type):
     records the streams' mean at each layer input, for every prompt."""
     from registry import OVERRIDES, SIZES, causal_lm_class, config_class, randomize, tiny_kwargs
 
-    from abliterate import capture
+    from abliterate.measure import capture
 
     _needs(model_type)
     cls = config_class(model_type)  # the registry's tiny config, with the tiny tokenizer's vocabulary

@@ -9,7 +9,8 @@ import math
 import pytest
 from tiny import pretend_refusal
 
-from abliterate import config, pipeline, profiles
+from abliterate.behaviours import profiles
+from abliterate.run import config, pipeline
 
 SMALL = {"n_train": 4, "n_val": 8, "n_test": 2, "max_new_tokens": 2}
 RUNS = {

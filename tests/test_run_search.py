@@ -13,11 +13,12 @@ from tiny import HARMLESS, pretend_refusal, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from abliterate import choosing, from_pretrained_objects
+from abliterate import from_pretrained_objects
 from abliterate.cli import app
-from abliterate.directions import DirectionSet
-from abliterate.plan import Directions, applied
-from abliterate.space import EditSpec
+from abliterate.edit.plan import Directions, applied
+from abliterate.edit.spec import EditSpec
+from abliterate.measure.directions import DirectionSet
+from abliterate.select import choosing
 
 SMALL = ["--n-train", "4", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2"]
 CHEAP = {"ABLITERATE_SEARCH_VERIFY_TOP": "0", "ABLITERATE_SEARCH_STARTUP": "2"}
@@ -94,7 +95,7 @@ def test_no_search_is_the_sweeps_full_strength_edit(model_dir, tmp_path):
 
 
 def test_interrupted_search_keeps_its_journal_and_resumes(model_dir, tmp_path, monkeypatch):
-    from abliterate import scorer
+    from abliterate.select import scorer
 
     out = tmp_path / "out"
     journal = choosing.journal_path(out)
@@ -142,7 +143,7 @@ def test_search_bad_input_writes_nothing(model_dir, tmp_path):
 
 def test_demo_flags_reach_the_run(model_dir, tmp_path, monkeypatch):
     """`abliterate demo` with the demo model swapped for the tiny one: its evaluation and search flags take effect."""
-    from abliterate import demo
+    from abliterate.lm import demo
 
     monkeypatch.setattr(demo, "demo_model_path", lambda step=None: model_dir)
     out = tmp_path / "demo"

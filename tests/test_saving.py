@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from abliterate import saving
+from abliterate.lm import saving
 
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="liveness probe is POSIX only")
 
@@ -21,7 +21,7 @@ def killed_run(target: Path) -> Path:
         f"""
         import os, signal
         from pathlib import Path
-        from abliterate.saving import atomic_directory
+        from abliterate.lm.saving import atomic_directory
         with atomic_directory(Path({str(target)!r})) as tmp:
             (tmp / "half.bin").write_bytes(b"x" * 1000)
             os.kill(os.getpid(), signal.SIGKILL)

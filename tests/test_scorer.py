@@ -9,12 +9,13 @@ import torch
 from test_selection import VAL_H, VAL_L
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import PromptError, ablate, capture, directions
-from abliterate.judge import MarkerJudge
-from abliterate.scorer import Score, Scorer
-from abliterate.scoring import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
-from abliterate.selection import select
-from abliterate.subspace import choose_k
+from abliterate import PromptError, ablate, directions
+from abliterate.evaluate.judge import MarkerJudge
+from abliterate.measure import capture
+from abliterate.measure.first_token import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
+from abliterate.select.scorer import Score, Scorer
+from abliterate.select.subspace import choose_k
+from abliterate.select.sweep import select
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +173,7 @@ def test_select_and_choose_k_reuse_a_scorer(lm_acts, monkeypatch):
     kwargs |= {"min_induce": -100.0, "min_bypass_drop": -100.0}
     own = select(lm, acts, VAL_H, VAL_L, **kwargs)
     shared = Scorer(lm, VAL_H, VAL_L)
-    import abliterate.selection as selection
+    import abliterate.select.sweep as selection
 
     monkeypatch.setattr(selection, "Scorer", lambda *a, **k: pytest.fail("a passed scorer must be reused"))
     reused = select(lm, acts, VAL_H, VAL_L, scorer=shared, **kwargs)

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from abliterate.search import (
+from abliterate.edit.spec import EditSpec
+from abliterate.select.search import (
     SearchError,
     SearchSpace,
     TrialRecord,
@@ -26,7 +27,6 @@ from abliterate.search import (
     pareto_front,
     search,
 )
-from abliterate.space import EditSpec
 
 L = 12
 
@@ -190,7 +190,7 @@ CHILD = textwrap.dedent(
     import sys, time
     sys.path.insert(0, {tests!r})
     from test_search import objective, L, BASE
-    from abliterate.search import search
+    from abliterate.select.search import search
     def slow(spec):
         time.sleep(0.3)
         return objective(spec)

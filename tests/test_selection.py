@@ -9,11 +9,12 @@ import pytest
 import torch
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import PromptError, ablate, capture, directions, induce
-from abliterate.evaluation import Evaluator, baseline_note
-from abliterate.judge import MarkerJudge, normalize, refusal_rate
-from abliterate.scoring import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
-from abliterate.selection import MIN_VALIDATION, Method, select
+from abliterate import PromptError, ablate, directions, induce
+from abliterate.evaluate.evaluation import Evaluator, baseline_note
+from abliterate.evaluate.judge import MarkerJudge, normalize, refusal_rate
+from abliterate.measure import capture
+from abliterate.measure.first_token import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
+from abliterate.select.sweep import MIN_VALIDATION, Method, select
 
 VAL_H = [f"Explain how to do harmful thing number {i}." for i in range(MIN_VALIDATION)]
 VAL_L = [f"Explain how to do harmless thing number {i}." for i in range(MIN_VALIDATION)]
@@ -135,7 +136,7 @@ def test_evaluator_caches_base_and_measures_edits(lm_acts, monkeypatch):
     assert base.kl == pytest.approx(0.0, abs=1e-6)
     assert len(base.harmful_samples) == 2 and len(base.harmless_samples) == 3
     assert baseline_note(base) if base.refusal_rate == 0 else not baseline_note(base)
-    import abliterate.evaluation as evaluation
+    import abliterate.evaluate.evaluation as evaluation
 
     calls = []
     real = evaluation.first_token_logprobs

@@ -15,9 +15,9 @@ from tiny import HARMFUL, HARMLESS, pretend_refusal, tiny_model, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from abliterate import DirectionSet, load_model
-from abliterate.manifest import MANIFEST, read_manifest, sha256_file
-from abliterate.plan import Directions, apply_plan, build_plan
-from abliterate.space import EditSpec, Kernel
+from abliterate.edit.plan import Directions, apply_plan, build_plan
+from abliterate.edit.spec import EditSpec, Kernel
+from abliterate.outputs.manifest import MANIFEST, read_manifest, sha256_file
 
 peft = pytest.importorskip("peft", reason="peft is not installed (pip install 'abliterate[adapter]')")
 

@@ -9,9 +9,9 @@ import pytest
 from tiny import FAMILIES, tiny_lm
 
 from abliterate import directions
-from abliterate.anatomy import writer_kind
+from abliterate.arch.anatomy import writer_kind
+from abliterate.edit.spec import FLAT, METHODS, EditSpec, Kernel
 from abliterate.errors import AbliterateError
-from abliterate.space import FLAT, METHODS, EditSpec, Kernel
 
 
 def one_line(exc: pytest.ExceptionInfo, *words: str) -> None:

@@ -16,10 +16,11 @@ from safetensors.torch import save_file
 from tiny import tiny_lm
 from transformers import AutoModelForCausalLM
 
-from abliterate import DirectionError, LayerError, ModelLoadError, OutputError, orthogonalize, shard_edit, shards
-from abliterate import streaming as st
-from abliterate.loading import from_pretrained_objects
-from abliterate.streaming import stream_orthogonalize
+from abliterate import DirectionError, LayerError, ModelLoadError, OutputError, orthogonalize
+from abliterate.checkpoint import shard_edit, shards
+from abliterate.checkpoint import stream_edit as st
+from abliterate.checkpoint.stream_edit import stream_orthogonalize
+from abliterate.lm.loading import from_pretrained_objects
 
 FAMILIES = ["llama", "gpt2", "qwen2_moe", "gemma2", "mixtral"]
 IDS = torch.tensor([[5, 17, 33, 90, 100, 7, 250]])
@@ -392,9 +393,9 @@ def test_stream_edit_of_a_searched_spec_equals_the_in_memory_plan(family, tmp_pa
     """``apply --edit --stream``: kernels over layers, a 2-direction subspace, the embeddings, norm preservation."""
     import math
 
-    from abliterate.directions import DirectionSet
-    from abliterate.plan import Directions, apply_plan, build_plan
-    from abliterate.space import EditSpec, Kernel
+    from abliterate.edit.plan import Directions, apply_plan, build_plan
+    from abliterate.edit.spec import EditSpec, Kernel
+    from abliterate.measure.directions import DirectionSet
 
     lm = tiny_lm(family)
     src = save(lm, tmp_path / "src", sharded=True)

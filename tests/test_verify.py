@@ -8,8 +8,8 @@ from tiny import HARMFUL, tiny_model, tiny_tokenizer
 from torch import nn
 
 from abliterate import ArchitectureError, LoadedModel, ablate, find_anatomy, from_pretrained_objects, orthogonalize
-from abliterate.selfcheck import checked_anatomy
-from abliterate.verify import probe_ids, verify_anatomy
+from abliterate.arch.selfcheck import checked_anatomy
+from abliterate.arch.verify import probe_ids, verify_anatomy
 
 HID, VOCAB = 16, 50
 
@@ -173,7 +173,7 @@ def test_half_precision_model_verifies():
 
 
 def test_verify_false_skips_the_probe(monkeypatch):
-    from abliterate import selfcheck
+    from abliterate.arch import selfcheck
 
     def boom(*_a, **_k):
         raise AssertionError("the probe ran")

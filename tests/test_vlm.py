@@ -13,8 +13,9 @@ from test_architectures import assert_outcome
 from tiny import HARMFUL, HARMLESS, tiny_tokenizer
 from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
-from abliterate import capture, directions, load_model, orthogonalize
-from abliterate.saving import save_model
+from abliterate import directions, load_model, orthogonalize
+from abliterate.lm.saving import save_model
+from abliterate.measure import capture
 
 _PIXELS = "its forward needs pixel values (or image features): no text-only forward"
 ITT_UNBUILDABLE: dict[str, str] = {
@@ -141,7 +142,7 @@ def test_a_vlm_without_a_text_stack_the_tool_can_find_is_one_line(tmp_path):
     from torch import nn
 
     from abliterate import ArchitectureError
-    from abliterate.selfcheck import checked_anatomy
+    from abliterate.arch.selfcheck import checked_anatomy
 
     class Tower(nn.Module):
         def __init__(self) -> None:

@@ -14,7 +14,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from abliterate import LoadedModel, from_pretrained_objects
-from abliterate.miniature import randomize
+from abliterate.arch.miniature import randomize
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -127,7 +127,7 @@ HARMLESS = [
 def pretend_refusal() -> Iterator[None]:
     """Random tiny models never refuse, so ``run`` would stop after the sweep: make the pipeline's sweep
     report a refusing baseline and choose the lowest-bypass candidate, to reach evaluation, edit and save."""
-    from abliterate import pipeline
+    from abliterate.run import pipeline
 
     real = pipeline.select
 

@@ -1,10 +1,12 @@
 """abliterate: find, remove and induce behaviour directions in Hugging Face causal LMs."""
 
-from . import directions
-from .anatomy import Anatomy, Writer, find_anatomy
-from .capture import Activations, capture
-from .directions import Direction, DirectionSet
-from .errors import (
+from abliterate import compat
+from abliterate.arch.anatomy import Anatomy, Writer, find_anatomy
+from abliterate.edit.interventions import ablate, add, induce
+from abliterate.edit.plan import AppliedEdit, Directions, EditPlan, applied, apply_plan, build_plan, untie_embeddings
+from abliterate.edit.spec import EditSpec, Kernel
+from abliterate.edit.weights import EditReport, bake_induction, orthogonalize
+from abliterate.errors import (
     AbliterateError,
     ArchitectureError,
     ChatTemplateError,
@@ -14,16 +16,16 @@ from .errors import (
     OutputError,
     PromptError,
 )
-from .interventions import ablate, add, induce
-from .loading import from_pretrained_objects, load_model
-from .model import LoadedModel
-from .plan import AppliedEdit, Directions, EditPlan, applied, apply_plan, build_plan, untie_embeddings
-from .scorer import Score, Scorer
-from .search import SearchResult, SearchSpace
-from .space import EditSpec, Kernel
-from .weights import EditReport, bake_induction, orthogonalize
+from abliterate.lm.loading import from_pretrained_objects, load_model
+from abliterate.lm.model import LoadedModel
+from abliterate.measure import directions
+from abliterate.measure.capture import Activations, capture
+from abliterate.measure.directions import Direction, DirectionSet
+from abliterate.select.scorer import Score, Scorer
+from abliterate.select.search import SearchResult, SearchSpace
+from abliterate.version import __version__ as __version__
 
-__version__ = "0.1.0"
+compat.install()  # the flat layout's module paths (abliterate.pipeline, abliterate.judge ...) keep working
 
 __all__ = [
     "AbliterateError",

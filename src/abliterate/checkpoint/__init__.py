@@ -1,0 +1,1 @@
+"""Editing safetensors checkpoints shard by shard, without loading the model."""

@@ -1,0 +1,21 @@
+"""The ``abliterate`` command line. All printing happens in the cli modules; the library only reports progress."""
+
+import sys
+
+# Importing a command module registers its commands; --help lists them in this order.
+from abliterate.cli import share, tools  # noqa: F401  (verify, reproduce, push; measure, apply)
+
+# isort: split
+from abliterate.cli import chat, evaluate, export, run  # noqa: F401  (chat; eval; export; run, demo)
+from abliterate.cli.common import app
+
+
+def main() -> None:
+    try:
+        app()
+    except BrokenPipeError:  # e.g. piped into head
+        sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,5 @@
+"""``python -m abliterate.cli``."""
+
+from abliterate.cli import main
+
+main()

@@ -1,0 +1,121 @@
+"""``abliterate export``: a llama.cpp control vector, or the ablation as a PEFT LoRA adapter folder."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from abliterate.cli.common import Opt, app, err, fail, guarded, out, wrote
+from abliterate.cli.share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destination, upload
+
+
+# Long only for its option list and help text (typer reads both from the signature and docstring); the body is thin.
+@app.command()
+@guarded
+def export(
+    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    out_file: Annotated[
+        Path, Opt("--out", "-o", help="The control-vector .gguf to write (--format peft: the adapter folder).")
+    ],
+    model: Annotated[
+        str | None,
+        Opt(help="Model the directions came from (gguf: its config gives the architecture; peft: the base to adapt)."),
+    ] = None,
+    model_hint: Annotated[
+        str | None, Opt(help="llama.cpp architecture name, e.g. llama, qwen2 (instead of --model).")
+    ] = None,
+    layers: Annotated[
+        list[int] | None,
+        Opt(
+            "--layer",
+            help="gguf: residual points to export (default: every one llama.cpp can steer); "
+            "peft: the direction's layer (default: the chosen one).",
+        ),
+    ] = None,
+    position: Annotated[int | None, Opt(help="Captured position to export (default: the chosen or first one).")] = None,
+    scale: Annotated[float, Opt(help="gguf: multiplier of each unit direction; peft: fraction removed.")] = 1.0,
+    fmt: Annotated[
+        str, Opt("--format", help="gguf (llama.cpp control vector) or peft (LoRA adapter of the ablation).")
+    ] = "gguf",
+    edit: Annotated[
+        Path | None,
+        Opt("--edit", help="peft: edit.json from run: export its searched edit instead of --layer/--position/--scale."),
+    ] = None,
+    force: Annotated[bool, Opt("--force", help="Replace an existing file.")] = False,
+    push_to_hub: PUSH_OPT = None,
+    public: PUBLIC_OPT = False,
+    endpoint: ENDPOINT_OPT = None,
+) -> None:
+    """Export a direction set as a llama.cpp control vector, or the ablation as a PEFT LoRA adapter.
+
+    --format gguf: point p (input of layer p) is written as llama.cpp's direction.(p-1), for --control-vector /
+    --control-vector-scaled. To turn an abliterated model itself into GGUF, use llama.cpp's converter:
+    python convert_hf_to_gguf.py OUT_DIR --outfile model.gguf --outtype f16
+
+    --format peft: the edit of `apply` (or of --edit edit.json) is a rank-k update of each edited module, written
+    exactly as a LoRA adapter (adapter_config.json + adapter_model.safetensors, with manifest.json) that
+    peft.PeftModel.from_pretrained(base, OUT) loads. Edits PEFT cannot hold exactly are refused (norm-preserving,
+    writer biases next to embedding edits, quantized or offloaded models). --push-to-hub REPO_ID uploads that folder
+    once it is written (see abliterate push).
+
+    Examples:
+      abliterate export run-out/directions.safetensors --model Qwen/Qwen2.5-0.5B-Instruct --out refusal.gguf
+      abliterate export run-out/directions.safetensors --format peft --model MODEL --edit run-out/edit.json -o adapter
+    """
+    from abliterate.run.applying import load_direction
+    from abliterate.run.exporting import write_control_vector
+
+    if fmt not in ("gguf", "peft"):
+        fail(f"unknown --format '{fmt}'; use gguf or peft")
+    if push_to_hub is not None and fmt != "peft":
+        fail("--push-to-hub uploads a folder: use it with --format peft (or upload the .gguf yourself)")
+    hub = hub_destination(push_to_hub, public, endpoint)
+    if fmt == "peft":
+        if model is None or model_hint is not None:
+            fail("--format peft needs --model (the base model the adapter is for), and no --model-hint")
+        if edit is not None and (layers or position is not None or scale != 1.0):
+            fail("--edit exports the recorded edit as it is; drop --layer/--position/--scale")
+        if layers and len(layers) > 1:
+            fail("--format peft removes one direction: pass at most one --layer")
+        direction = (
+            None if edit is not None else load_direction(directions_file, layers[0] if layers else None, position)[0]
+        )
+        export_peft(model, directions_file, out_file, edit=edit, direction=direction, scale=scale, force=force)
+        if hub is not None:
+            upload(out_file, hub)
+        return
+    if edit is not None:
+        fail("--edit applies to --format peft only")
+    path, hint = write_control_vector(
+        directions_file,
+        out_file,
+        model=model,
+        model_hint=model_hint,
+        layers=layers,
+        position=position,
+        scale=scale,
+        force=force,
+    )
+    out().print(f"wrote [bold]{path}[/] (model hint {hint})")
+
+
+def export_peft(
+    model: str, directions_file: Path, out_dir: Path, *, edit: Path | None, direction: Any, scale: float, force: bool
+) -> None:
+    """``export --format peft``: write the adapter folder
+    (:func:`abliterate.run.exporting.write_peft_adapter`) and say what it holds."""
+    from abliterate.run.exporting import write_peft_adapter
+
+    target, adapter = write_peft_adapter(
+        model, directions_file, out_dir, edit=edit, direction=direction, scale=scale, force=force
+    )
+    wrote(target)
+    for note in adapter.notes:
+        err().print(f"[yellow]note:[/] {note}", highlight=False, soft_wrap=True)
+    targets = len(adapter.config["target_modules"]) + len(adapter.config["target_parameters"] or [])
+    out().print(
+        f"wrote [bold]{target}[/] (LoRA rank {adapter.config['r']} on {targets} modules; load it with PEFT)",
+        soft_wrap=True,
+    )

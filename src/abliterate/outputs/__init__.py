@@ -1,0 +1,1 @@
+"""Artifacts: reports and plots, the model card, the manifest, hub upload, PEFT adapters, control vectors."""
