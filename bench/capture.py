@@ -198,8 +198,7 @@ def abliterate_runners(model_path: str, bs: int) -> tuple[dict[str, Runner], Any
 
     import torch
 
-    from abliterate import load_model
-    from abliterate.measure import capture
+    from abliterate import capture, load_model
 
     try:
         from abliterate.measure.batching import BatchRunner  # capture's batching with the shared chat-template prefix

@@ -17,10 +17,9 @@ from pathlib import Path
 
 import torch
 
-from abliterate import ablate, load_model
+from abliterate import ablate, capture, load_model
 from abliterate.behaviours.prompts import bundled
 from abliterate.evaluate.evaluation import Evaluator
-from abliterate.measure import capture
 from abliterate.select.subspace import choose_k
 from abliterate.select.sweep import Method, select
 

@@ -23,12 +23,11 @@ from typing import Any
 
 import torch
 
-from abliterate import directions, load_model, orthogonalize
+from abliterate import capture, directions, load_model, orthogonalize
 from abliterate.arch.anatomy import Writer
 from abliterate.behaviours.prompts import bundled
 from abliterate.lm.loading import from_pretrained_objects
 from abliterate.lm.model import LoadedModel
-from abliterate.measure import capture
 from abliterate.measure.first_token import kl_divergence
 
 LOW = {"bf16": torch.bfloat16, "fp16": torch.float16}

@@ -19,11 +19,10 @@ import time
 import optuna
 import torch
 
-from abliterate import load_model
+from abliterate import capture, load_model
 from abliterate.behaviours.prompts import bundled
 from abliterate.edit.plan import Directions, applied, build_plan
 from abliterate.evaluate.judge import MarkerJudge
-from abliterate.measure import capture
 from abliterate.select.scorer import Scorer
 from abliterate.select.search import SearchSpace, suggest
 

@@ -23,13 +23,13 @@ from abliterate import (
     PromptError,
     ablate,
     add,
+    capture,
     directions,
     from_pretrained_objects,
     induce,
     load_model,
     orthogonalize,
 )
-from abliterate.measure import capture
 
 
 def tree(root: Path) -> dict[str, bytes | None]:

@@ -6,8 +6,7 @@ import pytest
 import torch
 from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import ablate, directions
-from abliterate.measure import capture
+from abliterate import ablate, capture, directions
 from abliterate.measure.batching import BatchRunner
 from abliterate.measure.first_token import first_token_logprobs
 

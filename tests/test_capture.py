@@ -6,8 +6,7 @@ import pytest
 import torch
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import ablate, directions, induce
-from abliterate.measure import capture
+from abliterate import ablate, capture, directions, induce
 
 FAMILIES = ["llama", "gpt2"]  # rotary (relative) and learned absolute positions
 

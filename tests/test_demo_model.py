@@ -11,12 +11,11 @@ import copy
 import pytest
 import torch
 
-from abliterate import ablate, directions, load_model, orthogonalize
+from abliterate import ablate, capture, directions, load_model, orthogonalize
 from abliterate.behaviours.prompts import bundled
 from abliterate.evaluate.judge import MarkerJudge
 from abliterate.lm.demo import demo_model_path
 from abliterate.lm.loading import from_pretrained_objects
-from abliterate.measure import capture
 
 pytestmark = pytest.mark.slow
 N_TEST = 12

@@ -11,9 +11,8 @@ import torch
 from safetensors.torch import save_file
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import Direction, DirectionError, DirectionSet, LayerError, ablate, directions, orthogonalize
+from abliterate import Direction, DirectionError, DirectionSet, LayerError, ablate, capture, directions, orthogonalize
 from abliterate.lm.loading import from_pretrained_objects
-from abliterate.measure import capture
 
 POSITIONS = [-2, -1, "gen"]
 

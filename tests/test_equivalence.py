@@ -11,9 +11,8 @@ import torch
 from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_lm
 from transformers import AutoModelForCausalLM
 
-from abliterate import ablate, add, bake_induction, directions, induce, orthogonalize
+from abliterate import ablate, add, bake_induction, capture, directions, induce, orthogonalize
 from abliterate.lm.loading import from_pretrained_objects
-from abliterate.measure import capture
 
 ALL = list(FAMILIES)
 

@@ -11,9 +11,8 @@ from test_cli import invoke
 from test_evaluation_verdicts import flat
 from tiny import HARMFUL, HARMLESS, pretend_refusal, tiny_lm, tiny_model, tiny_tokenizer
 
-from abliterate import ablate, directions
+from abliterate import ablate, capture, directions
 from abliterate.evaluate.damage import answer_kl, answer_reference, bundled_texts, perplexity
-from abliterate.measure import capture
 from abliterate.measure.first_token import first_token_logprobs, kl_divergence
 
 

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 FINE = {
     "prose": (ROOT / "README.md").read_text()[2000:2600],
-    "python": (ROOT / "src" / "abliterate" / "prompts.py").read_text()[1500:2100],
+    "python": (ROOT / "src" / "abliterate" / "behaviours" / "prompts.py").read_text()[1500:2100],
     "javascript": "const f = (a, b) => { return a.map((x) => x * b); };\nconsole.log(f([1, 2, 3], 2));",
     "table": "| Name | Age |\n|------|-----|\n| Alice | 30 |\n| Bob | 25 |",
     "math": "2+2=4",

@@ -35,13 +35,21 @@ def test_old_module_paths_are_the_moved_modules(old: str) -> None:
 
 
 def test_old_paths_work_in_from_imports_and_monkeypatching(monkeypatch) -> None:
-    from abliterate import pipeline  # noqa: F401  (the README's abliterate.pipeline.run)
     from abliterate.judge import MarkerJudge
+
+    from abliterate import pipeline  # the README's abliterate.pipeline.run
     from abliterate.run import pipeline as moved
 
     assert pipeline is moved and MarkerJudge.__module__ == "abliterate.evaluate.judge"
     monkeypatch.setattr("abliterate.pipeline.load_profile", "patched")
     assert moved.load_profile == "patched"
+
+
+def test_old_module_paths_leave_the_package_api_alone() -> None:
+    """``abliterate.capture`` is the function; importing the old module path ``abliterate.capture`` keeps it so."""
+    func = abliterate.capture
+    importlib.import_module("abliterate.capture")
+    assert abliterate.capture is func and callable(abliterate.capture)
 
 
 def test_every_flat_module_name_is_known() -> None:

@@ -18,11 +18,10 @@ from test_loading import write_model
 from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from abliterate import ablate, induce, load_model, orthogonalize
+from abliterate import ablate, capture, induce, load_model, orthogonalize
 from abliterate.checkpoint.stream_edit import stream_orthogonalize
 from abliterate.errors import AbliterateError
 from abliterate.evaluate.evaluation import Evaluator
-from abliterate.measure import capture
 from abliterate.measure.directions import mean_diff
 
 OFFLOAD_FAMILIES = ["llama", "gemma2", "gpt2", "qwen2_moe"]

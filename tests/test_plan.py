@@ -12,13 +12,12 @@ import pytest
 import torch
 from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import load_model, orthogonalize
+from abliterate import capture, load_model, orthogonalize
 from abliterate.edit import plan as plan_mod
 from abliterate.edit.plan import Directions, EditPlan, WriterEdit, applied, apply_plan, build_plan, release_buffers
 from abliterate.edit.spec import EditSpec, Kernel
 from abliterate.errors import AbliterateError
 from abliterate.lm.loading import from_pretrained_objects
-from abliterate.measure import capture
 from abliterate.measure.directions import DirectionSet, as_basis, compute, mean_diff, unit
 
 ALL = list(FAMILIES)

@@ -16,8 +16,7 @@ import pytest
 import torch
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import orthogonalize
-from abliterate.measure import capture
+from abliterate import capture, orthogonalize
 from abliterate.measure.directions import mean_diff
 from abliterate.ops.kernel import project_tensor
 

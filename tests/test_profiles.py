@@ -67,7 +67,9 @@ def test_french_profile_judges_french_answers_only():
 
 
 def test_questions_set_has_fixed_splits_written_for_profiles():
-    rows = [json.loads(line) for line in (Path(bundled.__code__.co_filename).parent / "data/questions.jsonl").open()]
+    rows = [
+        json.loads(line) for line in (Path(bundled.__code__.co_filename).parents[1] / "data/questions.jsonl").open()
+    ]
     counts = {s: sum(r["split"] == s for r in rows) for s in ("train", "val", "test")}
     assert counts == {"train": 48, "val": 12, "test": 36}
     assert len({r["prompt"] for r in rows}) == len(rows) and len({r["category"] for r in rows}) >= 10

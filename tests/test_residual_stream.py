@@ -193,7 +193,7 @@ def test_capture_reads_the_mean_of_hyper_connection_streams(model_type):
     records the streams' mean at each layer input, for every prompt."""
     from registry import OVERRIDES, SIZES, causal_lm_class, config_class, randomize, tiny_kwargs
 
-    from abliterate.measure import capture
+    from abliterate import capture
 
     _needs(model_type)
     cls = config_class(model_type)  # the registry's tiny config, with the tiny tokenizer's vocabulary

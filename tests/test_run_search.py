@@ -18,7 +18,7 @@ from abliterate.cli import app
 from abliterate.edit.plan import Directions, applied
 from abliterate.edit.spec import EditSpec
 from abliterate.measure.directions import DirectionSet
-from abliterate.select import choosing
+from abliterate.run import choosing
 
 SMALL = ["--n-train", "4", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2"]
 CHEAP = {"ABLITERATE_SEARCH_VERIFY_TOP": "0", "ABLITERATE_SEARCH_STARTUP": "2"}

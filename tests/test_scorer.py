@@ -9,9 +9,8 @@ import torch
 from test_selection import VAL_H, VAL_L
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import PromptError, ablate, directions
+from abliterate import PromptError, ablate, capture, directions
 from abliterate.evaluate.judge import MarkerJudge
-from abliterate.measure import capture
 from abliterate.measure.first_token import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
 from abliterate.select.scorer import Score, Scorer
 from abliterate.select.subspace import choose_k

@@ -9,10 +9,9 @@ import pytest
 import torch
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import PromptError, ablate, directions, induce
+from abliterate import PromptError, ablate, capture, directions, induce
 from abliterate.evaluate.evaluation import Evaluator, baseline_note
 from abliterate.evaluate.judge import MarkerJudge, normalize, refusal_rate
-from abliterate.measure import capture
 from abliterate.measure.first_token import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
 from abliterate.select.sweep import MIN_VALIDATION, Method, select
 

@@ -7,8 +7,7 @@ import torch
 from test_selection import VAL_H, VAL_L
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
-from abliterate import DirectionError, ablate
-from abliterate.measure import capture
+from abliterate import DirectionError, ablate, capture
 from abliterate.select.subspace import choose_k, neighbour_layers, pca
 
 

@@ -9,8 +9,7 @@ import torch
 from test_vlm import tiny_llava
 from tiny import HARMFUL, HARMLESS, tiny_tokenizer
 
-from abliterate import ChatTemplateError, from_pretrained_objects, load_model
-from abliterate.measure import capture
+from abliterate import ChatTemplateError, capture, from_pretrained_objects, load_model
 
 # A LLaVA-style template: images first, then the text parts; a string content renders nothing.
 PARTS_ONLY = (

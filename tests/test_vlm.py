@@ -13,9 +13,8 @@ from test_architectures import assert_outcome
 from tiny import HARMFUL, HARMLESS, tiny_tokenizer
 from transformers import AutoModelForImageTextToText, LlavaConfig, LlavaForConditionalGeneration
 
-from abliterate import directions, load_model, orthogonalize
+from abliterate import capture, directions, load_model, orthogonalize
 from abliterate.lm.saving import save_model
-from abliterate.measure import capture
 
 _PIXELS = "its forward needs pixel values (or image features): no text-only forward"
 ITT_UNBUILDABLE: dict[str, str] = {

@@ -111,5 +111,10 @@ class MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def install() -> None:
+    """Serve the old paths. Those whose module is loaded already are aliased at once: importing them later then
+    leaves the package's attributes alone (``abliterate.capture`` stays the function, not its module)."""
+    for old, new in MOVED.items():
+        if new in sys.modules and old not in sys.modules:
+            sys.modules[old] = sys.modules[new]
     if not any(isinstance(f, MovedModules) for f in sys.meta_path):
         sys.meta_path.append(MovedModules(MOVED))
