@@ -15,6 +15,7 @@ from transformers import CONFIG_MAPPING, PreTrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from abliterate import ArchitectureError, LoadedModel, ablate, orthogonalize
+from abliterate.arch.miniature import SIZES as MINIATURE_SIZES
 from abliterate.arch.miniature import randomize
 from abliterate.arch.selfcheck import checked_anatomy
 from abliterate.arch.streams import as_streams
@@ -22,62 +23,28 @@ from abliterate.arch.verify import forward, probe_ids
 from abliterate.ops.hooks import HookSet
 
 VOCAB = 128
+MINIATURE_ONLY = {
+    "n_embd",
+    "n_head",
+    "word_embed_proj_dim",
+    "rotary_dim",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+}
 
-# Size fields, by the name configs use, and a tiny value for each (only fields a config has are passed).
+# Size fields, by the name configs use, and a tiny value for each (only fields a config has are passed): the
+# miniature's (abliterate.arch.miniature.SIZES, the same values), less the few the registry leaves at each config's
+# default, plus the fields of the encoder-decoder and hybrid configs the registry also builds.
 SIZES: dict[str, Any] = {
-    "vocab_size": VOCAB,
-    "ngram_vocab_size_base": 256,  # Qwen4-exp PLE n-gram table (20M rows by default)
-    "hidden_size": 64,
+    **{k: v for k, v in MINIATURE_SIZES.items() if k not in MINIATURE_ONLY},
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,
-    "num_key_value_heads": 2,
-    "head_dim": 16,
-    "intermediate_size": 96,
     "max_position_embeddings": 128,
-    "moe_intermediate_size": 32,
-    "num_experts": 4,
-    "num_local_experts": 4,
-    "n_routed_experts": 4,
-    "num_experts_per_tok": 2,
-    "n_shared_experts": 1,
-    "num_shared_experts": 1,
-    "shared_expert_intermediate_size": 32,
-    "shared_intermediate_size": 32,
-    "kv_lora_rank": 16,
-    "q_lora_rank": 24,
-    "qk_rope_head_dim": 8,
-    "qk_nope_head_dim": 8,
-    "qk_head_dim": 16,
-    "v_head_dim": 16,
-    "n_group": 1,
-    "topk_group": 1,
     "first_k_dense_replace": 1,
-    "linear_key_head_dim": 8,
-    "linear_value_head_dim": 8,
-    "linear_num_key_heads": 2,
-    "linear_num_value_heads": 4,
-    "mamba_d_state": 8,
-    "mamba_n_heads": 8,
-    "mamba_d_head": 16,
-    "mamba_n_groups": 1,
-    "mamba_chunk_size": 8,
-    "d_model": 64,
-    "decoder_ffn_dim": 96,
     "encoder_ffn_dim": 96,
     "decoder_layers": 2,
     "encoder_layers": 2,
-    "decoder_attention_heads": 4,
     "encoder_attention_heads": 4,
-    "index_head_dim": 16,
-    "index_n_heads": 2,
-    "index_topk": 4,
-    "num_nextn_predict_layers": 0,
-    "state_size": 8,
-    "time_step_rank": 8,
-    "ffn_dim": 96,
-    "n_inner": 96,
-    "moe_num_experts": 4,
-    "num_experts_per_token": 2,
     "swa_head_dim": 16,
     "swa_num_attention_heads": 4,
     "swa_num_key_value_heads": 2,

@@ -10,7 +10,7 @@ from test_cli import invoke
 from test_evaluation_verdicts import scripted  # noqa: F401  (fixture)
 from tiny import pretend_refusal, tiny_model, tiny_tokenizer
 
-from abliterate.behaviours.prompts import make_splits
+from abliterate.behaviours.prompts import SplitSizes, make_splits
 from abliterate.evaluate import evaluation
 from abliterate.run import config as config_mod
 
@@ -23,7 +23,7 @@ def test_defaults_are_the_contract():
     assert cfg.max_new_tokens == evaluation.MAX_NEW_TOKENS >= 100
     assert cfg.min_new_tokens == evaluation.MIN_NEW_TOKENS == 0
     for kind in ("harmful", "harmless"):
-        splits = make_splits(kind, ["bundled"], n_train=cfg.n_train, n_val=cfg.n_val, n_test=cfg.n_test)
+        splits = make_splits(kind, ["bundled"], SplitSizes(cfg.n_train, cfg.n_val, cfg.n_test))
         assert len(splits.test) == 64 and not set(splits.test) & set(splits.train + splits.val)
 
 

@@ -18,7 +18,7 @@ from abliterate.behaviours.profiles import (
     profile_splits,
     prompt_sources,
 )
-from abliterate.behaviours.prompts import bundled
+from abliterate.behaviours.prompts import SplitSizes, bundled
 from abliterate.evaluate.judge import DEFAULT_MARKERS, MarkerJudge
 from abliterate.evaluate.llm_judges import LLMJudge, parse_verdict
 from abliterate.measure.first_token import REFUSAL_OPENERS
@@ -138,14 +138,14 @@ def test_defaults_sit_below_file_environment_and_flags(tmp_path):
 
 def test_templates_wrap_one_set_on_both_sides_of_the_same_split():
     p = load_profile("flowery")
-    flowery, plain = profile_splits(p, n_train=48, n_val=12, n_test=36, prefix="<", suffix=">")
+    flowery, plain = profile_splits(p, SplitSizes(48, 12, 36, prefix="<", suffix=">"))
     questions = bundled("questions", "test")
     assert flowery.test == [f"<{p.behaviour_template.replace('{prompt}', q)}>" for q in questions]
     assert plain.test == [f"<{p.plain_template.replace('{prompt}', q)}>" for q in questions]
-    small, _ = profile_splits(p, n_train=4, n_val=8, n_test=3, seed=1)
+    small, _ = profile_splits(p, SplitSizes(4, 8, 3, seed=1))
     assert len(small.train) == 4 and len(small.val) == 8 and len(small.test) == 3
     with pytest.raises(ProfileError, match="drop --harmful/--harmless"):
-        profile_splits(p, harmful=["x.txt"], n_train=4, n_val=8, n_test=3)
+        profile_splits(p, SplitSizes(4, 8, 3), harmful=["x.txt"])
 
 
 def test_two_set_profile_reads_files_relative_to_itself_and_the_config_sets_win(tmp_path):
@@ -158,7 +158,7 @@ def test_two_set_profile_reads_files_relative_to_itself_and_the_config_sets_win(
     p = load_profile(path)
     assert p.behaviour == [str((tmp_path / "sets" / "yes.txt").resolve())]
     assert p.plain == [str((tmp_path / "sets" / "no.jsonl").resolve()) + ":q"]
-    yes, no = profile_splits(p, n_train=4, n_val=4, n_test=4)
+    yes, no = profile_splits(p, SplitSizes(4, 4, 4))
     assert all(x.startswith("gush about") for x in yes.train + yes.test)
     assert all(x.startswith("state ") for x in no.train + no.test)
     assert prompt_sources(p, ["bundled"], ["other.txt"]) == {"harmful": p.behaviour, "harmless": ["other.txt"]}

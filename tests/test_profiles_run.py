@@ -15,7 +15,7 @@ from tiny import pretend_refusal, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
 from abliterate.behaviours.profiles import load_profile, profile_splits
-from abliterate.behaviours.prompts import bundled
+from abliterate.behaviours.prompts import SplitSizes, bundled
 from abliterate.lm.model import LoadedModel
 from abliterate.measure.directions import DirectionSet
 from abliterate.measure.first_token import refusal_token_ids
@@ -196,7 +196,7 @@ def test_eval_and_measure_take_the_behaviour(model_dir, tmp_path, canned, captur
     assert payload["settings"]["behaviour"] == "flowery" and model["behaviour"] == "flowery"
     assert model["counts"]["harmful"]["refusal"] == 4 and model["counts"]["harmless"]["refusal"] == 0
     flowery = load_profile("flowery")
-    same_as_run = profile_splits(flowery, n_train=48, n_val=12, n_test=4)[0].test  # run --n-test 4 holds these out
+    same_as_run = profile_splits(flowery, SplitSizes(48, 12, 4))[0].test  # run --n-test 4 holds these out
     assert [s["prompt"] for s in model["harmful_samples"]] == same_as_run
     assert invoke("eval", str(model_dir), "--n-test", "4", "--out", str(tmp_path / "r.json")).exit_code == 0
     refusal = json.loads((tmp_path / "r.json").read_text())["model"]

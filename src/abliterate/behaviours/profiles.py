@@ -21,7 +21,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from abliterate.behaviours.prompts import PromptSplits, bundled_names, make_splits
+from abliterate.behaviours.prompts import PromptSplits, SplitSizes, bundled_names, make_splits
 from abliterate.errors import AbliterateError
 from abliterate.evaluate.judge import MarkerJudge, normalize
 
@@ -261,37 +261,32 @@ def prompt_sources(p: Profile, harmful: Sequence[str], harmless: Sequence[str]) 
 
 def profile_splits(
     p: Profile,
+    sizes: SplitSizes,
     *,
     harmful: Sequence[str] = ("bundled",),
     harmless: Sequence[str] = ("bundled",),
-    n_train: int,
-    n_val: int,
-    n_test: int,
-    seed: int = 0,
-    prefix: str = "",
-    suffix: str = "",
 ) -> tuple[PromptSplits, PromptSplits]:
     """(behaviour side, plain side) train/val/test prompts. A two-set profile reads the config's
     ``harmful``/``harmless`` sources when they are not the default, else its own. A one-set profile
     splits its prompts once (a single ``bundled:NAME`` keeps that set's fixed splits), so each question
     appears on both sides of the same split, once through each template."""
-    counts = {"n_train": n_train, "n_val": n_val, "n_test": n_test, "seed": seed}
     if not p.prompts:
         sources = prompt_sources(p, harmful, harmless)
-        affix = {"prefix": prefix, "suffix": suffix}
-        return make_splits("harmful", sources["harmful"], **counts, **affix), make_splits(
-            "harmless", sources["harmless"], **counts, **affix
-        )
+        return make_splits("harmful", sources["harmful"], sizes), make_splits("harmless", sources["harmless"], sizes)
     if list(harmful) != ["bundled"] or list(harmless) != ["bundled"]:
         raise ProfileError(
             f"behaviour '{p.name}' builds both sides from its own prompts through two templates; drop "
             "--harmful/--harmless (or write a profile with behaviour and plain sets)"
         )
     one = p.prompts[0].split(":", 1)[1] if len(p.prompts) == 1 and p.prompts[0].startswith("bundled:") else None
-    base = make_splits(one, ["bundled"], **counts) if one else make_splits(p.name, p.prompts, **counts)  # type: ignore[arg-type]
+    bare = replace(sizes, prefix="", suffix="")  # the templates go inside the prefix and suffix
+    base = make_splits(one, ["bundled"], bare) if one else make_splits(p.name, p.prompts, bare)
 
     def side(template: str) -> PromptSplits:
-        parts = [[prefix + template.replace(PLACEHOLDER, q) + suffix for q in part] for part in vars(base).values()]
+        parts = [
+            [sizes.prefix + template.replace(PLACEHOLDER, q) + sizes.suffix for q in part]
+            for part in vars(base).values()
+        ]
         return PromptSplits(*parts)
 
     return side(p.behaviour_template), side(p.plain_template)

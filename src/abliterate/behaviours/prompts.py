@@ -142,24 +142,27 @@ def dedupe(prompts: list[str]) -> list[str]:
     return out
 
 
-def make_splits(
-    kind: Kind | str,
-    sources: list[str],
-    *,
-    n_train: int,
-    n_val: int,
-    n_test: int,
-    seed: int = 0,
-    prefix: str = "",
-    suffix: str = "",
-) -> PromptSplits:
+@dataclass(frozen=True)
+class SplitSizes:
+    """How prompts are split: the size of each part, the sampling seed, and the text around every prompt."""
+
+    n_train: int
+    n_val: int
+    n_test: int
+    seed: int | None = 0
+    prefix: str = ""
+    suffix: str = ""
+
+
+def make_splits(kind: Kind | str, sources: list[str], sizes: SplitSizes) -> PromptSplits:
     """Train/validation/test prompts of one kind.
 
     The bundled set (source ``bundled``) keeps its fixed splits. Other sources are mixed,
-    deduplicated, shuffled with ``seed`` and cut into the three parts. Each part is sampled down
-    to its size with ``seed``; ``prefix``/``suffix`` wrap every prompt.
+    deduplicated, shuffled with ``sizes.seed`` and cut into the three parts. Each part is sampled down
+    to its size with that seed; ``sizes.prefix``/``sizes.suffix`` wrap every prompt.
     """
-    rng = random.Random(seed)
+    n_train, n_val, n_test = sizes.n_train, sizes.n_val, sizes.n_test
+    rng = random.Random(sizes.seed)
     if sources == ["bundled"]:
         parts = [bundled(kind, s) for s in SPLITS]  # type: ignore[arg-type]
     else:
@@ -179,5 +182,5 @@ def make_splits(
                 f"{kind} prompts: a split has {len(part)} prompts but {n} were asked for; lower the count"
             )
         chosen = part if len(part) == n else [part[i] for i in sorted(rng.sample(range(len(part)), n))]
-        out.append([f"{prefix}{p}{suffix}" for p in chosen])
+        out.append([f"{sizes.prefix}{p}{sizes.suffix}" for p in chosen])
     return PromptSplits(*out)

@@ -48,7 +48,7 @@ class Comparison:
 def held_out(opts: EvalOptions, defaults: Any) -> tuple[Any, int, list[str], list[str]]:
     """The behaviour profile, the number of test prompts per side and the two held-out prompt lists (checked)."""
     from abliterate.behaviours.profiles import load_profile, profile_splits
-    from abliterate.behaviours.prompts import bundled
+    from abliterate.behaviours.prompts import SplitSizes, bundled
     from abliterate.evaluate.evaluation import check_lengths
     from abliterate.run.config import profile_defaults
 
@@ -63,8 +63,8 @@ def held_out(opts: EvalOptions, defaults: Any) -> tuple[Any, int, list[str], lis
     if profile.name == "refusal":
         harmful, harmless = bundled("harmful", "test", limit=n_test), bundled("harmless", "test", limit=n_test)
     else:  # the profile's own held-out prompts, split as run splits them
-        counts = {k: given.get(k, getattr(defaults, k)) for k in ("n_train", "n_val")}
-        sides = profile_splits(profile, **counts, n_test=n_test, seed=given.get("seed", defaults.seed))
+        n_train, n_val = (given.get(k, getattr(defaults, k)) for k in ("n_train", "n_val"))
+        sides = profile_splits(profile, SplitSizes(n_train, n_val, n_test, given.get("seed", defaults.seed)))
         harmful, harmless = sides[0].test, sides[1].test
     if min(len(harmful), len(harmless)) < n_test:
         raise PromptError(

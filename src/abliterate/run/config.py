@@ -134,7 +134,22 @@ class RunConfig:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    def load_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`abliterate.load_model` this config sets (where and how to load)."""
+        return {name: getattr(self, name) for name in LOAD_FIELDS}
 
+
+# RunConfig fields that are load_model's keyword arguments, by the same name.
+LOAD_FIELDS = (
+    "dtype",
+    "device",
+    "device_map",
+    "max_memory",
+    "offload_folder",
+    "quantize",
+    "trust_remote_code",
+    "chat_template",
+)
 RUN_HELP = {f.name: f.metadata["help"] for f in fields(RunConfig)}
 SECTIONS: dict[str, type] = {"search": SearchConfig}  # TOML tables; keys "search.trials", env ABLITERATE_SEARCH_TRIALS
 KEYS = {f.name for f in fields(RunConfig) if f.name not in SECTIONS} | {

@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from abliterate.behaviours.profiles import Profile, load_profile, profile_splits
-from abliterate.behaviours.prompts import PromptSplits
+from abliterate.behaviours.prompts import PromptSplits, SplitSizes
 from abliterate.evaluate.judge import Judge
 from abliterate.run.config import RunConfig
 from abliterate.select.sweep import Method, SweepSettings
@@ -82,14 +82,5 @@ def judge_for(cfg: RunConfig, profile: Profile) -> Judge:
 
 def splits_for(cfg: RunConfig, profile: Profile) -> tuple[PromptSplits, PromptSplits]:
     """(behaviour side, plain side) prompts: for refusal the harmful and harmless sets."""
-    return profile_splits(
-        profile,
-        harmful=cfg.harmful,
-        harmless=cfg.harmless,
-        n_train=cfg.n_train,
-        n_val=cfg.n_val,
-        n_test=cfg.n_test,
-        seed=cfg.seed,
-        prefix=cfg.prompt_prefix,
-        suffix=cfg.prompt_suffix,
-    )
+    sizes = SplitSizes(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed, cfg.prompt_prefix, cfg.prompt_suffix)
+    return profile_splits(profile, sizes, harmful=cfg.harmful, harmless=cfg.harmless)

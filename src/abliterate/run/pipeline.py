@@ -57,18 +57,7 @@ def versions() -> dict[str, str]:
 
 
 def load_for(cfg: RunConfig, *, residual_only: bool = False) -> LoadedModel:
-    lm = load_model(
-        cfg.model,
-        dtype=cfg.dtype,
-        device=cfg.device,
-        device_map=cfg.device_map,
-        max_memory=cfg.max_memory,
-        offload_folder=cfg.offload_folder,
-        quantize=cfg.quantize,
-        trust_remote_code=cfg.trust_remote_code,
-        chat_template=cfg.chat_template,
-        residual_only=residual_only,
-    )
+    lm = load_model(cfg.model, **cfg.load_kwargs(), residual_only=residual_only)
     if cfg.disable_thinking:
         lm.template_kwargs["enable_thinking"] = False
     lm.response_prefix = cfg.response_prefix
