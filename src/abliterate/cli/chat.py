@@ -45,14 +45,13 @@ def chat(
     """
     from abliterate.edit.interventions import ablate, induce
     from abliterate.lm.loading import load_model
-    from abliterate.run.applying import check_hidden, load_direction, prompt_format
+    from abliterate.run.applying import check_hidden, load_direction
 
     if not sys.stdin.isatty():
         fail("chat needs an interactive terminal; use 'abliterate apply --runtime-check PROMPT' in scripts")
     direction, recorded = load_direction(directions_file, layer, None)
-    lm = prompt_format(
-        load_model(model, residual_only=residual_stream, **(where or {})), disable_thinking, response_prefix
-    )
+    lm = load_model(model, residual_only=residual_stream, **(where or {}))
+    lm = lm.with_prompt_format(disable_thinking, response_prefix)
     check_hidden(direction, lm, model)
     mode = "ablate"
     modes = {

@@ -236,25 +236,6 @@ BEHAVIOUR_OPT = Annotated[
 DEFAULTS = config_mod.RunConfig()  # option defaults of commands that take flags only (eval)
 
 
-def placement(
-    dtype: str | None,
-    device: str | None,
-    device_map: str | None,
-    max_memory: str | None,
-    offload_folder: str | None,
-    quantize: str | None,
-) -> dict[str, Any]:
-    """Keyword arguments for :func:`abliterate.load_model` from the placement flags (unset ones left out)."""
-    return _flags(
-        dtype=dtype,
-        device=device,
-        device_map=device_map,
-        max_memory=max_memory,
-        offload_folder=offload_folder,
-        quantize=quantize,
-    )
-
-
 # The model-loading options, defined once: every command that loads a model takes them through loads_model.
 PLACEMENT_OPTS: dict[str, Any] = {
     "dtype": DTYPE_OPT,
@@ -268,7 +249,8 @@ PLACEMENT_OPTS: dict[str, Any] = {
 
 def loads_model(fn: Any) -> Any:
     """Give a command the model-loading options (:data:`PLACEMENT_OPTS`, each defaulting to None), listed where
-    its ``where`` parameter stands; the command receives them as ``where``: the :func:`placement` of those given."""
+    its ``where`` parameter stands; the command receives them as ``where``: the :func:`abliterate.load_model` keyword
+    arguments of those given."""
     signature = inspect.signature(fn)
     params = list(signature.parameters.values())
     at = [p.name for p in params].index("where")
@@ -280,7 +262,7 @@ def loads_model(fn: Any) -> Any:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         given = {name: kwargs.pop(name, None) for name in PLACEMENT_OPTS}
-        return fn(*args, where=placement(**given), **kwargs)
+        return fn(*args, where=_flags(**given), **kwargs)
 
     # typer reads a command's options from its signature and type hints: show the six instead of ``where``
     shown = signature.replace(parameters=[*params[:at], *options, *params[at + 1 :]])

@@ -101,6 +101,17 @@ class LoadedModel:
         for note in self.caps.notes:
             warnings.warn(f"{type(self.model).__name__}: {note}", CapabilityWarning, stacklevel=3)
 
+    def with_prompt_format(
+        self, disable_thinking: bool | None = None, response_prefix: str | None = None
+    ) -> LoadedModel:
+        """Turn the template's thinking off (``enable_thinking=False``) and/or set :attr:`response_prefix`, as
+        ``--disable-thinking``/``--response-prefix`` say; what is not given is left as it is. Returns the model."""
+        if disable_thinking:
+            self.template_kwargs["enable_thinking"] = False
+        if response_prefix:
+            self.response_prefix = response_prefix
+        return self
+
     @property
     def name(self) -> str:
         return self.source

@@ -38,15 +38,6 @@ def check_hidden(direction: Any, lm: Any, model: str) -> None:
         )
 
 
-def prompt_format(lm: Any, disable_thinking: bool | None, response_prefix: str | None) -> Any:
-    """Apply --disable-thinking / --response-prefix to a loaded model (as ``pipeline.load_for`` does for run)."""
-    if disable_thinking:
-        lm.template_kwargs["enable_thinking"] = False
-    if response_prefix:
-        lm.response_prefix = response_prefix
-    return lm
-
-
 def load_edit(path: Path) -> tuple[Any, dict[str, Any]]:
     """The :class:`EditSpec` of an ``edit.json`` written by ``run`` (``{"spec": {...}, ...}``), and its content."""
     from abliterate.edit.spec import EditSpec
@@ -61,6 +52,11 @@ def load_edit(path: Path) -> tuple[Any, dict[str, Any]]:
     return spec, data
 
 
+def direction_record(direction: Any) -> dict[str, Any]:
+    """Where a saved direction comes from, as manifests record it."""
+    return {"layer": direction.layer, "position": direction.position, "method": direction.method}
+
+
 def seal_apply(
     folder: str | Path, settings: dict[str, Any], directions_file: Path, edit: Path | None, direction: Any
 ) -> None:
@@ -72,9 +68,8 @@ def seal_apply(
     if edit is not None:
         chosen = json.loads(edit.read_text())
     else:
-        where = {"layer": direction.layer, "position": direction.position, "method": direction.method}
         chosen = {
-            "direction": where,
+            "direction": direction_record(direction),
             **{k: settings.get(k) for k in ("mode", "scale", "coefficient", "norm_preserving")},
         }
     write_manifest(

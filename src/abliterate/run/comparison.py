@@ -96,11 +96,10 @@ def eval_judge(opts: EvalOptions, profile: Any) -> tuple[Any, str, dict[str, Any
 def load_pair(opts: EvalOptions) -> tuple[Any, Any]:
     """The reference (``--base``, else the model itself) and the model, formatted as the flags say."""
     from abliterate.lm.loading import load_model
-    from abliterate.run.applying import prompt_format
 
     fmt = (opts.disable_thinking, opts.response_prefix)
-    reference = prompt_format(load_model(opts.base or opts.model, **opts.where), *fmt)
-    target = prompt_format(load_model(opts.model, **opts.where), *fmt) if opts.base else reference
+    reference = load_model(opts.base or opts.model, **opts.where).with_prompt_format(*fmt)
+    target = load_model(opts.model, **opts.where).with_prompt_format(*fmt) if opts.base else reference
     if target.tokenizer.get_vocab() != reference.tokenizer.get_vocab():
         raise OptionError("the model and --base use different tokenizers; KL needs the same vocabulary")
     return reference, target

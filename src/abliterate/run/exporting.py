@@ -28,7 +28,7 @@ def write_peft_adapter(
     from abliterate.measure.directions import DirectionSet
     from abliterate.outputs.adapter import Adapter, check_spec
     from abliterate.outputs.manifest import write_manifest
-    from abliterate.run.applying import load_edit
+    from abliterate.run.applying import direction_record, load_edit
     from abliterate.run.pipeline import versions
 
     target = check_output(out_dir, overwrite=force, inputs=(Path(model) if Path(model).exists() else None,))
@@ -41,8 +41,7 @@ def write_peft_adapter(
         chosen: dict[str, Any] = recorded
     else:
         plan = edit_plan(lm, direction, None, scale, None, None)
-        where = {"layer": direction.layer, "position": direction.position, "method": direction.method}
-        chosen = {"direction": where, "scale": scale}
+        chosen = {"direction": direction_record(direction), "scale": scale}
     adapter = Adapter.of(lm, plan)
     settings = {"format": "peft", "model": model, "directions": str(directions_file), "scale": scale}
     with atomic_directory(target) as tmp:

@@ -58,10 +58,7 @@ def versions() -> dict[str, str]:
 
 def load_for(cfg: RunConfig, *, residual_only: bool = False) -> LoadedModel:
     lm = load_model(cfg.model, **cfg.load_kwargs(), residual_only=residual_only)
-    if cfg.disable_thinking:
-        lm.template_kwargs["enable_thinking"] = False
-    lm.response_prefix = cfg.response_prefix
-    return lm
+    return lm.with_prompt_format(cfg.disable_thinking, cfg.response_prefix)
 
 
 def scorer_for(ctx: RunContext, lm: LoadedModel, **kw: Any) -> Scorer:
