@@ -122,6 +122,9 @@ def run(
     search_pick_wait: Annotated[
         float | None, Opt("--pick-wait", help=SEARCH_HELP["pick_wait"], rich_help_panel="Search")
     ] = None,
+    search_allow_over_budget: Annotated[
+        bool | None, Opt("--allow-over-budget", help=SEARCH_HELP["allow_over_budget"], rich_help_panel="Search")
+    ] = None,
     push_to_hub: PUSH_OPT = None,
     public: PUBLIC_OPT = False,
     endpoint: ENDPOINT_OPT = None,

@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 from abliterate.edit.plan import Directions, applied
 from abliterate.edit.spec import EditSpec, Kernel
 from abliterate.errors import AbliterateError
+from abliterate.lm.fingerprint import revision_of, weights_digest
 from abliterate.lm.model import LoadedModel
 from abliterate.measure.capture import Activations
 from abliterate.measure.directions import DirectionSet, compute
@@ -29,7 +30,7 @@ from abliterate.select.search import Pick, SearchResult, SearchSettings, SearchS
 from abliterate.select.sweep import Method, Selection
 
 StageProgress = Callable[[str, int, int], None]
-DEFAULT_TRIALS = 60  # when neither --trials nor --timeout is given
+DEFAULT_TRIALS = SearchSettings.trials  # when neither --trials nor --timeout is given (the library's)
 
 
 @dataclass
@@ -141,11 +142,12 @@ def choose_edit(
         seed=sc.seed,
         journal=journal_path(cfg.out),
         resume=sc.resume,
-        identity=search_identity(cfg, lm, acts, scorer),
+        identity=search_identity(ctx, lm, acts, scorer),
         startup=sc.startup,
         verify_top=sc.verify_top,
         kl_budget=sc.kl_budget,
         trial=sc.trial,
+        allow_over_budget=sc.allow_over_budget,
     )
     warm = warm_start(sel, ctx.methods, space, lm.num_layers, sc.warm_start)
     result = search(
@@ -177,15 +179,40 @@ def warm_start(
     return warm
 
 
-def search_identity(cfg: RunConfig, lm: LoadedModel, acts: Activations, scorer: Scorer) -> dict[str, Any]:
-    """What a search journal must have been written for to be resumed by this run."""
+# [search] keys that only decide how long to search, which trials to check or which one to take: a resume may
+# change them. Every other key is part of the journal's identity (a new key is, unless listed here).
+RESUMABLE_KEYS = frozenset(
+    {"enabled", "trials", "timeout", "kl_budget", "trial", "resume", "pick_wait", "warm_start", "verify_top"}
+    | {"allow_over_budget"}
+)
+PROFILE_NOTES = frozenset({"path", "description", "defaults"})  # profile keys no score depends on (defaults: in cfg)
+
+
+def search_identity(ctx: RunContext, lm: LoadedModel, acts: Activations, scorer: Scorer) -> dict[str, Any]:
+    """What a search journal must have been written for to be resumed by this run: everything that changes a
+    trial's scores or a front check's verdict (the model's weights, revision, dtype and placement, the prompts
+    and their template, the openers, the judge and its markers, the search settings); a resume that differs in
+    one is refused naming it, so no score or verdict in the journal is reused across a change."""
+    cfg, judge, profile = ctx.cfg, ctx.judge or ctx.profile.marker_judge(), asdict(ctx.profile)
+    search = {f"search.{k}": v for k, v in cfg.search.to_dict().items() if k not in RESUMABLE_KEYS}
+    mode = "hooks" if lm.offloaded or lm.quantized else "weights"
     return {
         "model": lm.source,
+        "revision": revision_of(lm),
+        "weights": weights_digest(lm),
+        "dtype": str(lm.dtype),
+        "placement": f"{mode} (quantize={cfg.quantize}, device_map={cfg.device_map})",
+        "chat_template": _digest([str(getattr(lm.tokenizer, "chat_template", None))]),
         "capture": acts.prompt_hash,
         "validation": _digest([*scorer.harmful, "\x01", *scorer.harmless]),
         "system": cfg.system,
         "template": repr(sorted(lm.template_kwargs.items())) + repr(lm.response_prefix),
-        "seed": cfg.search.seed,
+        "openers": _digest([*ctx.profile.openers, "\x01", *map(str, scorer.refusal_ids)]),
+        "judge": f"{type(judge).__name__} {cfg.judge} {cfg.judge_labels or ''}".strip(),
+        "markers": _digest([str(m) for m in getattr(judge, "markers", ())]),
+        "window": getattr(judge, "window", None),
+        "behaviour_profile": _digest([repr(sorted((k, v) for k, v in profile.items() if k not in PROFILE_NOTES))]),
+        **search,  # verify_tokens, seed, the space's ranges, ... (a new key too)
     }
 
 

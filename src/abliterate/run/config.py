@@ -8,6 +8,7 @@ Keys mirror the CLI flags with dashes turned into underscores (``--kl-threshold`
 from __future__ import annotations
 
 import difflib
+import math
 import os
 import tomllib
 from dataclasses import asdict, dataclass, field, fields
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from abliterate.errors import AbliterateError
+from abliterate.select.search_space import RANGE_LIMITS, SearchSettings, SearchSpace
+from abliterate.select.search_study import CHECK_SHARE
 
 
 class ConfigError(AbliterateError):
@@ -28,16 +31,26 @@ def _opt(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
 
+_SETTINGS, _SPACE = SearchSettings(), SearchSpace()  # the library's defaults: the [search] table's too
+
+
 @dataclass
 class SearchConfig:
     """The ``[search]`` table: how ``run`` chooses its edit (see abliterate.select.search and abliterate.edit.spec)."""
 
     enabled: bool = _opt(True, "Search the edit space (false: the sweep's one direction at full strength).")
     trials: int | None = _opt(
-        None, "Finished trials wanted (default 60 without --timeout; a resumed journal counts its own)."
+        None,
+        f"Finished trials wanted (default {_SETTINGS.trials} without --timeout; a resumed journal counts its own).",
     )
-    timeout: float | None = _opt(None, "Wall-clock limit of the search in seconds (with or instead of trials).")
-    kl_budget: float = _opt(0.05, "Pick the fewest refusals among front trials with first-token KL <= this.")
+    timeout: float | None = _opt(
+        None,
+        "Wall-clock limit of the search in seconds, its front check included (with or instead of trials): the "
+        f"trials stop at {1 - CHECK_SHARE:.0%} of it, the check when it runs out.",
+    )
+    kl_budget: float = _opt(
+        _SETTINGS.kl_budget, "Pick the fewest refusals among front trials with first-token KL <= this."
+    )
     trial: int | None = _opt(None, "Take this trial number from the Pareto front instead of the default policy.")
     resume: bool = _opt(False, "Continue the search journal an interrupted run left beside --out.")
     pick_wait: float = _opt(
@@ -45,19 +58,29 @@ class SearchConfig:
         "On a terminal, seconds the Pareto-front prompt waits for a trial number before keeping the default "
         "pick (0: never ask; never asked off a terminal, with --trial or --json).",
     )
-    seed: int = _opt(0, "Sampler seed (the search is deterministic under a seed on the same machine).")
-    startup: int = _opt(8, "Random trials before TPE models the front (after the enqueued warm start).")
+    seed: int = _opt(_SETTINGS.seed, "Sampler seed (the search is deterministic under a seed on the same machine).")
+    startup: int = _opt(_SETTINGS.startup, "Random trials before TPE models the front (after the enqueued warm start).")
     warm_start: int = _opt(3, "The sweep's best candidates tried first, at full strength.")
-    verify_top: int = _opt(6, "Front trials checked by generating and judging answers (0: cheap scores only).")
+    verify_top: int = _opt(
+        _SETTINGS.verify_top, "Front trials checked by generating and judging answers (0: cheap scores only)."
+    )
     verify_tokens: int = _opt(24, "Tokens generated per harmful validation prompt in that check.")
-    methods: list[str] = _opt(["mean_diff", "projected"], "Direction methods searched.")
-    max_k: int = _opt(2, "Largest number of directions removed jointly.")
-    per_layer: bool = _opt(True, "Also search 'each writer removes its own layer's direction'.")
-    embedding: bool = _opt(True, "Search editing the embeddings (on/off).")
-    norm_preserving: list[bool] = _opt([False, True], "Norm-preserving edit choices searched.")
-    direction_range: list[float] = _opt([0.3, 0.9], "Direction index range, as fractions of the layer count.")
-    peak_range: list[float] = _opt([0.2, 1.0], "Kernel peak range, as fractions of the last layer index.")
-    weight_range: list[float] = _opt([0.4, 1.5], "Kernel peak weight range.")
+    methods: list[str] = _opt(list(_SPACE.methods), "Direction methods searched.")
+    max_k: int = _opt(_SPACE.max_k, "Largest number of directions removed jointly.")
+    per_layer: bool = _opt(_SPACE.per_layer, "Also search 'each writer removes its own layer's direction'.")
+    embedding: bool = _opt(_SPACE.embedding, "Search editing the embeddings (on/off).")
+    norm_preserving: list[bool] = _opt(list(_SPACE.norm_preserving), "Norm-preserving edit choices searched.")
+    direction_range: list[float] = _opt(
+        list(_SPACE.direction_range), "Direction index range, as fractions of the layer count (within [0, 1])."
+    )
+    peak_range: list[float] = _opt(
+        list(_SPACE.peak_range), "Kernel peak range, as fractions of the last layer index (within [0, 1])."
+    )
+    weight_range: list[float] = _opt(list(_SPACE.weight_range), "Kernel peak weight range.")
+    allow_over_budget: bool = _opt(
+        _SETTINGS.allow_over_budget,
+        "With no front trial inside --kl-budget, write the lowest-KL one anyway (default: refuse, writing nothing).",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -263,9 +286,10 @@ def validate_search(sc: SearchConfig) -> None:
     if not sc.norm_preserving:
         raise ConfigError("search.norm_preserving is empty; use [false], [true] or [false, true]")
     for key in ("direction_range", "peak_range", "weight_range"):
-        pair = getattr(sc, key)
-        if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:
-            raise ConfigError(f"search.{key} must be two numbers 0 <= low <= high, got {pair}")
+        pair, top = getattr(sc, key), RANGE_LIMITS.get(key, (math.inf, ""))
+        if len(pair) != 2 or not (0 <= pair[0] <= pair[1] <= top[0] and math.isfinite(pair[1])):
+            bound = f" <= {top[0]:g} ({top[1]})" if math.isfinite(top[0]) else " (finite)"
+            raise ConfigError(f"search.{key} must be two numbers 0 <= low <= high{bound}, got {pair}")
 
 
 def profile_defaults(behaviour: str) -> dict[str, Any]:

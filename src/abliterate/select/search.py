@@ -17,11 +17,8 @@ This module knows nothing of models: the caller passes ``objective(spec) -> dict
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,10 +26,19 @@ from typing import Any
 
 from abliterate.edit.spec import EditSpec
 from abliterate.select.search_space import SearchError, SearchSettings, SearchSpace, full_params, suggest
+from abliterate.select.search_study import (
+    Budget,
+    Objective,
+    OutOfTime,
+    SearchProgress,
+    fail_stale,
+    finished,
+    identity_of,
+    open_study,
+    run_trials,
+)
 
-Objective = Callable[[EditSpec], Mapping[str, float]]
 Verify = Callable[[EditSpec], tuple[int, int]]
-SearchProgress = Callable[[str, int, int], None]
 __all__ = [
     "SearchError",
     "SearchResult",
@@ -164,10 +170,6 @@ def choose(
     return pick, note
 
 
-def identity_of(fields: Mapping[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _record(t: Any) -> TrialRecord:
     return TrialRecord(
         number=t.number,
@@ -177,52 +179,6 @@ def _record(t: Any) -> TrialRecord:
         scores=dict(t.user_attrs.get("scores", {})),
         seconds=float(t.user_attrs.get("seconds", 0.0)),
     )
-
-
-def _open_study(journal: Path | None, identity: Mapping[str, Any], seed: int, resume: bool, startup: int) -> Any:
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    with warnings.catch_warnings():  # multivariate/group TPE (conditional parameters) is "experimental"
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True, group=True)
-    if journal is None:
-        return optuna.create_study(directions=["minimize", "minimize"], sampler=sampler)
-    if journal.exists() and not resume:
-        raise SearchError(
-            f"a search journal already exists at {journal}; pass --resume to continue it, or remove it to start over"
-        )
-    if resume and not journal.exists():
-        raise SearchError(f"--resume: no search journal at {journal}; run once without --resume to start one")
-    storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.create_study(
-        study_name="abliterate",
-        storage=storage,
-        directions=["minimize", "minimize"],
-        sampler=sampler,
-        load_if_exists=True,
-    )
-    stored = study.user_attrs.get("identity")
-    if stored is None:
-        study.set_user_attr("identity", dict(identity))
-    else:
-        diff = [k for k in sorted(set(stored) | set(identity)) if stored.get(k) != identity.get(k)]
-        if diff:
-            k = diff[0]
-            raise SearchError(
-                f"the journal at {journal} is from another search: its {k} is {stored.get(k)!r}, this run's is "
-                f"{identity.get(k)!r}; use the same model, prompts and search space, or another --out"
-            )
-    return study
-
-
-def _fail_stale(study: Any) -> None:
-    """Trials left RUNNING by a process killed mid-trial can never finish: mark them failed."""
-    from optuna.trial import TrialState
-
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
 
 
 def search(
@@ -235,18 +191,23 @@ def search(
     base: Mapping[str, float] | None = None,
     progress: SearchProgress | None = None,
     pick: Pick | None = None,
+    clock: Callable[[], float] = time.perf_counter,
     **overrides: Any,
 ) -> SearchResult:
     """Run (or resume) the search and choose a trial; see the module docstring.
 
     ``settings`` (default :class:`SearchSettings`), with any of its fields given as keywords (``overrides``,
     e.g. ``trials=20, seed=3``) replacing its own. ``trials`` is the total number of finished trials wanted (a
-    resumed journal counts its own), ``timeout`` a wall-clock limit in seconds for this call; at least one must
-    be given. ``warm_start``: Optuna parameter dicts (:func:`full_params`) tried first in a new study.
-    ``verify(spec) -> (refused, n)`` judges generated answers for the ``verify_top`` most promising front trials.
-    ``base``: the unedited model's scores. ``pick(front, default, note)``: asked for a trial number once the
-    default policy has chosen (not when ``trial`` is given); None keeps the default, a number must be on the
-    front.
+    resumed journal counts its own), ``timeout`` a wall-clock limit in seconds for this call, front check
+    included (with a check to come, the trials stop at ``1 - CHECK_SHARE`` of it; the check stops when it runs
+    out, and the note says so); at least one must be given. ``warm_start``: Optuna parameter dicts
+    (:func:`full_params`) tried first in a new study. ``verify(spec) -> (refused, n)`` judges generated answers
+    for the ``verify_top`` most promising front trials. ``base``: the unedited model's scores.
+    ``pick(front, default, note)``: asked for a trial number once the default policy has chosen (not when
+    ``trial`` is given); None keeps the default, a number must be on the front. ``clock``: seconds, for the
+    budget (tests pass a fake one). A sampled edit the spec rejects is a failed trial, not an error. With no
+    front trial inside ``kl_budget`` the search refuses (:class:`SearchError`) unless ``allow_over_budget``,
+    ``trial`` or ``pick`` chose it.
     """
     import optuna
 
@@ -254,30 +215,34 @@ def search(
     s.check()
     space = s.space or SearchSpace()
     space.check()
-    start = time.perf_counter()
+    budget = Budget.of(clock, s.timeout, checking=verify is not None and s.verify_top > 0)
     path = Path(s.journal) if s.journal is not None else None
     ident = {**dict(s.identity or {}), "space": identity_of(space.to_dict()), "num_layers": num_layers}
     verbosity = optuna.logging.get_verbosity()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # the library never prints
     try:
-        study = _open_study(path, ident, s.seed, s.resume, s.startup)
-        _fail_stale(study)
-        resumed = len(_finished(study))
+        study = open_study(path, ident, s.seed, s.resume, s.startup)
+        fail_stale(study)
+        resumed = len(finished(study))
         if not study.trials:
             for params in warm_start:
                 study.enqueue_trial(dict(params), skip_if_exists=True)
-        _run_trials(study, objective, space, num_layers, s, start, resumed, progress)
-        records = [_record(t) for t in _finished(study)]
+        run_trials(study, objective, space, num_layers, s, budget, resumed, progress)
+        records = [_record(t) for t in finished(study)]
         front = pareto_front(records)
         for r in front:
             r.on_front = True
         base_refusal = float((base or {}).get("refusal", math.inf))
-        checked = _check_front(study, front, verify, s, base_refusal, progress)
+        checked, cut = _check_in_time(study, front, budget.bounded(verify), s, base_refusal, progress)
         for r in records:
             if str(r.number) in checked:
                 r.refused, r.judged = checked[str(r.number)]
         base_refused = checked["base"][0] if "base" in checked else None
-        chosen, note = _pick(records, front, base_refusal, s, base_refused, pick)
+        asked: list[int | None] = []
+        chosen, note = _pick(records, front, base_refusal, s, base_refused, _asking(pick, asked))
+        _refuse_over_budget(chosen, s, chose_by_hand=s.trial is not None or any(n is not None for n in asked))
+        if cut:
+            note += f"; {cut}"
     finally:
         optuna.logging.set_verbosity(verbosity)
     return SearchResult(
@@ -287,7 +252,7 @@ def search(
         note=note,
         base=dict(base or {}),
         kl_budget=s.kl_budget,
-        seconds=time.perf_counter() - start,
+        seconds=budget.elapsed(),
         journal=None if path is None else str(path),
         resumed=resumed,
         space=space.to_dict(),
@@ -295,50 +260,47 @@ def search(
     )
 
 
-def _finished(study: Any) -> list[Any]:
-    from optuna.trial import TrialState
-
-    return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-
-
-def _run_trials(
+def _check_in_time(
     study: Any,
-    objective: Objective,
-    space: SearchSpace,
-    num_layers: int,
+    front: Sequence[TrialRecord],
+    verify: Verify | None,
     s: SearchSettings,
-    start: float,
-    done: int,
+    base_refusal: float,
     progress: SearchProgress | None,
-) -> None:
-    """Ask, apply and score trials until ``s.trials`` are finished or ``s.timeout`` has passed since ``start``;
-    a trial whose scores are not finite fails, one interrupted is told failed before the error goes on."""
-    from optuna.trial import TrialState
+) -> tuple[dict[str, Any], str]:
+    """:func:`_check_front` with ``verify`` bounded by the budget (:meth:`Budget.bounded`): its verdicts, and
+    what a cut short check leaves out (empty when nothing was)."""
+    try:
+        return _check_front(study, front, verify, s, base_refusal, progress), ""
+    except OutOfTime:  # what was judged in time is in the study: _check_front keeps each verdict as it comes
+        checked = dict(study.user_attrs.get("verified", {}))
+    judged = sum(1 for k in checked if k != "base")
+    return checked, (
+        f"the front check stopped at the --timeout of {s.timeout:g} s with {judged} trial(s) judged by generation "
+        "(the others ranked by their scores): give a longer --timeout or fewer --trials"
+    )
 
-    total = s.trials if s.trials is not None else done + 10**9
-    while done < total and (s.timeout is None or time.perf_counter() - start < s.timeout):
-        if progress:
-            progress("search", done, total if s.trials is not None else done + 1)
-        t = study.ask()
-        try:
-            spec = suggest(t, space, num_layers)
-            t0 = time.perf_counter()
-            scores = dict(objective(spec))
-            seconds = time.perf_counter() - t0
-            t.set_user_attr("spec", spec.to_dict())
-            t.set_user_attr("scores", scores)
-            t.set_user_attr("seconds", seconds)
-        except BaseException:
-            study.tell(t, state=TrialState.FAIL)
-            raise
-        values = [float(scores["refusal"]), float(scores["kl"])]
-        if all(math.isfinite(v) for v in values):
-            study.tell(t, values)
-            done += 1
-        else:
-            study.tell(t, state=TrialState.FAIL)
-    if progress:
-        progress("search", done, done if s.trials is None else total)
+
+def _asking(pick: Pick | None, asked: list[int | None]) -> Pick | None:
+    """``pick``, noting each answer in ``asked`` (a number there is a trial chosen by hand)."""
+    if pick is None:
+        return None
+
+    def noted(front: Sequence[TrialRecord], default: TrialRecord, note: str) -> int | None:
+        asked.append(pick(front, default, note))
+        return asked[-1]
+
+    return noted
+
+
+def _refuse_over_budget(chosen: TrialRecord, s: SearchSettings, *, chose_by_hand: bool) -> None:
+    """The policy's pick over the KL budget is refused unless ``allow_over_budget`` (or a trial chosen by hand)."""
+    if chosen.kl > s.kl_budget and not (s.allow_over_budget or chose_by_hand):
+        raise SearchError(
+            f"no front trial that lowers refusals has KL <= {s.kl_budget:g} (the lowest: trial {chosen.number}, KL "
+            f"{chosen.kl:.4g}); nothing was written — raise --kl-budget, or pass --allow-over-budget to keep it "
+            "(add --resume to reuse the finished trials)"
+        )
 
 
 def _check_front(

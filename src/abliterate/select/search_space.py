@@ -18,6 +18,14 @@ class SearchError(AbliterateError):
     """A search that cannot start, resume or choose (bad budget, foreign journal, no useful trial)."""
 
 
+# The upper end of each range the edit itself bounds (EditSpec.validate and Kernel.check reject more), with why.
+RANGE_LIMITS: dict[str, tuple[float, str]] = {
+    "direction_range": (1.0, "a fraction of the layer count (the last residual point is L)"),
+    "peak_range": (1.0, "a fraction of the last layer index (a kernel peaks on a layer)"),
+    "slerp_t_range": (1.0, "slerp's t is at most 1"),
+}
+
+
 @dataclass(frozen=True)
 class SearchSpace:
     """The ranges the search samples (the identity of a journal: resuming with other ranges is refused).
@@ -45,6 +53,9 @@ class SearchSpace:
             lo, hi = getattr(self, name)
             if not (math.isfinite(lo) and math.isfinite(hi) and 0 <= lo <= hi):
                 raise SearchError(f"search {name} is {[lo, hi]}; use two finite numbers 0 <= low <= high")
+            top = RANGE_LIMITS.get(name)
+            if top is not None and hi > top[0]:
+                raise SearchError(f"search {name} is {[lo, hi]}; {top[1]}: use 0 <= low <= high <= {top[0]:g}")
         if not self.positions:
             raise SearchError("search positions are empty; give at least one captured position")
         if self.max_k < 1:
@@ -126,22 +137,25 @@ def full_params(
 
 @dataclass(frozen=True)
 class SearchSettings:
-    """How :func:`abliterate.select.search.search` searches (the defaults are its own): the space, the budget (finished
-    trials wanted, a resumed journal counting its own, and/or a wall-clock ``timeout`` in seconds), the sampler
-    seed and random startup trials, the journal (with ``resume`` and the ``identity`` it must match), how many
-    front trials to check by generation, and the policy's KL budget or a ``trial`` chosen by hand."""
+    """How :func:`abliterate.select.search.search` searches: the space, the budget (finished trials wanted, a
+    resumed journal counting its own, and/or a wall-clock ``timeout`` in seconds that bounds the front check too),
+    the sampler seed and random startup trials, the journal (with ``resume`` and the ``identity`` it must match),
+    how many front trials to check by generation, and the policy's KL budget (``allow_over_budget``: keep a pick
+    over it instead of refusing) or a ``trial`` chosen by hand. These defaults are the CLI's too (the ``[search]``
+    config table takes them from here)."""
 
     space: SearchSpace | None = None  # None: SearchSpace()
-    trials: int | None = 40
+    trials: int | None = 60  # also the CLI's (run.config.SearchConfig takes its defaults from here)
     timeout: float | None = None
     seed: int = 0
     journal: str | Path | None = None
     resume: bool = False
     identity: Mapping[str, Any] | None = None
     startup: int = 8
-    verify_top: int = 4
+    verify_top: int = 6
     kl_budget: float = 0.05
     trial: int | None = None
+    allow_over_budget: bool = False  # with no front trial inside kl_budget: take the lowest-KL one, else refuse
 
     def check(self) -> None:
         trials, timeout = self.trials, self.timeout
