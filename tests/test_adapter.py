@@ -136,7 +136,7 @@ def refused(lm, plan, tmp_path, *fragments: str) -> None:
 def test_norm_preserving_is_refused(tmp_path):
     lm = tiny_lm("llama")
     plan = build_plan(lm, EditSpec.full(1, norm_preserving=True), random_directions(lm))
-    refused(lm, plan, tmp_path, "norm-preserving", "not a low-rank update")
+    refused(lm, plan, tmp_path, "norm-preserving", "neither LoRA nor DoRA", "--adapter")
 
 
 def test_biases_with_embeddings_are_refused(tmp_path):
@@ -169,7 +169,9 @@ def test_offloaded_model_is_refused(tmp_path):
     from abliterate.run.pipeline import restrict_run
 
     with pytest.raises(AdapterError, match="--as-adapter .* offloaded by device_map"):
-        restrict_run(RunConfig(), lm)
+        restrict_run(RunConfig(as_adapter=True), lm)
+    # --adapter writes the edited weights (from the checkpoint) and exports later from a plain load: not refused
+    assert restrict_run(RunConfig(adapter=True), lm).search.norm_preserving == [False]
 
 
 def test_quantized_model_is_refused(tmp_path):

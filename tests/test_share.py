@@ -129,7 +129,7 @@ def test_export_peft_bad_input(measured, tmp_path):
     cases = [
         ((*base, "--format", "peft", "--model", str(model), "--edit", str(norm)), "norm-preserving"),
         ((*base, "--format", "lora"), "unknown --format 'lora'"),
-        ((*base, "--format", "peft"), "needs --model"),
+        ((*base, "--format", "peft", "--model-hint", "llama"), "drop --model-hint"),
         ((*base, "--model", str(model), "--edit", str(norm)), "--edit applies to --format peft only"),
         ((*base, "--format", "peft", "--model", str(model), "--edit", str(norm), "--scale", "0.5"), "drop --layer"),
         ((*base, "--format", "peft", "--model", str(model), "--layer", "1", "--layer", "2"), "at most one --layer"),

@@ -15,7 +15,10 @@ from abliterate.cli.share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destina
 @app.command()
 @guarded
 def export(
-    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    directions_file: Annotated[
+        Path,
+        typer.Argument(help="directions.safetensors from measure or run (--format peft: or the run's output folder)."),
+    ],
     out_file: Annotated[
         Path, Opt("--out", "-o", help="The control-vector .gguf to write (--format peft: the adapter folder).")
     ],
@@ -54,18 +57,21 @@ def export(
     --control-vector-scaled. To turn an abliterated model itself into GGUF, use llama.cpp's converter:
     python convert_hf_to_gguf.py OUT_DIR --outfile model.gguf --outtype f16
 
-    --format peft: the edit of `apply` (or of --edit edit.json) is a rank-k update of each edited module, written
-    exactly as a LoRA adapter (adapter_config.json + adapter_model.safetensors, with manifest.json) that
-    peft.PeftModel.from_pretrained(base, OUT) loads. Edits PEFT cannot hold exactly are refused (norm-preserving,
-    writer biases next to embedding edits, quantized or offloaded models). --push-to-hub REPO_ID uploads that folder
-    once it is written (see abliterate push).
+    --format peft: the edit is a rank-k update of each edited module, written exactly as a LoRA adapter
+    (adapter_config.json + adapter_model.safetensors, with manifest.json) that peft.PeftModel.from_pretrained(base,
+    OUT) loads. Given a run's folder (or a direction file beside its edit.json) it exports the edit the run wrote,
+    for the base model the folder records (--model overrides); --edit names another edit.json; --layer/--position/
+    --scale export one direction removed as `apply` does (with a warning when the run wrote another edit). Edits
+    PEFT cannot hold exactly are refused (norm-preserving: run with --adapter; writer biases next to embedding
+    edits; quantized or offloaded models). --push-to-hub REPO_ID uploads that folder once it is written (see
+    abliterate push).
 
     Examples:
       abliterate export run-out/directions.safetensors --model Qwen/Qwen2.5-0.5B-Instruct --out refusal.gguf
-      abliterate export run-out/directions.safetensors --format peft --model MODEL --edit run-out/edit.json -o adapter
+      abliterate export run-out --format peft -o adapter
     """
     from abliterate.run.applying import load_direction
-    from abliterate.run.exporting import write_control_vector
+    from abliterate.run.exporting import peft_source, write_control_vector
 
     if fmt not in ("gguf", "peft"):
         fail(f"unknown --format '{fmt}'; use gguf or peft")
@@ -73,16 +79,20 @@ def export(
         fail("--push-to-hub uploads a folder: use it with --format peft (or upload the .gguf yourself)")
     hub = hub_destination(push_to_hub, public, endpoint)
     if fmt == "peft":
-        if model is None or model_hint is not None:
-            fail("--format peft needs --model (the base model the adapter is for), and no --model-hint")
-        if edit is not None and (layers or position is not None or scale != 1.0):
+        if model_hint is not None:
+            fail("--format peft adapts --model (or the model the run folder records); drop --model-hint")
+        one_direction = bool(layers) or position is not None or scale != 1.0
+        if edit is not None and one_direction:
             fail("--edit exports the recorded edit as it is; drop --layer/--position/--scale")
         if layers and len(layers) > 1:
             fail("--format peft removes one direction: pass at most one --layer")
+        src = peft_source(directions_file, model=model, edit=edit, one_direction=one_direction)
+        if src.note:
+            err().print(f"[yellow]warning:[/] {src.note}", highlight=False, soft_wrap=True)
         direction = (
-            None if edit is not None else load_direction(directions_file, layers[0] if layers else None, position)[0]
+            None if src.edit is not None else load_direction(src.directions, layers[0] if layers else None, position)[0]
         )
-        export_peft(model, directions_file, out_file, edit=edit, direction=direction, scale=scale, force=force)
+        export_peft(src.model, src.directions, out_file, edit=src.edit, direction=direction, scale=scale, force=force)
         if hub is not None:
             upload(out_file, hub)
         return

@@ -107,6 +107,7 @@ def run(
             "instead of the edited model's weights.",
         ),
     ] = None,
+    adapter: Annotated[bool | None, Opt("--adapter", help=RUN_HELP["adapter"])] = None,
     search_enabled: Annotated[
         bool | None, Opt("--search/--no-search", help=SEARCH_HELP["enabled"], rich_help_panel="Search")
     ] = None,

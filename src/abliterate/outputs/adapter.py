@@ -80,11 +80,16 @@ def _kind(w: Writer) -> str:
 
 
 def check_spec(spec: EditSpec) -> None:
-    """Refuse, before any work, an edit spec that no adapter can hold (today: a norm-preserving one)."""
+    """Refuse, before any work, an edit spec that no adapter can hold: a norm-preserving one. It rescales each
+    *input* unit's output vector (every token's embedding row; every input column of a Linear writer) by its own
+    factor, a full-rank change; DoRA's magnitude rescales *output* features instead (the rows of a Linear's
+    ``W + BA``; the hidden columns of an embedding), so neither LoRA nor DoRA holds it exactly."""
     if spec.norm_preserving:
         raise AdapterError(
-            "a norm-preserving edit rescales every input unit of each writer, so it is not a low-rank update and has "
-            "no exact LoRA form; export an edit with norm preservation off, or write the full weights"
+            "the edit is norm-preserving: it rescales each input unit of every edited writer (each token's embedding "
+            "row, each input column of the others), a full-rank change that neither LoRA nor DoRA (which rescales "
+            "output features) holds exactly; run with --adapter to keep the search to edits an adapter holds, "
+            "or share the full weights"
         )
 
 
@@ -255,30 +260,38 @@ def export_adapter(lm: LoadedModel, plan: EditPlan, out_dir: str | Path, *, over
     return target
 
 
-def adapter_search_limits(lm: LoadedModel, *, norm_preserving: bool, search: bool) -> bool:
-    """``run --as-adapter``, right after loading: refuse what no adapter of this model can hold, before the long
-    part. ``norm_preserving``/``search``: the run's settings. Returns whether the search may still edit the
-    embeddings (not where writer biases need PEFT's lora_bias); it never preserves norms."""
+def adapter_search_limits(
+    lm: LoadedModel, *, norm_preserving: bool, search: bool, flag: str = "--as-adapter", weights: bool = False
+) -> bool:
+    """``run --as-adapter`` (or ``--adapter``: ``flag``), right after loading: refuse what no adapter of this model
+    can hold, before the long part. ``norm_preserving``/``search``: the run's settings; ``weights``: the run writes
+    the edited weights too (``--adapter``), which a quantized or offloaded model gets from its checkpoint, so only
+    ``--as-adapter`` refuses it. Returns whether the search may still edit the embeddings (not where writer biases
+    need PEFT's lora_bias); it never preserves norms."""
     lm.anatomy.require_weights()
-    if lm.quantized or lm.offloaded:
+    if (lm.quantized or lm.offloaded) and not weights:
         raise AdapterError(
-            f"--as-adapter reads the adapter off the weights, but {lm.source} is loaded "
+            f"{flag} reads the adapter off the weights, but {lm.source} is loaded "
             f"{'quantized' if lm.quantized else 'offloaded by device_map'}; load it plainly (the adapter is small)"
         )
     if norm_preserving and not search:
-        check_spec(EditSpec(norm_preserving=True))
+        raise AdapterError(
+            f"{flag} with --no-search --norm-preserving: a norm-preserving edit rescales each input unit of every "
+            "writer, which neither LoRA nor DoRA holds exactly; drop --norm-preserving (or the search keeps to edits "
+            "an adapter holds)"
+        )
     probe = torch.zeros(1, lm.hidden_size)
     writers = [_Target(_kind(w), w.name, WriterEdit(w, probe, 1.0)) for w in lm.anatomy.all_writers()]
     conflict = _bias_conflict(writers)
     if conflict:
-        raise AdapterError(f"{conflict}; drop --as-adapter to write the full weights")
+        raise AdapterError(f"{conflict}; drop {flag} to write the full weights")
     _check_kinds(writers)
     embeddings = [_Target(_kind(w), w.name, WriterEdit(w, probe, 1.0)) for w in lm.anatomy.embeddings]
     conflict = _bias_conflict(writers + embeddings) or _inner_norm(lm.anatomy.embeddings)
     if conflict and not search:
         raise AdapterError(
-            f"{conflict}; --no-search edits the embeddings: use the search with --as-adapter (it then leaves them "
-            "alone), or drop --as-adapter"
+            f"{conflict}; --no-search edits the embeddings: use the search with {flag} (it then leaves them "
+            f"alone), or drop {flag}"
         )
     return not conflict
 

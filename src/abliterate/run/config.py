@@ -153,6 +153,12 @@ class RunConfig:
         "edited model's weights.",
     )
     search: SearchConfig = field(default_factory=SearchConfig, metadata={"help": "The [search] table."})
+    adapter: bool = _opt(
+        False,
+        "Keep the search to edits a PEFT adapter holds exactly (no norm preservation; no embedding edit where writer "
+        "biases need lora_bias) and write the edited model as usual: `export OUT --format peft` then gives it "
+        "exactly (--as-adapter writes the adapter instead of the model).",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

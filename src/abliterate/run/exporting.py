@@ -3,10 +3,75 @@ PEFT LoRA adapter folder with its manifest. Nothing here prints."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from abliterate.errors import OptionError, OutputError
+
+DIRECTIONS = "directions.safetensors"
+EDIT = "edit.json"
+
+
+@dataclass
+class PeftSource:
+    """What ``export --format peft`` adapts: the base ``model``, the ``directions`` file, the ``edit`` (an
+    ``edit.json``; None: one direction) and a ``note`` the CLI prints as a warning (None: nothing to say)."""
+
+    model: str
+    directions: Path
+    edit: Path | None
+    note: str | None = None
+
+
+def peft_source(path: Path, *, model: str | None, edit: Path | None, one_direction: bool) -> PeftSource:
+    """Resolve ``export PATH --format peft``. ``path`` is a direction file or an output folder of ``run``/``measure``.
+    The edit the run wrote (``edit.json`` in that folder, or beside the direction file) is exported unless
+    ``edit`` names another or ``one_direction`` (``--layer``/``--position``/``--scale`` given) asks for one
+    direction, which then comes with a note that the adapter is not the written edit. ``model`` overrides the base
+    model the folder records (its manifest, else its ``abliterate_config.json``)."""
+    folder = path if path.is_dir() else path.parent
+    directions = path / DIRECTIONS if path.is_dir() else path
+    if not directions.is_file():
+        raise OptionError(
+            f"{path} has no {DIRECTIONS}; pass the output folder of a run (or measure) or its direction file"
+        )
+    written = folder / EDIT
+    note = None
+    if edit is None and written.is_file():
+        if one_direction:
+            note = (
+                f"this adapter removes one direction (--layer/--position/--scale), not the edit the run wrote "
+                f"({written}); base + adapter will differ from the run's model: drop those options to export that edit"
+            )
+        else:
+            edit = written
+    return PeftSource(model or recorded_model(folder), directions, edit, note)
+
+
+def recorded_model(folder: Path) -> str:
+    """The base model an output folder was made from, as its manifest records it (a local path while that path
+    exists, else the hub id) or, without a manifest, as its ``abliterate_config.json`` names it."""
+    from abliterate.outputs.manifest import MANIFEST, read_manifest
+
+    if (folder / MANIFEST).is_file():
+        model = read_manifest(folder).get("inputs", {}).get("model") or {}
+        local = model.get("path") if model.get("local") else None
+        if local and not Path(local).exists():
+            raise OptionError(
+                f"the base model {folder} was made from, {local}, is gone; pass --model (the same model) to export"
+            )
+        if local or model.get("source"):
+            return str(local or model["source"])
+    config = folder / "abliterate_config.json"
+    try:
+        name = json.loads(config.read_text())["config"]["model"] if config.is_file() else None
+    except (OSError, ValueError, KeyError, TypeError):
+        name = None
+    if not name:
+        raise OptionError(f"--format peft needs --model (the base model the adapter is for): {folder} records none")
+    return str(name)
 
 
 def write_peft_adapter(

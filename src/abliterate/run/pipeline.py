@@ -154,21 +154,25 @@ def load_checked(cfg: RunConfig, profile: Profile) -> tuple[RunConfig, Loaded]:
     the run goes on with (see :func:`restrict_run`) and the loaded model."""
     lm = load_for(cfg)
     why = "quantized" if lm.quantized else "offloaded by device_map" if lm.offloaded else ""
-    if profile.goal == "induce" and (why or cfg.as_adapter):
+    adapter = "--as-adapter" if cfg.as_adapter else "--adapter" if cfg.adapter else ""
+    if profile.goal == "induce" and (why or adapter):
         raise ProfileError(
             f"behaviour '{profile.name}' induces: the induction is baked into the embeddings, which "
-            + ("no LoRA adapter holds; drop --as-adapter" if cfg.as_adapter else f"a {why} model cannot hold; load it")
+            + (f"no LoRA adapter holds; drop {adapter}" if adapter else f"a {why} model cannot hold; load it")
         )
-    if cfg.as_adapter:  # refuse what no adapter holds before the long part; keep the search to edits one can
+    if cfg.as_adapter or cfg.adapter:  # refuse what no adapter holds before the long part; search what one can
         cfg = restrict_run(cfg, lm)
     checkpoint = checkpoint_dir(lm, why) if why else None  # fail before the long part, not after it
     return cfg, Loaded(lm, why, checkpoint)
 
 
 def restrict_run(cfg: RunConfig, lm: LoadedModel) -> RunConfig:
-    """``run --as-adapter``: a copy of ``cfg`` whose search keeps to edits an adapter holds (no norm preservation;
-    no embedding edit where writer biases need PEFT's lora_bias); refuses what no adapter of ``lm`` holds."""
-    embeddings = adapter_search_limits(lm, norm_preserving=cfg.norm_preserving, search=cfg.search.enabled)
+    """``run --as-adapter`` or ``--adapter``: a copy of ``cfg`` whose search keeps to edits an adapter holds (no norm
+    preservation; no embedding edit where writer biases need PEFT's lora_bias); refuses what no adapter of ``lm``
+    holds."""
+    flag = "--as-adapter" if cfg.as_adapter else "--adapter"
+    limits = {"norm_preserving": cfg.norm_preserving, "search": cfg.search.enabled, "weights": not cfg.as_adapter}
+    embeddings = adapter_search_limits(lm, flag=flag, **limits)
     search = replace(cfg.search, norm_preserving=[False], embedding=cfg.search.embedding if embeddings else False)
     return replace(cfg, search=search)
 
