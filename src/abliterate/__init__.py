@@ -1,6 +1,5 @@
 """abliterate: find, remove and induce behaviour directions in Hugging Face causal LMs."""
 
-from abliterate import compat
 from abliterate.arch.anatomy import Anatomy, Writer, find_anatomy
 from abliterate.edit.interventions import ablate, add, induce
 from abliterate.edit.plan import AppliedEdit, Directions, EditPlan, applied, apply_plan, build_plan, untie_embeddings
@@ -24,8 +23,6 @@ from abliterate.measure.directions import Direction, DirectionSet
 from abliterate.select.scorer import Score, Scorer
 from abliterate.select.search import SearchResult, SearchSpace
 from abliterate.version import __version__ as __version__
-
-compat.install()  # the flat layout's module paths (abliterate.pipeline, abliterate.judge ...) keep working
 
 __all__ = [
     "AbliterateError",
