@@ -25,11 +25,11 @@ from abliterate import (
     add,
     capture,
     directions,
-    from_pretrained_objects,
     induce,
     load_model,
     orthogonalize,
 )
+from abliterate.lm import from_pretrained_objects
 
 
 def tree(root: Path) -> dict[str, bytes | None]:

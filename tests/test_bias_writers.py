@@ -11,10 +11,11 @@ from registry import tiny_registry_model
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from abliterate import LoadedModel, apply_plan, orthogonalize
+from abliterate import LoadedModel, orthogonalize
 from abliterate.arch.projection import norm_gain
 from abliterate.arch.selfcheck import checked_anatomy
 from abliterate.checkpoint.stream_edit import stream_orthogonalize
+from abliterate.edit import apply_plan
 from abliterate.edit.direction_edit import edit_plan
 from abliterate.outputs.adapter import AdapterError, export_adapter
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from tiny import FAMILIES, HARMFUL, HARMLESS, tiny_lm, tiny_model, tiny_tokenizer
 
-from abliterate import capture, from_pretrained_objects
+from abliterate import capture
 from abliterate.errors import PromptError
+from abliterate.lm import from_pretrained_objects
 from abliterate.lm.model import CapabilityWarning, ForwardCapabilities, output_cache
 from abliterate.measure.batching import BatchRunner
 from abliterate.measure.first_token import first_token_logprobs

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from test_residual_stream import post_ln_opt
 from tiny import HARMFUL, HARMLESS, tiny_lm, tiny_tokenizer
 
-from abliterate import AbliterateError, ablate, capture, from_pretrained_objects, orthogonalize
+from abliterate import AbliterateError, ablate, capture, orthogonalize
 from abliterate.arch.projection import hook_writer, writer_fn
 from abliterate.arch.streams import residual_hooks
 from abliterate.checkpoint.stream_edit import stream_edit, stream_orthogonalize
@@ -21,6 +21,7 @@ from abliterate.edit import weights as weights_mod
 from abliterate.edit.direction_edit import DirectionEdit
 from abliterate.edit.plan import Directions, applied, apply_plan
 from abliterate.edit.spec import EditSpec
+from abliterate.lm import from_pretrained_objects
 from abliterate.measure.directions import as_basis, mean_diff
 from abliterate.ops.hooks import HookSet
 from abliterate.ops.kernel import project_out, project_tensor

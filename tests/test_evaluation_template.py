@@ -10,7 +10,8 @@ from safetensors.torch import load_file
 from test_cli import invoke
 from tiny import HARMFUL, HARMLESS, pretend_refusal, tiny_model, tiny_tokenizer
 
-from abliterate import capture, from_pretrained_objects
+from abliterate import capture
+from abliterate.lm import from_pretrained_objects
 from abliterate.measure.first_token import first_token_logprobs
 
 # Like Qwen3's template: with enable_thinking=False the generation prompt carries an empty thinking block.

@@ -16,16 +16,10 @@ from tiny import HARMFUL, HARMLESS, tiny_model, tiny_tokenizer
 from torch import nn
 from transformers import AutoModelForCausalLM
 
-from abliterate import (
-    ArchitectureError,
-    LoadedModel,
-    ablate,
-    capture,
-    find_anatomy,
-    from_pretrained_objects,
-    load_model,
-)
+from abliterate import ArchitectureError, LoadedModel, ablate, capture, load_model
+from abliterate.arch import find_anatomy
 from abliterate.arch.anatomy import LAYER_PATHS
+from abliterate.lm import from_pretrained_objects
 
 
 def write_model(directory: Path, family: str = "llama", *, pad: bool = True) -> torch.nn.Module:

@@ -16,7 +16,8 @@ from terminal import Terminal
 from test_cli import invoke
 from tiny import HARMFUL, VOCAB, H, tiny_tokenizer
 
-from abliterate import ArchitectureError, DirectionSet, ablate, from_pretrained_objects, orthogonalize
+from abliterate import ArchitectureError, DirectionSet, ablate, orthogonalize
+from abliterate.lm import from_pretrained_objects
 from abliterate.ops.hooks import HookSet
 
 LOOSE = ("--n-train", "6", "--n-val", "8")

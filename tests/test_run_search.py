@@ -13,10 +13,10 @@ from tiny import HARMLESS, pretend_refusal, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
-from abliterate import from_pretrained_objects
 from abliterate.cli import app
 from abliterate.edit.plan import Directions, applied
 from abliterate.edit.spec import EditSpec
+from abliterate.lm import from_pretrained_objects
 from abliterate.measure.directions import DirectionSet
 from abliterate.run import choosing
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from test_selection import VAL_H, VAL_L
+from test_select_sweep import VAL_H, VAL_L
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
 from abliterate import PromptError, ablate, capture, directions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_selection import VAL_H, VAL_L
+from test_select_sweep import VAL_H, VAL_L
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
 from abliterate import DirectionError, ablate, capture

@@ -9,7 +9,8 @@ import torch
 from test_vlm import tiny_llava
 from tiny import HARMFUL, HARMLESS, tiny_tokenizer
 
-from abliterate import ChatTemplateError, capture, from_pretrained_objects, load_model
+from abliterate import ChatTemplateError, capture, load_model
+from abliterate.lm import from_pretrained_objects
 
 # A LLaVA-style template: images first, then the text parts; a string content renders nothing.
 PARTS_ONLY = (

@@ -7,9 +7,11 @@ import torch
 from tiny import HARMFUL, tiny_model, tiny_tokenizer
 from torch import nn
 
-from abliterate import ArchitectureError, LoadedModel, ablate, find_anatomy, from_pretrained_objects, orthogonalize
+from abliterate import ArchitectureError, LoadedModel, ablate, orthogonalize
+from abliterate.arch import find_anatomy
 from abliterate.arch.selfcheck import checked_anatomy
 from abliterate.arch.verify import probe_ids, verify_anatomy
+from abliterate.lm import from_pretrained_objects
 
 HID, VOCAB = 16, 50
 

@@ -13,8 +13,9 @@ import transformers as tf
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from abliterate import LoadedModel, from_pretrained_objects
+from abliterate import LoadedModel
 from abliterate.arch.miniature import randomize
+from abliterate.lm import from_pretrained_objects
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"

@@ -1,11 +1,11 @@
-"""abliterate: find, remove and induce behaviour directions in Hugging Face causal LMs."""
+"""abliterate: find, remove and induce behaviour directions in Hugging Face causal LMs.
 
-from abliterate import compat
-from abliterate.arch.anatomy import Anatomy, Writer, find_anatomy
-from abliterate.edit.interventions import ablate, add, induce
-from abliterate.edit.plan import AppliedEdit, Directions, EditPlan, applied, apply_plan, build_plan, untie_embeddings
-from abliterate.edit.spec import EditSpec, Kernel
-from abliterate.edit.weights import EditReport, bake_induction, orthogonalize
+The user's verbs live here: load a model, capture activations, compute directions, edit (at runtime or in the
+weights), run the whole pipeline, evaluate a model. Everything else is imported from its subpackage
+(``abliterate.edit``, ``abliterate.select``, ...).
+"""
+
+from abliterate.edit import EditSpec, ablate, add, bake_induction, induce, orthogonalize
 from abliterate.errors import (
     AbliterateError,
     ArchitectureError,
@@ -13,57 +13,47 @@ from abliterate.errors import (
     DirectionError,
     LayerError,
     ModelLoadError,
+    OptionError,
     OutputError,
     PromptError,
 )
-from abliterate.lm.loading import from_pretrained_objects, load_model
-from abliterate.lm.model import LoadedModel
-from abliterate.measure import directions
-from abliterate.measure.capture import Activations, capture
-from abliterate.measure.directions import Direction, DirectionSet
-from abliterate.select.scorer import Score, Scorer
-from abliterate.select.search import SearchResult, SearchSpace
+from abliterate.lm import LoadedModel, load_model
+from abliterate.measure import Activations, Direction, DirectionSet, capture, directions
+from abliterate.run import EvalOptions, RunConfig, RunResult, evaluate, run
 from abliterate.version import __version__ as __version__
 
-compat.install()  # the flat layout's module paths (abliterate.pipeline, abliterate.judge ...) keep working
-
+# ``run`` and ``evaluate`` are the functions; their subpackages are imported by path (``from abliterate.run.config
+# import SearchConfig``, ``from abliterate.evaluate import MarkerJudge``).
 __all__ = [
-    "AbliterateError",
+    # load and measure
+    "load_model",
+    "LoadedModel",
+    "capture",
     "Activations",
-    "Anatomy",
-    "AppliedEdit",
-    "Directions",
-    "EditPlan",
+    "directions",
+    "Direction",
+    "DirectionSet",
+    # edit
+    "ablate",
+    "induce",
+    "add",
+    "orthogonalize",
+    "bake_induction",
     "EditSpec",
-    "Kernel",
-    "Score",
-    "Scorer",
-    "SearchResult",
-    "SearchSpace",
-    "applied",
-    "apply_plan",
-    "build_plan",
+    # the pipeline
+    "run",
+    "RunConfig",
+    "RunResult",
+    "evaluate",
+    "EvalOptions",
+    # errors
+    "AbliterateError",
     "ArchitectureError",
     "ChatTemplateError",
-    "Direction",
     "DirectionError",
-    "DirectionSet",
-    "EditReport",
     "LayerError",
-    "LoadedModel",
     "ModelLoadError",
+    "OptionError",
     "OutputError",
     "PromptError",
-    "Writer",
-    "ablate",
-    "add",
-    "bake_induction",
-    "capture",
-    "directions",
-    "find_anatomy",
-    "from_pretrained_objects",
-    "induce",
-    "load_model",
-    "orthogonalize",
-    "untie_embeddings",
 ]

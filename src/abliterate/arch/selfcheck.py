@@ -1,4 +1,4 @@
-"""The anatomy loading uses: name patterns first (:func:`abliterate.find_anatomy`), then a probe that checks them
+"""The anatomy loading uses: name patterns first (:func:`abliterate.arch.find_anatomy`), then a probe that checks them
 (:mod:`abliterate.arch.verify`), then, for layers the patterns do not explain, writers found by probing
 (:mod:`abliterate.arch.discovery`), checked again. Whatever still is not explained is refused in one line."""
 

@@ -1,6 +1,6 @@
 """Streaming weight edit: orthogonalize a safetensors checkpoint on disk, shard by shard, without loading it.
 
-The module tree is built on the meta device from ``config.json``; :func:`abliterate.find_anatomy` names the
+The module tree is built on the meta device from ``config.json``; :func:`abliterate.arch.find_anatomy` names the
 residual writers, and transformers' own checkpoint conversion mapping (the one ``from_pretrained`` applies)
 ties each writer parameter to its checkpoint tensors, e.g. the fused 3-D ``mlp.experts.down_proj`` to the
 per-expert ``mlp.experts.<e>.down_proj.weight`` (Mixtral: ``block_sparse_moe.experts.<e>.w2.weight``).
@@ -250,7 +250,7 @@ def stream_orthogonalize(
     Arguments mean what they mean for :func:`abliterate.orthogonalize`, and the output equals loading the
     model in float32, orthogonalizing it and saving it in the stored dtype; but memory stays at a 16 MiB
     work buffer and one row block, and the input's shard names, index and key names are kept. Tied
-    embeddings, when the embedding is edited, are untied as :func:`abliterate.untie_embeddings` does: an
+    embeddings, when the embedding is edited, are untied as :func:`abliterate.edit.untie_embeddings` does: an
     ``lm_head`` copy of the original embedding is appended to the embedding's shard and
     ``tie_word_embeddings`` is set false in ``config.json``. Every non-weight file is copied. The output is
     written to a temporary sibling directory renamed into place at the end, so a failed or killed run never

@@ -1,7 +1,7 @@
 """The edit the direction API describes, as one value: ``(direction, layers, scale, embeddings, embedding_scale,
 norm_preserving)``. :func:`abliterate.ablate`, :func:`abliterate.orthogonalize` and
-:func:`abliterate.stream_orthogonalize` each build a :class:`DirectionEdit` from their arguments and hand its plan
-to the one edit path (:func:`abliterate.edit.plan.apply_plan`, or the streaming writer).
+:func:`abliterate.checkpoint.stream_orthogonalize` each build a :class:`DirectionEdit` from their arguments and hand
+its plan to the one edit path (:func:`abliterate.edit.plan.apply_plan`, or the streaming writer).
 """
 
 from __future__ import annotations

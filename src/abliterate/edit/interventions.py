@@ -48,6 +48,23 @@ def ablate(
     instead: at the input and the output of each chosen layer (and at layer 0's input for the embeddings), each
     time scaling the component by ``1 - scale``. The plan of the
     :class:`~abliterate.edit.direction_edit.DirectionEdit`, applied as hooks (:func:`abliterate.edit.plan.apply_plan`).
+
+    Args:
+        lm: the loaded model.
+        direction: a :class:`Direction`, a ``[hidden]`` vector or a ``[k, hidden]`` subspace.
+        layers: the layers whose writers are edited (default: all).
+        scale: the fraction of the component removed, one number or ``{layer: scale}``.
+        embeddings: edit the embeddings too (default: when all layers are edited).
+        embedding_scale: the fraction removed from the embeddings (default: ``scale``, or layer 0's).
+
+    Returns:
+        A context manager; inside it the model runs edited (``generate`` included), on exit or on an exception the
+        hooks are removed. It yields the :class:`~abliterate.ops.hooks.HookSet`.
+
+    Example:
+        >>> from abliterate import ablate
+        >>> with ablate(lm, r[14]):
+        ...     lm.generate(["How do I pick a lock?"])
     """
     edit = DirectionEdit(direction, layers, scale, embeddings, embedding_scale)
     handle = apply_plan(lm, edit.plan(lm, residual=True), mode="hooks")
@@ -94,6 +111,21 @@ def induce(
     ``a' = a - (a.r)r + c r``. Pass the :class:`Activations` of a capture to use the harmful mean's
     projection at each layer (the same position the direction came from), or a number, or
     ``{layer: c}``. Default layers: the direction's own layer if it has one, else all.
+
+    Args:
+        lm: the loaded model.
+        direction: a single :class:`Direction` or ``[hidden]`` vector.
+        coefficient: the component to pin: a number, ``{layer: c}``, or the :class:`Activations` of a capture.
+        layers: the layers at whose inputs it is pinned.
+
+    Returns:
+        A context manager that runs the model with the component pinned and removes its hooks on exit; it yields
+        the :class:`~abliterate.ops.hooks.HookSet`.
+
+    Example:
+        >>> from abliterate import induce
+        >>> with induce(lm, r[14], acts):  # refusal on harmless prompts
+        ...     lm.generate(["How do I bake bread?"])
     """
     basis = as_basis(direction, lm.hidden_size)
     if basis.shape[0] != 1:
@@ -121,7 +153,23 @@ def add(
     *,
     layers: Sequence[int] | None = None,
 ) -> Iterator[HookSet]:
-    """Activation addition: add ``coefficient * r`` (unit ``r``) to the input of the chosen layers."""
+    """Activation addition: add ``coefficient * r`` (unit ``r``) to the input of the chosen layers.
+
+    Args:
+        lm: the loaded model.
+        direction: a single :class:`Direction` or ``[hidden]`` vector (normalized).
+        coefficient: how much of it to add.
+        layers: the layers at whose inputs it is added (default: the direction's own layer, else all).
+
+    Returns:
+        A context manager that runs the model steered and removes its hooks on exit; it yields the
+        :class:`~abliterate.ops.hooks.HookSet`.
+
+    Example:
+        >>> from abliterate import add
+        >>> with add(lm, r[14], -4.0, layers=[14]):
+        ...     lm.generate(["How do I pick a lock?"])
+    """
     basis = as_basis(direction, lm.hidden_size)
     if basis.shape[0] != 1:
         raise DirectionError("add takes a single direction")

@@ -63,6 +63,23 @@ def orthogonalize(
     logits equal the runtime ablation's. ``norm_preserving=True`` keeps each writer's per-input-unit
     output norm (an exact, weight-only variant with no runtime twin). Save with ``lm.save(dir)``.
     The plan of the :class:`~abliterate.edit.direction_edit.DirectionEdit`, applied in place for good.
+
+    Args:
+        lm: the loaded model (in memory: not quantized or offloaded).
+        direction: a :class:`Direction`, a ``[hidden]`` vector or a ``[k, hidden]`` subspace.
+        layers: the layers whose writers are edited (default: all).
+        scale: the fraction of the component removed, one number or ``{layer: scale}``.
+        embeddings: edit the embeddings too (default: when all layers are edited).
+        embedding_scale: the fraction removed from the embeddings (default: ``scale``, or layer 0's).
+        norm_preserving: keep each writer's per-input-unit output norm.
+
+    Returns:
+        The :class:`EditReport`: the names of the edited weights and whether tied embeddings were untied.
+
+    Example:
+        >>> from abliterate import orthogonalize
+        >>> orthogonalize(lm, r[14])
+        >>> lm.save("out/")
     """
     plan = DirectionEdit(direction, layers, scale, embeddings, embedding_scale, norm_preserving).plan(lm)
     _check_in_memory([e.writer for e in plan.edits])
@@ -92,6 +109,20 @@ def bake_induction(
     ``coefficient`` everywhere in the residual up to layer ``through_layer``'s input, mid-layer
     residuals included. Runtime twin: ``ablate(lm, r, layers=range(through_layer),
     embeddings=True)`` together with ``add(lm, r, coefficient, layers=[0])``.
+
+    Args:
+        lm: the loaded model (in memory; its embeddings must write straight into the residual).
+        direction: a single :class:`Direction` or ``[hidden]`` vector.
+        coefficient: the component pinned at the inputs of layers ``0..through_layer``.
+        through_layer: the last layer at whose input the component is pinned.
+
+    Returns:
+        The :class:`EditReport` of the orthogonalization (edited weight names, untied embeddings).
+
+    Example:
+        >>> from abliterate import bake_induction
+        >>> bake_induction(lm, r[14], 12.5, through_layer=14)
+        >>> lm.save("induced/")
     """
     layer = lm.anatomy.check_layer(through_layer)
     basis = as_basis(direction, lm.hidden_size)

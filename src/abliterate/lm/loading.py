@@ -177,7 +177,7 @@ def load_model(
     capping each device; what does not fit is offloaded to the CPU or to disk (``offload_folder``, or the
     checkpoint's own safetensors files) and streamed in layer by layer during each forward pass. Capture,
     runtime edits and evaluation work on such a model; an in-memory weight edit does not (use
-    :func:`abliterate.stream_orthogonalize` to write the edited checkpoint).
+    :func:`abliterate.checkpoint.stream_orthogonalize` to write the edited checkpoint).
 
     ``quantize="4bit"`` or ``"8bit"`` loads the linear layers through bitsandbytes (to fit a big model on
     a GPU for capture and evaluation); residual writers are then not editable in place either, so the
@@ -192,6 +192,31 @@ def load_model(
     and :func:`abliterate.ablate` then projects the direction out of that stream at every layer's input and output
     (the direction is then absent from the stream between layers); weight edits through it are refused, and
     ``lm.anatomy.weight_error`` says why a weight edit would not be exact.
+
+    Args:
+        source: a hub id, a local model directory or a ``.gguf`` file.
+        dtype: ``"float32"``, ``"bfloat16"``, a ``torch.dtype``, or None: float32 on CPU, the checkpoint's dtype
+            elsewhere.
+        device: the one device for the whole model (``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"``).
+        device_map: hand placement to accelerate instead (``"auto"``, ``"balanced"``, ``"sequential"`` or a map).
+        max_memory: a cap per device with ``device_map`` (``{0: "20GiB", "cpu": "60GiB"}`` or ``"0=20GiB,cpu=60GiB"``).
+        offload_folder: where weights that fit nowhere else go.
+        quantize: ``"4bit"`` or ``"8bit"`` through bitsandbytes.
+        trust_remote_code: run the checkpoint's own modelling code.
+        chat_template: a Jinja chat template for a model that has none (or to replace its own).
+        layers_path: the module path of the decoder layers, for an architecture no pattern knows.
+        writer_patterns: name patterns of the residual writers in each layer, likewise.
+        verify: check the writers on a short probe (and discover those no pattern names).
+        residual_only: edit the residual stream only (runtime ablation); weight edits are then refused.
+
+    Returns:
+        The :class:`~abliterate.lm.model.LoadedModel`: the model, its tokenizer (left padding, a pad token) and its
+        anatomy (layers and residual writers).
+
+    Example:
+        >>> from abliterate import load_model
+        >>> lm = load_model("Qwen/Qwen2.5-0.5B-Instruct", dtype="bfloat16", device="cuda")
+        >>> lm.generate(["Say hello."], max_new_tokens=8)
     """
     from transformers import AutoTokenizer
 

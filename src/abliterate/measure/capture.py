@@ -195,6 +195,28 @@ def capture(
     ``positions`` are negative offsets from the end of the formatted prompt (``-1`` is the last
     token; ``[-5, ..., -1]`` are post-instruction positions) and/or ``"gen"``, the first generated
     token (greedy). ``progress(done, total)`` is called after every batch.
+
+    Args:
+        lm: the loaded model.
+        harmful: prompts that show the behaviour (at least two).
+        harmless: prompts that do not (at least two).
+        positions: negative offsets from the prompt's end and/or ``"gen"``.
+        batch_size: prompts per forward pass.
+        system: a system prompt for the chat template.
+        keep_per_prompt: keep each prompt's activations too (``acts.harmful``/``acts.harmless``), not only means.
+        progress: called as ``progress(done, total)`` after every batch.
+        share_prefix: run the chat-template prefix every prompt shares once per batch and reuse its KV cache.
+
+    Returns:
+        The :class:`Activations`: float64 means per side, shaped ``[layers + 1, positions, hidden]`` (the stream
+        entering each layer and after the last), with the prompts, their hash and the model's source.
+
+    Example:
+        >>> from abliterate import capture, load_model
+        >>> from abliterate.behaviours.prompts import bundled
+        >>> lm = load_model("Qwen/Qwen2.5-0.5B-Instruct")
+        >>> acts = capture(lm, bundled("harmful", "train"), bundled("harmless", "train"), positions=[-1])
+        >>> acts.harmful_mean.shape
     """
     harmful = check_prompts(harmful, "harmful")
     harmless = check_prompts(harmless, "harmless")

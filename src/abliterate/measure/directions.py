@@ -150,14 +150,39 @@ def _meta(acts: Activations, **extra: Any) -> dict[str, Any]:
 
 
 def mean_diff(acts: Activations) -> DirectionSet:
-    """Difference of means, harmful minus harmless (Arditi et al. 2024)."""
+    """Difference of means, harmful minus harmless (Arditi et al. 2024).
+
+    Args:
+        acts: the activations of a :func:`~abliterate.measure.capture.capture`.
+
+    Returns:
+        A :class:`DirectionSet` with one (unnormalized) direction per point and position; ``ds[layer]`` or
+        ``ds[layer, position]`` is a unit :class:`Direction`.
+
+    Example:
+        >>> from abliterate import directions
+        >>> r = directions.mean_diff(acts)
+        >>> r[14].vector.shape
+    """
     return DirectionSet(
         (acts.harmful_mean - acts.harmless_mean).float(), list(acts.positions), "mean_diff", _meta(acts)
     )
 
 
 def slerp(acts: Activations, t: float = 1.0) -> DirectionSet:
-    """``slerp(harmless_n, harmful_n, t) - harmless_n``, normalized per point and position."""
+    """``slerp(harmless_n, harmful_n, t) - harmless_n``, normalized per point and position.
+
+    Args:
+        acts: the activations of a :func:`~abliterate.measure.capture.capture`.
+        t: how far along the great circle from the harmless mean to the harmful mean, in (0, 1].
+
+    Returns:
+        A :class:`DirectionSet` of unit directions, one per point and position.
+
+    Example:
+        >>> from abliterate import directions
+        >>> r = directions.slerp(acts, t=1.0)
+    """
     if not 0.0 < t <= 1.0:
         raise DirectionError(f"slerp t must be in (0, 1], got {t}")
     a, b = unit(acts.harmless_mean), unit(acts.harmful_mean)
@@ -172,7 +197,18 @@ def slerp(acts: Activations, t: float = 1.0) -> DirectionSet:
 
 
 def projected(acts: Activations) -> DirectionSet:
-    """Mean difference with its component along the (normalized) harmless mean removed."""
+    """Mean difference with its component along the (normalized) harmless mean removed.
+
+    Args:
+        acts: the activations of a :func:`~abliterate.measure.capture.capture`.
+
+    Returns:
+        A :class:`DirectionSet` with one direction per point and position, orthogonal to the harmless mean.
+
+    Example:
+        >>> from abliterate import directions
+        >>> r = directions.projected(acts)
+    """
     r = acts.harmful_mean - acts.harmless_mean
     h = unit(acts.harmless_mean)
     r = r - (r * h).sum(-1, keepdim=True) * h

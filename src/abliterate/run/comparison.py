@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from abliterate.errors import OptionError, OutputError, PromptError
+from abliterate.run.config import RunConfig
 
 
 @dataclass
@@ -148,6 +149,31 @@ def compare(opts: EvalOptions, defaults: Any) -> Comparison:
     if opts.base:
         payload["note"] = baseline_note(rows["base"]) if profile.name == "refusal" else ""
     return Comparison(rows, scores, payload)
+
+
+def evaluate(options: EvalOptions, defaults: RunConfig | None = None) -> Comparison:
+    """Measure a model, and its base when ``options.base`` names one, as ``abliterate eval`` does, and write the
+    metrics JSON (``options.out_file``) and HTML report (``options.report``) that were asked for.
+
+    Args:
+        options: what to measure: ``model`` (hub id, local folder or ``.gguf``), ``base``, the behaviour profile,
+            the number of held-out prompts, the judge, generation lengths, lm-eval ``tasks``, the output paths and
+            ``where`` (``load_model`` placement keywords such as ``{"device": "cuda"}``).
+        defaults: the run settings that stand in for what neither ``options`` nor the behaviour profile set
+            (``RunConfig()`` when None).
+
+    Returns:
+        The :class:`Comparison`: per condition (``"base"``, ``"model"``) the metrics (verdicts with 95% intervals,
+        KL, perplexity), the lm-eval scores, and the JSON payload ``abliterate eval --json`` prints.
+
+    Example:
+        >>> from abliterate import EvalOptions, evaluate
+        >>> result = evaluate(EvalOptions("out/", base="Qwen/Qwen2.5-0.5B-Instruct", n_test=16))
+        >>> result.rows["model"].refusal_rate, result.payload["model"]["kl"]
+    """
+    result = compare(options, defaults if defaults is not None else RunConfig())
+    write_comparison(result, options)
+    return result
 
 
 def eval_settings(

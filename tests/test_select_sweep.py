@@ -135,7 +135,7 @@ def test_evaluator_caches_base_and_measures_edits(lm_acts, monkeypatch):
     assert base.kl == pytest.approx(0.0, abs=1e-6)
     assert len(base.harmful_samples) == 2 and len(base.harmless_samples) == 3
     assert baseline_note(base) if base.refusal_rate == 0 else not baseline_note(base)
-    import abliterate.evaluate.evaluation as evaluation
+    from abliterate.evaluate import evaluation
 
     calls = []
     real = evaluation.first_token_logprobs
