@@ -25,6 +25,7 @@ The key is a sha256 over everything that changes what the model produces:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -151,5 +152,6 @@ def store(folder: Path, key: str, record: BaseRecord) -> str:
     except OSError as exc:
         return f"the unedited model's evaluation was not cached ({folder}: {exc.strerror or exc})"
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove, or a folder that never was
+            tmp.unlink(missing_ok=True)
     return ""
