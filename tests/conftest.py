@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import pytest
 
@@ -16,6 +17,17 @@ def model_dir(tmp_path_factory):
     tiny_model("qwen2").save_pretrained(path)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def own_evaluation_cache(monkeypatch, tmp_path_factory):
+    """Each test its own cross-run evaluation cache (never the user's): a scripted or earlier test's answers are
+    never served to another test."""
+    from abliterate.run import pipeline
+
+    folder = tmp_path_factory.getbasetemp() / f"evaluations-{uuid.uuid4().hex[:8]}"
+    monkeypatch.setattr(pipeline, "eval_cache_dir", lambda: folder)
+    return folder
 
 
 def pytest_xdist_auto_num_workers(config) -> int:

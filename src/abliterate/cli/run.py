@@ -96,6 +96,7 @@ def run(
     judge: JUDGE_OPT = None,
     judge_labels: JUDGE_LABELS_OPT = None,
     kl_tokens: Annotated[int | None, Opt(help=RUN_HELP["kl_tokens"])] = None,
+    eval_cache: Annotated[bool | None, Opt("--eval-cache/--no-eval-cache", help=RUN_HELP["eval_cache"])] = None,
     batch_size: Annotated[int | None, Opt(help=RUN_HELP["batch_size"])] = None,
     seed: Annotated[int | None, Opt(help=RUN_HELP["seed"])] = None,
     force: Annotated[bool | None, Opt("--force", help=RUN_HELP["force"])] = None,

@@ -20,7 +20,7 @@ from importlib import resources
 
 import torch
 
-from abliterate.lm.model import LoadedModel
+from abliterate.lm.model import LoadedModel, Progress
 
 TOP = 1024
 
@@ -69,9 +69,11 @@ def answer_reference(
     system: str | None = None,
     batch_size: int = 8,
     top: int = TOP,
+    progress: Progress | None = None,
 ) -> AnswerReference:
-    """Greedy answers of ``lm`` (first ``k`` tokens) and its coarsened distributions along them."""
-    answers = lm.generate_ids(prompts, max_new_tokens=k, system=system, batch_size=batch_size)
+    """Greedy answers of ``lm`` (first ``k`` tokens) and its coarsened distributions along them; ``progress(done,
+    total)`` after each generation batch."""
+    answers = lm.generate_ids(prompts, max_new_tokens=k, system=system, batch_size=batch_size, progress=progress)
     answers = [a if a else [lm.tokenizer.eos_token_id or 0] for a in answers]  # never an empty answer
     ref = AnswerReference(answers, [None] * len(prompts), [None] * len(prompts), [None] * len(prompts), k)  # type: ignore[list-item]
     for rows, logp in _batches(lm, prompts, answers, system, batch_size):

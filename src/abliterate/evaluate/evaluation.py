@@ -22,14 +22,17 @@ import math
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from abliterate.errors import AbliterateError
-from abliterate.evaluate.damage import AnswerReference, answer_kl, answer_reference, bundled_texts, perplexity
+from abliterate.evaluate import base_cache
+from abliterate.evaluate.base_cache import BaseRecord, cache_key
+from abliterate.evaluate.damage import TOP, AnswerReference, answer_kl, answer_reference, bundled_texts, perplexity
 from abliterate.evaluate.judge import VERDICTS, DegenerateDetector, Judge, MarkerJudge, Verdict, judge_responses
-from abliterate.lm.model import LoadedModel
+from abliterate.lm.model import LoadedModel, Progress, Steps
 from abliterate.measure.capture import check_prompts
 from abliterate.measure.first_token import first_token_logprobs, kl_divergence
 
@@ -113,6 +116,7 @@ class Metrics:
     kl_tokens: int = 0
     perplexity: float = float("nan")
     behaviour: str = "refusal"  # the behaviour profile judged: a "refusal" verdict means it was shown
+    from_cache: bool = False  # the unedited model's answers and damage numbers were read from the cross-run cache
 
     @property
     def n_harmful(self) -> int:
@@ -173,6 +177,7 @@ class Metrics:
             "kl_answer": self.kl_answer,
             "kl_tokens": self.kl_tokens,
             "perplexity": self.perplexity,
+            "from_cache": self.from_cache,
             "n_harmful": self.n_harmful,
             "n_harmless": self.n_harmless,
             "counts": {"harmful": self.counts("harmful"), "harmless": self.counts("harmless")},
@@ -247,29 +252,29 @@ class Evaluator:
         self.batch_size = batch_size
         self._base: torch.Tensor | None = None
         self._answers: AnswerReference | None = None
+        self.cache_note = ""  # why the base evaluation was not stored in the cross-run cache, when it was not
 
     def base_logprobs(self) -> torch.Tensor:
         if self._base is None:
             self._base = first_token_logprobs(self.lm, self.harmless, system=self.system, batch_size=self.batch_size)
         return self._base
 
-    def base_answers(self) -> AnswerReference:
+    def base_answers(self, progress: Progress | None = None) -> AnswerReference:
         """The unedited model's first ``kl_tokens`` answer tokens to the harmless prompts and its distributions
         along them, computed once (before any edit) and reused for every multi-token KL."""
         if self._answers is None:
             self._answers = answer_reference(
-                self.lm, self.harmless, k=self.kl_tokens, system=self.system, batch_size=self.batch_size
+                self.lm,
+                self.harmless,
+                k=self.kl_tokens,
+                system=self.system,
+                batch_size=self.batch_size,
+                progress=progress,
             )
         return self._answers
 
-    def _respond(self, lm: LoadedModel, prompts: list[str]) -> list[Sample]:
-        responses = lm.generate(
-            prompts,
-            max_new_tokens=self.max_new_tokens,
-            min_new_tokens=self.min_new_tokens,
-            system=self.system,
-            batch_size=self.batch_size,
-        )
+    def _samples(self, prompts: list[str], responses: list[str]) -> list[Sample]:
+        """Judge answers (the main judge, then every other judge for agreement)."""
         judged = judge_responses(self.judge, prompts, responses, detector=self.detector)
         samples = [Sample(p, r, j.verdict, j.reason) for p, r, j in zip(prompts, responses, judged, strict=True)]
         for other in self.compare:
@@ -279,30 +284,114 @@ class Evaluator:
                 sample.also[other.name] = j.verdict
         return samples
 
-    def measure(self, name: str, edit: Edit | None = None, *, model: LoadedModel | None = None) -> Metrics:
-        """Measure the base model, the base model under ``edit`` (a context-manager factory such as
-        ``lambda: ablate(lm, r)``), or another ``model`` (e.g. a saved abliterated copy)."""
-        target = model or self.lm
-        base, answers = self.base_logprobs(), self.base_answers()
-        with edit() if edit else contextlib.nullcontext():
-            harmful = self._respond(target, self.harmful)
-            harmless = self._respond(target, self.harmless)
-            logp = first_token_logprobs(target, self.harmless, system=self.system, batch_size=self.batch_size)
-            kl_answer = answer_kl(target, self.harmless, answers, system=self.system, batch_size=self.batch_size)
-            ppl = perplexity(target, self.texts, batch_size=max(1, self.batch_size // 4))
+    def _generate(self, lm: LoadedModel, prompts: list[str], progress: Progress | None) -> list[str]:
+        return lm.generate(
+            prompts,
+            max_new_tokens=self.max_new_tokens,
+            min_new_tokens=self.min_new_tokens,
+            system=self.system,
+            batch_size=self.batch_size,
+            progress=progress,
+        )
+
+    def _produce(self, target: LoadedModel, steps: Steps) -> BaseRecord:
+        """Everything ``target`` (under whatever edit is active) produces for one measurement: answers per side,
+        first-token KL, answer KL and perplexity (the base references computed first, if not yet)."""
+        base = self.base_logprobs()
+        answers = self.base_answers(steps.part(len(self.harmless) if self._answers is None else 0))
+        harmful = self._generate(target, self.harmful, steps.part(len(self.harmful)))
+        harmless = self._generate(target, self.harmless, steps.part(len(self.harmless)))
+        logp = first_token_logprobs(target, self.harmless, system=self.system, batch_size=self.batch_size)
+        kl_answer = answer_kl(target, self.harmless, answers, system=self.system, batch_size=self.batch_size)
+        ppl = perplexity(target, self.texts, batch_size=max(1, self.batch_size // 4))
+        steps.advance(1)
+        kl = float(kl_divergence(base, logp).mean())
+        return BaseRecord(harmful, harmless, base, answers, kl, float(kl_answer.mean()), ppl)
+
+    def _steps(self, progress: Progress | None) -> Steps:
+        """Progress of one measurement in answers generated (the base's reference answers too while they are
+        still to be made), plus one step for the damage measures after them."""
+        base = len(self.harmless) if self._answers is None else 0
+        return Steps(progress, base + len(self.harmful) + len(self.harmless) + 1)
+
+    def _metrics(self, name: str, record: BaseRecord) -> Metrics:
         return Metrics(
             name=name,
-            kl=float(kl_divergence(base, logp).mean()),
-            harmful_samples=harmful,
-            harmless_samples=harmless,
+            kl=record.kl,
+            harmful_samples=self._samples(self.harmful, record.harmful),
+            harmless_samples=self._samples(self.harmless, record.harmless),
             judge=self.judge.name,
-            kl_answer=float(kl_answer.mean()),
+            kl_answer=record.kl_answer,
             kl_tokens=self.kl_tokens,
-            perplexity=ppl,
+            perplexity=record.perplexity,
         )
+
+    def measure(
+        self,
+        name: str,
+        edit: Edit | None = None,
+        *,
+        model: LoadedModel | None = None,
+        progress: Progress | None = None,
+    ) -> Metrics:
+        """Measure the base model, the base model under ``edit`` (a context-manager factory such as
+        ``lambda: ablate(lm, r)``), or another ``model`` (e.g. a saved abliterated copy). ``progress(done, total)``
+        is called after every generation batch."""
+        steps = self._steps(progress)
+        self.base_logprobs()
+        self.base_answers(steps.part(len(self.harmless) if self._answers is None else 0))
+        with edit() if edit else contextlib.nullcontext():
+            record = self._produce(model or self.lm, steps)
+        return self._metrics(name, record)
+
+    def cache_key(self) -> str | None:
+        """The key of this evaluator's base evaluation in the cross-run cache (:mod:`abliterate.evaluate.base_cache`):
+        the model's weights, the tokenized prompts and texts, the generation settings; None for a model whose
+        weights are not all in memory."""
+        tok = self.lm.tokenizer
+        inputs = {
+            side: [tok(t, add_special_tokens=False)["input_ids"] for t in self.lm.format(prompts, system=self.system)]
+            for side, prompts in (("harmful", self.harmful), ("harmless", self.harmless))
+        }
+        inputs["texts"] = [tok(t)["input_ids"] for t in self.texts]
+        settings = {
+            "max_new_tokens": self.max_new_tokens,
+            "min_new_tokens": self.min_new_tokens,
+            "batch_size": self.batch_size,
+            "kl_tokens": self.kl_tokens,
+            "top": TOP,
+            "eos": sorted(self.lm.eos_ids()),
+            "pad": tok.pad_token_id,
+            "capabilities": self.lm.caps.to_dict(),
+        }
+        return cache_key(self.lm, inputs, settings)
+
+    def measure_base(self, name: str, *, cache: Path | None = None, progress: Progress | None = None) -> Metrics:
+        """Measure the unedited model (no edit may be active). With ``cache`` (a folder), what it produces is
+        read from there when a run with the same key stored it, else measured and stored (see
+        :mod:`abliterate.evaluate.base_cache`); the answers are judged afresh either way. The result's
+        ``from_cache`` says which; :attr:`cache_note` says why nothing was stored, when that happened."""
+        key = self.cache_key() if cache is not None else None
+        record = base_cache.load(cache, key) if cache is not None and key else None
+        hit = record is not None
+        if record is None:
+            steps = self._steps(progress)
+            record = self._produce(self.lm, steps)
+            if cache is not None and key:
+                self.cache_note = base_cache.store(cache, key, record)
+            elif cache is not None:
+                self.cache_note = "the unedited model's evaluation was not cached: its weights are not all in memory"
+        else:
+            self._base, self._answers = record.logprobs, record.answers
+            if progress:
+                progress(1, 1)
+        metrics = self._metrics(name, record)
+        metrics.from_cache = hit
+        return metrics
 
     def induced_refusal(self, edit: Edit) -> tuple[float, list[Sample]]:
         """Refusal rate on the harmless prompts under an induction."""
         with edit():
-            samples = self._respond(self.lm, self.harmless)
+            responses = self._generate(self.lm, self.harmless, None)
+        samples = self._samples(self.harmless, responses)
         return sum(s.refused for s in samples) / len(samples), samples

@@ -22,6 +22,26 @@ Progress = Callable[[int, int], None]
 CACHE_ARGS = ("cache", "past_key_values")  # the KV cache's forward argument: "cache" from transformers 5.24 on
 
 
+class Steps:
+    """One measurement's progress over its parts: :meth:`part` turns a part's own ``(done, total)`` into the
+    whole's, and moves the start of the next part on by that part's size."""
+
+    def __init__(self, progress: Progress | None, total: int) -> None:
+        self.progress, self.total, self.done = progress, total, 0
+
+    def part(self, size: int) -> Progress | None:
+        start, self.done = self.done, self.done + size
+        if self.progress is None or not size:
+            return None
+        report = self.progress
+        return lambda done, _total: report(start + done, self.total)
+
+    def advance(self, size: int) -> None:
+        self.done += size
+        if self.progress:
+            self.progress(self.done, self.total)
+
+
 class CapabilityWarning(UserWarning):
     """A model's forward lacks an argument abliterate uses for speed or exactness (reported once per model)."""
 
@@ -212,7 +232,8 @@ class LoadedModel:
         )
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
-    def _eos_ids(self) -> set[int]:
+    def eos_ids(self) -> set[int]:
+        """The token ids that end an answer (the generation config's, else the tokenizer's)."""
         eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
         if eos is None:
             eos = self.tokenizer.eos_token_id
@@ -234,7 +255,7 @@ class LoadedModel:
         if not prompts:
             raise PromptError("no prompts to generate from; pass at least one prompt")
         texts = self.format(prompts, system=system)
-        eos = self._eos_ids()
+        eos = self.eos_ids()
         out: list[list[int]] = []
         for start in range(0, len(texts), batch_size):
             batch = self.encode(texts[start : start + batch_size])

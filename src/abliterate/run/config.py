@@ -141,6 +141,11 @@ class RunConfig:
     )
     min_new_tokens: int = _opt(0, "Final evaluation: at least this many (default 0: the model may stop earlier).")
     kl_tokens: int = _opt(16, "Multi-token KL over this many tokens of the unedited model's answers (default 16).")
+    eval_cache: bool = _opt(
+        True,
+        "Reuse the unedited model's evaluation from an earlier run with the same model weights, prompts, template "
+        "and generation settings (kept in the cache dir's evaluations/; answers are judged again each run).",
+    )
     judge: str = _opt(
         "marker", "marker (default: the behaviour profile's phrases), llm:PATH (a local LM) or classifier:PATH."
     )

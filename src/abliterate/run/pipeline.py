@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +18,7 @@ from abliterate.behaviours.profiles import Profile, ProfileError, load_profile
 from abliterate.edit.plan import AppliedEdit, applied, apply_plan, build_plan
 from abliterate.errors import AbliterateError
 from abliterate.evaluate.evaluation import Evaluator, Metrics, baseline_note
+from abliterate.lm.demo import cache_dir
 from abliterate.lm.loading import load_model
 from abliterate.lm.model import LoadedModel
 from abliterate.lm.saving import atomic_directory, check_output
@@ -32,6 +32,7 @@ from abliterate.run.config import RunConfig
 from abliterate.run.context import RunContext, resolve
 from abliterate.run.result import RunResult
 from abliterate.run.run_manifest import write_run_manifest
+from abliterate.run.timing import StageTimer
 from abliterate.select.scorer import Scorer
 from abliterate.select.search import Pick
 from abliterate.select.sweep import Selection, select
@@ -71,16 +72,32 @@ def scorer_for(ctx: RunContext, lm: LoadedModel, **kw: Any) -> Scorer:
 
 
 def measure(
-    ctx: RunContext, lm: LoadedModel, progress: StageProgress | None = None, scorer: Scorer | None = None
+    ctx: RunContext,
+    lm: LoadedModel,
+    progress: StageProgress | None = None,
+    scorer: Scorer | None = None,
+    timer: StageTimer | None = None,
 ) -> tuple[Activations, Selection]:
     """Capture on the train split and sweep candidates on the validation split (scored by ``scorer``, built
-    on the unedited model and the validation split, when given: the search then reuses it)."""
+    on the unedited model and the validation split, when given: the search then reuses it); ``timer`` times the
+    two stages ("capture", "sweep")."""
+    harmful, harmless = ctx.harmful, ctx.harmless
+    timer = timer or StageTimer()
+    with timer.stage("capture"):
+        acts = _capture(ctx, lm, progress)
+    with timer.stage("sweep"):
+        if scorer is None:
+            scorer = scorer_for(ctx, lm)
+        sweep_progress = (lambda d, t, _s: progress("sweep", d, t)) if progress else None
+        sel = select(lm, acts, harmful.val, harmless.val, ctx.sweep_settings(), progress=sweep_progress, scorer=scorer)
+    return acts, sel
+
+
+def _capture(ctx: RunContext, lm: LoadedModel, progress: StageProgress | None) -> Activations:
     cfg, harmful, harmless = ctx.cfg, ctx.harmful, ctx.harmless
-    if scorer is None:
-        scorer = scorer_for(ctx, lm)
     if progress:
         progress("capture", 0, len(harmful.train) + len(harmless.train))
-    acts = capture(
+    return capture(
         lm,
         harmful.train,
         harmless.train,
@@ -89,9 +106,6 @@ def measure(
         system=cfg.system,
         progress=(lambda d, t: progress("capture", d, t)) if progress else None,
     )
-    sweep_progress = (lambda d, t, _s: progress("sweep", d, t)) if progress else None
-    sel = select(lm, acts, harmful.val, harmless.val, ctx.sweep_settings(), progress=sweep_progress, scorer=scorer)
-    return acts, sel
 
 
 @dataclass(frozen=True)
@@ -119,32 +133,33 @@ def run(cfg: RunConfig, progress: StageProgress | None = None, pick: Pick | None
     """``abliterate run``: writes the edited model, directions, metrics, config and report to ``cfg.out``.
     ``pick``: asked for the search's trial after its default policy chose (see
     :func:`abliterate.select.search.search`)."""
-    timings: dict[str, float] = {}
-    t0 = time.perf_counter()
-    target = check_output(cfg.out, overwrite=cfg.force, inputs=(Path(cfg.model) if Path(cfg.model).exists() else None,))
-    profile = load_profile(cfg.behaviour)  # the run's one profile load: everything below reads the context
-    cfg, loaded = load_checked(cfg, profile)
-    timings["load"] = time.perf_counter() - t0
+    timer = StageTimer()  # every stage's seconds: metrics.json's "timings_s"
+    progress = timer.watch(progress)
+    with timer.stage("load"):
+        inputs = (Path(cfg.model) if Path(cfg.model).exists() else None,)
+        target = check_output(cfg.out, overwrite=cfg.force, inputs=inputs)
+        profile = load_profile(cfg.behaviour)  # the run's one profile load: everything below reads the context
+        cfg, loaded = load_checked(cfg, profile)
     ctx = resolve(cfg, profile, judge=True)
-    t = time.perf_counter()
-    base_progress = (lambda d, t: progress("validation base", d, t)) if progress else None
-    scorer = scorer_for(ctx, loaded.lm, progress=base_progress)
-    scorer.progress = None  # the base pass is reported; the sweep and search report their own steps
-    acts, sel = measure(ctx, loaded.lm, progress, scorer)
-    timings["capture_and_sweep"] = time.perf_counter() - t
+    with timer.stage("validation base"):
+        scorer = scorer_for(ctx, loaded.lm, progress=lambda d, t: progress("validation base", d, t))
+        scorer.progress = None  # the base pass is reported; the sweep and search report their own steps
+    acts, sel = measure(ctx, loaded.lm, progress, scorer, timer)
     check_found(ctx, sel)
-    t = time.perf_counter()
     choice = None
     if profile.goal == "remove":
-        choice = choose_edit(ctx, loaded.lm, acts, sel, scorer, progress, pick)
-        timings["search" if choice.search else "choose"] = time.perf_counter() - t
-    done = evaluate(ctx, loaded, sel, acts, choice, timings, progress)
+        with timer.stage("search" if cfg.search.enabled else "choose", splits={"check front": "check"}):
+            choice = choose_edit(ctx, loaded.lm, acts, sel, scorer, progress, pick)
+    done = evaluate(ctx, loaded, sel, acts, choice, timer, progress)
     lm = loaded.lm
     ids = refusal_token_ids(lm.tokenizer, profile.openers)
     note = "; ".join(n for n in done.notes if n)
+    timings = timer.seconds
     result = RunResult(None, sel, done.before, done.after, timings, cfg.to_dict(), note, lm.caps.to_dict(), choice)
     result.behaviour, result.induction = {**profile.to_dict(), "score_token_ids": ids}, done.induction
-    save(target, ctx, loaded, result, acts, done.edit, t0, progress)
+    with timer.stage("save"):
+        save(target, ctx, loaded, result, acts, done.edit, timer, progress)
+    timings["total"] = timer.total()
     result.out = target
     return result
 
@@ -191,10 +206,12 @@ def evaluate(
     sel: Selection,
     acts: Activations,
     choice: Choice | None,
-    timings: dict[str, float],
+    timer: StageTimer,
     progress: StageProgress | None,
 ) -> Evaluated:
-    """Evaluate the unedited model, make the edit (or bake the induction), evaluate again."""
+    """Evaluate the unedited model (read from the cross-run cache when ``cfg.eval_cache`` and a run with the same
+    model and settings stored it), make the edit (or bake the induction), evaluate again; progress is reported
+    per generation batch."""
     cfg, profile, lm, judge = ctx.cfg, ctx.profile, loaded.lm, ctx.judge
     assert judge is not None, "a run's context is resolved with its judge"
     compare = [] if judge.name == "marker" else [profile.marker_judge()]
@@ -213,18 +230,21 @@ def evaluate(
     )
 
     def measured(name: str, edit: Any = None) -> Metrics:
-        start = time.perf_counter()
-        if progress:
-            progress(f"evaluate {name}", 0, 1)
-        metrics = evaluator.measure(name, edit)
+        stage = f"evaluate {name}"
+        report = (lambda d, t: progress(stage, d, t)) if progress else None
+        with timer.stage(f"evaluate_{name}"):
+            if report:
+                report(0, 1)
+            if name == "before":
+                cache = eval_cache_dir() if cfg.eval_cache else None
+                metrics = evaluator.measure_base(name, cache=cache, progress=report)
+            else:
+                metrics = evaluator.measure(name, edit, progress=report)
         metrics.behaviour = profile.name
-        if progress:
-            progress(f"evaluate {name}", 1, 1)
-        timings[f"evaluate_{name}"] = time.perf_counter() - start
         return metrics
 
     before = measured("before")
-    notes = [baseline_note(before) if ctx.is_refusal else ""]
+    notes = [baseline_note(before) if ctx.is_refusal else "", evaluator.cache_note]
     induction, edit = None, None
     if choice is None:  # goal induce: the sweep's direction pinned to the behaviour side's mean projection
         from abliterate.run.induction import bake_chosen
@@ -251,13 +271,12 @@ def save(
     result: RunResult,
     acts: Activations,
     edit: AppliedEdit | None,
-    t0: float,
+    timer: StageTimer,
     progress: StageProgress | None,
 ) -> None:
     """Write everything into a temporary folder renamed to ``target``: the model (or adapter), tokenizer,
     directions, edit.json, the search journal, config, card, report, metrics and, last, the manifest."""
     cfg, lm, choice, sel, timings = ctx.cfg, loaded.lm, result.choice, result.selection, result.timings
-    t = time.perf_counter()
     if progress:
         progress("save", 0, 1)
     with atomic_directory(target) as tmp:
@@ -279,8 +298,7 @@ def save(
         if choice is not None and choice.search is not None and journal.exists():
             os.replace(journal, tmp / "search_journal.log")  # the run succeeded: the journal goes inside
         write_artifacts(tmp, result, acts)
-        timings["save"] = time.perf_counter() - t
-        timings["total"] = time.perf_counter() - t0
+        timings.update(timer.so_far())  # the save stage up to here (its files; not the metrics and manifest below)
         (tmp / "metrics.json").write_text(json.dumps(result.metrics(), indent=2) + "\n")
         write_run_manifest(tmp, cfg, ctx.profile, versions())  # last: it hashes every file written
         if progress:  # before the rename, so that nothing runs between the rename and the return
@@ -370,8 +388,13 @@ def write_artifacts(folder: Path, result: RunResult, acts: Activations) -> None:
     write_report(folder, result, acts)
 
 
+def eval_cache_dir() -> Path:
+    """Where the unedited model's evaluations are kept across runs (:mod:`abliterate.evaluate.base_cache`)."""
+    return cache_dir() / "evaluations"
+
+
 def known_models() -> tuple[KnownModel, ...]:
     """Local models whose hub id the model card cannot read off their path: the demo's GGUF."""
-    from abliterate.lm.demo import DEMO_HUB_ID, DEMO_LICENSE, DEMO_NAME, cache_dir
+    from abliterate.lm.demo import DEMO_HUB_ID, DEMO_LICENSE, DEMO_NAME
 
     return (KnownModel(cache_dir() / DEMO_NAME, DEMO_HUB_ID, {"license": DEMO_LICENSE}),)
