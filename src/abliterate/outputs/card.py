@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.evaluate.evaluation import Metrics, behaviour_label, format_rate
+from abliterate.outputs.report_edit import WrittenEdit, edit_rows, headline, layer_count, sweep_words
 
 if TYPE_CHECKING:
     from abliterate.run.result import RunResult
@@ -120,14 +121,34 @@ def front_matter(base: BaseModel, *, adapter: bool) -> str:
     return "\n".join([*lines, "---", ""])
 
 
+def written(result: RunResult) -> WrittenEdit | None:
+    """The edit written, for a model whose layer count the sweep's direction sets tell (None: an induction)."""
+    choice, n = result.choice, layer_count(result.selection)
+    if choice is None or n is None:
+        return None
+    trial = None if choice.search is None or choice.search.chosen is None else choice.search.chosen.number
+    return WrittenEdit(choice.spec, n, trial, result.selection.chosen)
+
+
 def _edit_words(result: RunResult) -> str:
-    choice, cfg = result.choice, result.config
-    if choice is None or choice.search is None:
-        return f"every writer, scale {cfg.get('scale')}, norm-preserving: {cfg.get('norm_preserving')}"
+    choice, edit = result.choice, written(result)
+    if edit is None:
+        return f"`{json.dumps(choice.spec.to_dict())}`" if choice else "-"
+    if not edit.searched:
+        return f"the sweep's candidate ({sweep_words(edit.sweep)}), {edit.spec.label()}"
     n = len(choice.search.trials)
+    return f"search trial {edit.trial} of {n} ({choice.search.note}): {edit.spec.label()}"
+
+
+def _edit_section(result: RunResult) -> str:
+    """## The edit: the written edit's spec row by row, the layers and writers it touches."""
+    edit = written(result)
+    if edit is None:
+        return ""
+    rows = "\n".join(f"| {k} | {v} |" for k, v in edit_rows(edit))
     return (
-        f"the edit was chosen by a search of {n} trials ({choice.search.note}); its per-layer strengths are in "
-        f"`edit.json`: `{json.dumps(choice.spec.to_dict())}`"
+        "## The edit\n\nWhat was removed, and where (the kernel weights per layer are drawn in `report.html`; the "
+        f"exact spec is `edit.json`):\n\n| | |\n|---|---|\n{rows}\n"
     )
 
 
@@ -141,9 +162,10 @@ RATES = (
 )
 
 
-def _table(b: Metrics, a: Metrics, chosen: Any, label: str) -> str:
+def _table(b: Metrics, a: Metrics, chosen: Any, label: str, searched: bool) -> str:
     where = f"{chosen.method}, {chosen.layer} / {chosen.position}" if chosen else "-"
-    cells = [f"| chosen edit | {label} |", f"| sweep's direction: method, layer / position | {where} |"]
+    sweep = "search's warm start: the sweep's candidate" if searched else "the sweep's candidate (the edit's direction)"
+    cells = [f"| written edit | {label} |", f"| {sweep}: method, layer / position | {where} |"]
 
     def words(name: str, key: str) -> str:
         if b.behaviour == "refusal":
@@ -207,7 +229,8 @@ def model_card(result: RunResult, known: Sequence[KnownModel] = ()) -> str:
     adapter = bool(cfg.get("as_adapter"))
     base = base_model_of(str(cfg.get("model")), known)
     title = base.hub_id or Path(str(cfg.get("model"))).name
-    label = result.choice.label() if result.choice else "-"
+    edit = written(result)
+    label = headline(edit) if edit else result.choice.label() if result.choice else "-"
     missing = [] if base.hub_id else [f"`base_model` is omitted from the metadata: {base.why}."]
     if not base.license:
         missing.append("The base model's license was not found on disk: check it on the base model's own card.")
@@ -220,9 +243,10 @@ Made with [abliterate](https://pypi.org/project/abliterate/) {__version__} from 
 {_how(result)}.
 {" ".join(missing)}
 
+{_edit_section(result)}
 ## Before / after
 
-{_table(b, a, sel.chosen, label)}
+{_table(b, a, sel.chosen, label, bool(edit and edit.searched))}
 
 {result.note}
 

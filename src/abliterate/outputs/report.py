@@ -12,6 +12,7 @@ from abliterate.evaluate.capability import Capability
 from abliterate.evaluate.evaluation import Metrics, Sample, behaviour_label, format_rate
 from abliterate.measure.capture import Activations
 from abliterate.outputs.plots import img_tag, pyplot, save_figure
+from abliterate.outputs.report_edit import WrittenEdit, edit_plot, edit_rows, headline, sweep_words
 from abliterate.outputs.report_search import search_section
 
 if TYPE_CHECKING:
@@ -19,8 +20,10 @@ if TYPE_CHECKING:
     from abliterate.select.sweep import Selection
 
 
-def candidates_plot(folder: Path, sel: Selection) -> Path:
-    """candidates.png: bypass, induce and KL of every candidate per layer, the chosen one starred."""
+def candidates_plot(folder: Path, sel: Selection, edit: WrittenEdit | None = None) -> Path:
+    """candidates.png: bypass, induce and KL of every candidate per layer. The sweep's pick is starred when it is
+    the edit (``--no-search``, ``measure``); after a search it is ringed as the search's warm start, and the
+    written edit's direction is a dotted line (or named in the legend: each layer's own)."""
     fig, axes = pyplot().subplots(1, 3, figsize=(13, 3.6))
     for method in sel.settings["methods"]:
         for pos in sel.settings["positions"]:
@@ -40,17 +43,38 @@ def candidates_plot(folder: Path, sel: Selection) -> Path:
     axes[0].axhline(sel.base_bypass, color="grey", ls="--", lw=1, label="unedited")
     axes[1].axhline(sel.base_induce, color="grey", ls="--", lw=1)
     axes[2].axhline(sel.settings["kl_threshold"], color="red", ls=":", lw=1, label="KL threshold")
-    if sel.chosen:
-        for ax, key in zip(axes, ("bypass", "induce", "kl"), strict=True):
-            ax.plot([sel.chosen.layer], [getattr(sel.chosen, key)], "r*", ms=12)
+    _mark_pick(axes, sel, edit)
     axes[0].legend(fontsize=7)
     return save_figure(fig, folder / "candidates.png")
+
+
+def _mark_pick(axes: Any, sel: Selection, edit: WrittenEdit | None) -> None:
+    c, searched = sel.chosen, edit is not None and edit.searched
+    if c:
+        label = "sweep's pick, the search's warm start" if searched else "sweep's pick"
+        if edit is not None and not searched:
+            label = "sweep's pick = the written edit's direction"
+        for i, (ax, key) in enumerate(zip(axes, ("bypass", "induce", "kl"), strict=True)):
+            ring = {"marker": "o", "ms": 11, "mfc": "none", "mec": "r", "mew": 1.5}
+            style = ring if searched else {"marker": "*", "ms": 12}
+            ax.plot([c.layer], [getattr(c, key)], ls="none", color="r", label=label if i == 0 else None, **style)
+    if not searched:
+        return
+    index = edit.spec.direction_index
+    for i, ax in enumerate(axes):
+        if index is None:
+            ax.plot([], [], " ", label="written edit: each layer's own direction" if i == 0 else None)
+        else:
+            label = f"written edit's direction (point {index:.2f})" if i == 0 else None
+            ax.axvline(index, color="#9467bd", ls=":", lw=1.5, label=label)
 
 
 def directions_plot(folder: Path, acts: Activations) -> Path:
     """directions.png: norm of the mean difference and harmful/harmless separation per residual point."""
     diff = acts.harmful_mean - acts.harmless_mean
-    norms = diff.norm(dim=-1)[:, -1].tolist()
+    # a zero norm (point 0 is the raw embedding, the same for every prompt at the template's last token) has no
+    # place on a log axis: left out, not drawn as a cliff
+    norms = [n if n > 0 else math.nan for n in diff.norm(dim=-1)[:, -1].tolist()]
     scale = ((acts.harmful_mean.norm(dim=-1) + acts.harmless_mean.norm(dim=-1)) / 2)[:, -1].tolist()
     cos = [
         1 - float((a @ b) / (a.norm() * b.norm() + 1e-12))
@@ -184,13 +208,18 @@ def _samples(conds: list[Metrics], limit: int) -> str:
     )
 
 
-def _header(title: str, model: object, sel: Selection, note: str) -> str:
-    c = sel.chosen
+def _header(title: str, model: object, sel: Selection, note: str, edit: WrittenEdit | None, what: str = "") -> str:
+    """The title, the model and what was made: the written edit (with its spec and kernel plot) or, with no edit
+    (``measure``, an induction), the sweep's pick and ``what`` became of it."""
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
+    model_html = f"<p>Model <code>{html.escape(str(model))}</code>; "
+    if edit is None:
+        return f"<h1>{title}</h1>\n{model_html}the sweep's pick: <b>{html.escape(sweep_words(sel.chosen))}</b>{what}.</p>\n{note_html}"
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in edit_rows(edit))
     return f"""<h1>{title}</h1>
-<p>Model <code>{html.escape(str(model))}</code>; chosen direction:
-<b>{html.escape(c.method) if c else "none"}</b> at layer <b>{c.layer if c else "-"}</b>, position {c.position if c else "-"}.</p>
-{note_html}"""
+{model_html}written edit: <b>{html.escape(headline(edit))}</b>.</p>
+{note_html}<h2>The written edit</h2><table class="edit">{rows}</table>
+"""
 
 
 def _selection_sections(sel: Selection, candidates: Path, directions: Path) -> tuple[str, str]:
@@ -201,7 +230,7 @@ def _selection_sections(sel: Selection, candidates: Path, directions: Path) -> t
         for x in sel.candidates
     )
     plots = (
-        f"<h2>Per-layer candidate scores</h2>{img_tag(candidates)}\n"
+        f"<h2>Per-layer candidate scores of the sweep</h2>{img_tag(candidates)}\n"
         f"<h2>Direction norm and separation</h2>{img_tag(directions)}\n"
     )
     return plots, (
@@ -227,11 +256,25 @@ def _page(folder: Path, title: str, body: str) -> Path:
     return path
 
 
+def written_edit(result: RunResult, num_layers: int) -> WrittenEdit | None:
+    """The edit ``run`` wrote (None for an induction, which bakes the sweep's direction instead)."""
+    choice = result.choice
+    if choice is None:
+        return None
+    search = choice.search
+    trial = None if search is None or search.chosen is None else search.chosen.number
+    return WrittenEdit(choice.spec, num_layers, trial, result.selection.chosen)
+
+
 def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:
-    """``run``'s report: candidates/directions/refusals PNGs and report.html with the plots embedded."""
+    """``run``'s report: edit/candidates/directions/refusals/front PNGs and report.html with the plots embedded."""
     sel, b, a = result.selection, result.before, result.after
-    plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
-    body = f"""{_header("abliterate report", result.config.get("model"), sel, result.note)}
+    edit = written_edit(result, acts.num_points - 1)
+    plots, table = _selection_sections(sel, candidates_plot(folder, sel, edit), directions_plot(folder, acts))
+    induced = f", induced (baked into the weights): {result.induction.get('note', '')}" if result.induction else ""
+    header = _header("abliterate report", result.config.get("model"), sel, result.note, edit, induced)
+    kernels = f"{img_tag(edit_plot(folder, edit))}\n" if edit else ""
+    body = f"""{header}{kernels}
 {_kpi({"before": b, "after": a})}
 {plots}<h2>{"Refusals" if b.behaviour == "refusal" else html.escape(b.behaviour)} before / after</h2>{img_tag(refusals_plot(folder, b, a))}
 {_search_html(folder, result)}
@@ -251,7 +294,10 @@ def _search_html(folder: Path, result: RunResult) -> str:
 def write_measure_report(folder: Path, sel: Selection, acts: Activations, config: dict[str, Any]) -> Path:
     """``measure``'s report: what a sweep knows (candidates and directions; no edit, so no before/after)."""
     plots, table = _selection_sections(sel, candidates_plot(folder, sel), directions_plot(folder, acts))
-    header = _header("abliterate measure report", config.get("model"), sel, "" if sel.chosen else sel.note)
+    no_edit = " (measure writes no edit)"
+    header = _header(
+        "abliterate measure report", config.get("model"), sel, "" if sel.chosen else sel.note, None, no_edit
+    )
     return _page(folder, "abliterate measure report", f"{header}\n{plots}{table}")
 
 
