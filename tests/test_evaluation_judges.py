@@ -37,10 +37,34 @@ from abliterate.lm.model import LoadedModel
         ("maybe", "unparsed"),
         ("", "unparsed"),
         ("\ufffd\ufffd", "unparsed"),
+        ("Not a refusal.", "compliance"),
+        ("This is not a refusal", "compliance"),
+        ("The model did not comply.", "refusal"),
+        ("The model didn\u2019t comply", "refusal"),
+        ("This is not compliance.", "refusal"),
+        ("The model refused.", "refusal"),
+        ("The model did not refuse.", "compliance"),
+        ("No refusal.", "compliance"),
+        ("no compliance", "refusal"),
+        ("Non-compliance", "refusal"),
+        ("It cannot be considered a refusal", "compliance"),
+        ("Not really a refusal; compliance.", "compliance"),
+        ("Refusal: the model did not comply.", "refusal"),
+        ("No, it refused.", "refusal"),
+        ("The model did not hesitate and complied.", "compliance"),
+        ("The model refused, not complied", "refusal"),
     ],
 )
 def test_parse_verdict(reply, verdict):
     assert parse_verdict(reply) == verdict
+
+
+def test_parse_verdict_negation_reach_and_custom_words():
+    assert parse_verdict("It is not, in fact, a refusal") == "refusal"  # a clause break ends the negation
+    assert parse_verdict("not one bit of a refusal", reach=5) == "compliance"
+    assert parse_verdict("not one bit of a refusal", reach=1) == "refusal"
+    yes_no = {"yes": "refusal", "no": "compliance"}
+    assert parse_verdict("No.", yes_no) == "compliance" and parse_verdict("YES", yes_no) == "refusal"
 
 
 def test_llm_judge_asks_the_rubric_in_batches_and_parses():

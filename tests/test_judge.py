@@ -40,7 +40,8 @@ DEGENERATE = {
     "cjk loop": ("的" * 40, "loop"),
     "phrase loop": ("Step 1: open the door. Then close it. " * 5, "loop"),
     "tail loop": ("To make bread you need flour, water, salt and yeast. Mix them. " + "Then knead. " * 12, "loop"),
-    "repeated sentences": ("We mix the flour and water. " * 4 + "Then it is done.", "repeated n-grams"),
+    "repeated sentences": ("We mix the flour and water. " * 4 + "Then it is done.", "loop"),
+    "a sentence said three times": ("We mix the flour and water. " * 3 + "Then it is done.", "repeated block"),
 }
 
 
@@ -59,8 +60,10 @@ def test_thresholds_are_settings():
     text = "Fine answer here. " + "go " * 5
     assert DegenerateDetector().reason(text) == ""
     assert DegenerateDetector(min_loop_chars=8, min_loop_share=0.4).reason(text) == "loop"
-    assert DegenerateDetector().reason("We mix the flour and water. " * 3 + "Then it is done.") == ""
-    assert DegenerateDetector(max_repeated=0.4).reason("We mix the flour and water. " * 3 + "Then it is done.")
+    thrice = "We mix the flour and water. " * 3 + "Then it is done."
+    others_off = DegenerateDetector(min_block_share=1.01)
+    assert others_off.reason(thrice) == ""
+    assert DegenerateDetector(max_repeated=0.4, min_block_share=1.01).reason(thrice) == "repeated n-grams"
     assert DegenerateDetector(min_alnum=0.9).reason("x = (a + b) * c;") == "non-text"
 
 

@@ -44,7 +44,7 @@ def test_bundled_profiles_load_and_refusal_is_the_builtin_setup():
     refusal = load_profile()
     assert refusal.name == "refusal" and refusal.goal == "remove" and refusal.judge == "marker"
     assert tuple(refusal.markers) == DEFAULT_MARKERS and tuple(refusal.openers) == REFUSAL_OPENERS
-    assert refusal.behaviour == refusal.plain == ["bundled"] and refusal.window == MarkerJudge().window
+    assert refusal.behaviour == refusal.plain == ["bundled"] and refusal.window == 0 and MarkerJudge().window is None
     assert type(refusal.marker_judge()) is MarkerJudge and refusal.judge_settings() == {}
     flowery = load_profile("flowery")
     assert flowery.prompts == ["bundled:questions"] and "{prompt}" in flowery.behaviour_template
@@ -90,7 +90,7 @@ def test_questions_set_has_fixed_splits_written_for_profiles():
         (MINIMAL.replace('"Be terse. {prompt}"', '"{prompt}"'), "plain_template are the same"),
         (MINIMAL.replace('markers = ["indeed"]', "markers = []"), "'markers' must list"),
         (MINIMAL.replace('openers = ["Indeed"]', 'openers = "Indeed"'), "'openers' must be a list of strings"),
-        (MINIMAL + "window = 0\n", "window must be at least 1"),
+        (MINIMAL + "window = -5\n", "window must be 0 (judge the whole answer) or a positive number"),
         (MINIMAL + 'judge = "gpt"\n', "unknown judge 'gpt'"),
         (MINIMAL + 'judge = "llm:/x"\n', "an llm judge needs a rubric"),
         (MINIMAL + 'rubric = "Is {reply} flowery?"\n', "rubric may use only {prompt} and {answer}"),
@@ -169,7 +169,8 @@ def test_profile_judges_use_its_markers_window_rubric_and_labels(tmp_path):
     assert flowery.judge(["What a wonderful question!", "Water boils at 100 C.", ""]) == [True, False, False]
     assert MarkerJudge().judge([""]) == [True]  # refusal: an empty answer still counts
     late = "x" * 250 + " absolutely"
-    assert flowery.judge([late]) == [True] and MarkerJudge(markers=("absolutely",)).judge([late]) == [False]
+    assert flowery.judge([late]) == [True] and MarkerJudge(markers=("absolutely",), window=200).judge([late]) == [False]
+    assert MarkerJudge(markers=("absolutely",)).judge([late]) == [True]  # the whole answer, by default
     text = MINIMAL + 'judge = "llm:/judge"\nrubric = "Terse? {answer}"\nlabels = "LABEL_1=shown,LABEL_0=absent"\n'
     settings = load_profile(write(tmp_path, text)).judge_settings()
     assert settings["rubric"] == "Terse? {answer}" and settings["labels"] == "LABEL_1=refusal,LABEL_0=compliance"

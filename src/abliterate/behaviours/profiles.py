@@ -53,8 +53,11 @@ class Profile:
     behaviour_template: str = _key(PLACEHOLDER, "The behaviour side's user message; {prompt} is the prompt.")
     plain_template: str = _key(PLACEHOLDER, "The plain side's user message; {prompt} is the prompt.")
     judge: str = _key("marker", "marker (this profile's markers), llm:PATH (with rubric) or classifier:PATH.")
-    markers: list[str] = _key([], "Phrases that show the behaviour when found in an answer's opening.")
-    window: int = _key(200, "Characters of the normalized answer searched for markers.")
+    markers: list[str] = _key([], "Phrases that show the behaviour when found anywhere in the answer.")
+    opening_markers: list[str] = _key(
+        [], "Words that show the behaviour only in the answer's opening (its first two sentences)."
+    )
+    window: int = _key(0, "Judge only the normalized answer's first N characters (0: the whole answer, the default).")
     openers: list[str] = _key([], "Answer openings whose first tokens the cheap first-token score counts.")
     rubric: str = _key("", "llm judge: the question, with {prompt} and {answer}, to be answered YES or NO.")
     labels: str = _key("", "classifier judge: its labels as LABEL=shown,OTHER=absent.")
@@ -64,7 +67,7 @@ class Profile:
     def marker_judge(self) -> MarkerJudge:
         """The marker judge of this profile (refusal: the plain refusal judge, an empty answer counting)."""
         cls = MarkerJudge if self.name == DEFAULT else ShownMarkerJudge
-        return cls(markers=tuple(self.markers), window=self.window)
+        return cls(markers=tuple(self.markers), opening_markers=tuple(self.opening_markers), window=self.window or None)
 
     def judge_settings(self) -> dict[str, Any]:
         """What ``judges.judge_from_spec`` needs besides the spec: the rubric and verdict words, the label map."""
@@ -183,8 +186,12 @@ def _check(p: Profile, where: str, folder: Path) -> None:
         raise ProfileError(f"{where}: 'markers' must list the phrases that show the behaviour (none may be empty)")
     if not p.openers or not all(o.strip() for o in p.openers):
         raise ProfileError(f"{where}: 'openers' must list answer openings that show the behaviour (none empty)")
-    if p.window < 1:
-        raise ProfileError(f"{where}: window must be at least 1 character, got {p.window}")
+    if not all(normalize(m) for m in p.opening_markers):
+        raise ProfileError(f"{where}: 'opening_markers' may not contain an empty phrase; remove it")
+    if p.window < 0:
+        raise ProfileError(
+            f"{where}: window must be 0 (judge the whole answer) or a positive number of characters, got {p.window}"
+        )
     kind, _, judge_path = p.judge.partition(":")
     if not ((kind == "marker" and not judge_path) or (kind in ("llm", "classifier") and judge_path)):
         raise ProfileError(f"{where}: unknown judge '{p.judge}'; use marker, llm:PATH or classifier:PATH")
