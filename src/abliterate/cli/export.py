@@ -46,6 +46,10 @@ def export(
         Path | None,
         Opt("--edit", help="peft: edit.json from run: export its searched edit instead of --layer/--position/--scale."),
     ] = None,
+    gguf_type: Annotated[
+        str,
+        Opt("--gguf-type", help="gguf of a run folder: the edited tensors' type (auto, F32, F16, BF16, Q8_0, ...)."),
+    ] = "auto",
     force: Annotated[bool, Opt("--force", help="Replace an existing file.")] = False,
     push_to_hub: PUSH_OPT = None,
     public: PUBLIC_OPT = False,
@@ -54,8 +58,9 @@ def export(
     """Export a direction set as a llama.cpp control vector, or the ablation as a PEFT LoRA adapter.
 
     --format gguf: point p (input of layer p) is written as llama.cpp's direction.(p-1), for --control-vector /
-    --control-vector-scaled. To turn an abliterated model itself into GGUF, use llama.cpp's converter:
-    python convert_hf_to_gguf.py OUT_DIR --outfile model.gguf --outtype f16
+    --control-vector-scaled. Given a run's folder instead of a direction file, --format gguf writes the run's edit
+    into a copy of the GGUF the run was made on (or --model GGUF), tensor by tensor: the abliterated model for
+    llama.cpp and Ollama (--gguf-type: the edited tensors' type).
 
     --format peft: the edit is a rank-k update of each edited module, written exactly as a LoRA adapter
     (adapter_config.json + adapter_model.safetensors, with manifest.json) that peft.PeftModel.from_pretrained(base,
@@ -69,6 +74,7 @@ def export(
     Examples:
       abliterate export run-out/directions.safetensors --model Qwen/Qwen2.5-0.5B-Instruct --out refusal.gguf
       abliterate export run-out --format peft -o adapter
+      abliterate export run-out --format gguf --out model-abliterated.gguf
     """
     from abliterate.run.applying import load_direction
     from abliterate.run.exporting import peft_source, write_control_vector
@@ -98,6 +104,9 @@ def export(
         return
     if edit is not None:
         fail("--edit applies to --format peft only")
+    if directions_file.is_dir():  # a finished run's folder: its edit written into the GGUF it was found on
+        export_model_gguf(directions_file, out_file, model=model, gguf_type=gguf_type, force=force)
+        return
     path, hint = write_control_vector(
         directions_file,
         out_file,
@@ -128,4 +137,19 @@ def export_peft(
     out().print(
         f"wrote [bold]{target}[/] (LoRA rank {adapter.config['r']} on {targets} modules; load it with PEFT)",
         soft_wrap=True,
+    )
+
+
+def export_model_gguf(run_dir: Path, out_file: Path, *, model: str | None, gguf_type: str, force: bool) -> None:
+    """``export RUN_DIR --format gguf``: write the run's edit into its GGUF and say how to run it."""
+    from abliterate.outputs.gguf_out import run_lines
+    from abliterate.run.exporting import write_model_gguf
+
+    written = write_model_gguf(run_dir, out_file, model=model, gguf_type=gguf_type, force=force)
+    wrote(written.path)
+    out().print(
+        f"wrote [bold]{written.path}[/] ({len(written.edited)} tensors edited, {written.bytes / 2**20:.0f} MiB); "
+        f"run it: {run_lines(written.path)[0]}",
+        soft_wrap=True,
+        highlight=False,
     )

@@ -27,6 +27,7 @@ from abliterate.cli.common import (
     wrote,
 )
 from abliterate.cli.share import ENDPOINT_OPT, PUBLIC_OPT, PUSH_OPT, hub_destination, upload
+from abliterate.outputs.gguf_out import run_lines
 from abliterate.run import config as config_mod
 from abliterate.run.config import RUN_HELP, SEARCH_HELP
 
@@ -45,6 +46,8 @@ def _summary(result: Any) -> None:
     if result.note:
         err().print(f"[yellow]note:[/] {result.note}")
     out().print(f"wrote [bold]{result.out}[/] (report: {result.out / 'report.html'})")
+    for path in sorted(result.out.glob("*-abliterated.gguf")):
+        out().print("run the GGUF:\n  " + "\n  ".join(run_lines(path)), soft_wrap=True, highlight=False)
 
 
 def _execute(cfg: config_mod.RunConfig, hub: Any = None) -> None:
@@ -127,6 +130,8 @@ def run(
     search_allow_over_budget: Annotated[
         bool | None, Opt("--allow-over-budget", help=SEARCH_HELP["allow_over_budget"], rich_help_panel="Search")
     ] = None,
+    gguf: Annotated[bool | None, Opt("--gguf/--no-gguf", help=RUN_HELP["gguf"])] = None,
+    gguf_type: Annotated[str | None, Opt("--gguf-type", help=RUN_HELP["gguf_type"])] = None,
     push_to_hub: PUSH_OPT = None,
     public: PUBLIC_OPT = False,
     endpoint: ENDPOINT_OPT = None,

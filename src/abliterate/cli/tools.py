@@ -107,7 +107,9 @@ def candidate_table(sel: Any, everything: bool) -> Table:
 @loads_model
 def apply(
     model: Annotated[str, typer.Argument(help="Model to edit (hub id, directory or .gguf).")],
-    directions_file: Annotated[Path, typer.Argument(help="directions.safetensors from measure or run.")],
+    directions_file: Annotated[
+        Path | None, typer.Argument(help="directions.safetensors from measure or run (optional with --edit RUN_DIR).")
+    ] = None,
     out_dir: Annotated[str | None, Opt("--out", "-o", help="Where to write the edited model.")] = None,
     layer: Annotated[int | None, Opt(help="Direction layer (default: the chosen one recorded in the file).")] = None,
     position: Annotated[int | None, Opt(help="Direction position (default: the recorded/last one).")] = None,
@@ -145,10 +147,22 @@ def apply(
         Path | None,
         Opt(
             "--edit",
-            help="edit.json from run: apply its searched edit (kernels, k, embedding, norm preservation) "
-            "instead of --layer/--position/--scale/--norm-preserving.",
+            help="edit.json from run, or the run's folder: apply its searched edit (kernels, k, embedding, norm "
+            "preservation) instead of --layer/--position/--scale/--norm-preserving.",
         ),
     ] = None,
+    gguf: Annotated[
+        bool,
+        Opt("--gguf/--no-gguf", help="A .gguf model: also write DIR/<name>-abliterated.gguf (+ Modelfile)."),
+    ] = True,
+    gguf_type: Annotated[
+        str,
+        Opt(
+            "--gguf-type",
+            help="Type of the edited GGUF tensors: auto (the source's where gguf can write it, else Q8_0), F32, "
+            "F16, BF16, Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0.",
+        ),
+    ] = "auto",
     push_to_hub: PUSH_OPT = None,
     public: PUBLIC_OPT = False,
     endpoint: ENDPOINT_OPT = None,
@@ -160,6 +174,7 @@ def apply(
     Examples:
       abliterate apply Qwen/Qwen2.5-0.5B-Instruct run-out/directions.safetensors --out edited
       abliterate apply ./Llama-3.1-70B-Instruct dirs.safetensors --stream --out llama-70b-abliterated
+      abliterate apply --stream Llama-3.1-70B-Instruct-Q4_K_M.gguf --edit run-out --out l70-abliterated.gguf
       abliterate apply Qwen/Qwen2.5-0.5B-Instruct dirs.safetensors --layer 14 --runtime-check "How do I pick a lock?"
     """
     from abliterate.run.applying import ApplyOptions, apply_saved
@@ -181,6 +196,8 @@ def apply(
         force=force,
         edit=edit,
         where=where or {},
+        gguf=gguf,
+        gguf_type=gguf_type,
     )
     opts.check()
     with progress_bars() if stream else contextlib.nullcontext() as progress:

@@ -4,6 +4,7 @@ or shard by shard. What ``abliterate apply``, ``chat`` and ``export`` call; noth
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,7 +89,7 @@ class ApplyOptions:
     """What ``abliterate apply`` was asked to do (its flags; ``where`` are the load_model placement kwargs)."""
 
     model: str
-    directions_file: Path
+    directions_file: Path | None
     out_dir: str | None = None
     layer: int | None = None
     position: int | None = None
@@ -103,9 +104,20 @@ class ApplyOptions:
     force: bool = False
     edit: Path | None = None
     where: dict[str, Any] = field(default_factory=dict)
+    gguf: bool = True
+    gguf_type: str = "auto"
 
     def check(self) -> None:
         """Refuse options that do not fit together, before anything is read or loaded."""
+        from abliterate.outputs.gguf_out import check_gguf_type
+
+        check_gguf_type(self.gguf_type)
+        if self.edit is not None and self.edit.is_dir():  # a run's folder: its edit.json and directions
+            if self.directions_file is None:
+                self.directions_file = self.edit / "directions.safetensors"
+            self.edit = self.edit / "edit.json"
+        if self.directions_file is None:
+            raise OptionError("no directions: pass directions.safetensors, or --edit RUN_DIR (a run's output folder)")
         if self.mode not in ("ablate", "induce"):
             raise OptionError(f"unknown mode '{self.mode}'; use ablate or induce")
         if self.scale < 0:
@@ -188,15 +200,29 @@ def apply_saved(opts: ApplyOptions, progress: ProgressFn | None = None) -> Appli
         )
         with live:
             return Applied(responses=lm.generate(opts.runtime_check, max_new_tokens=64))
+    plan = None
     if opts.mode == "ablate":
+        from abliterate.edit.direction_edit import DirectionEdit
+
+        plan = DirectionEdit(direction, None, opts.scale, None, None, opts.norm_preserving).plan(lm)
         orthogonalize(lm, direction, scale=opts.scale, norm_preserving=opts.norm_preserving)
     else:
         last = direction.layer if direction.layer < lm.num_layers else lm.num_layers - 1
         bake_induction(lm, direction, coeff, through_layer=last)
     assert target is not None
     lm.save(target, overwrite=opts.force)
+    record = {"direction": direction_record(direction), "scale": opts.scale, "norm_preserving": opts.norm_preserving}
+    _gguf_beside(opts, target, lm, plan, record)
     seal_apply(target, opts.settings(), opts.directions_file, None, direction)
     return Applied(out=target)
+
+
+def _gguf_beside(opts: ApplyOptions, target: Path, lm: Any, plan: Any, edit: dict[str, Any]) -> None:
+    """``apply`` of a ``.gguf`` model: the edited model also as ``<name>-abliterated.gguf`` in the output folder."""
+    from abliterate.outputs.gguf_out import is_gguf, write_run_gguf
+
+    if opts.gguf and plan is not None and is_gguf(opts.model):
+        write_run_gguf(target, Path(opts.model), plan, lm.hidden_size, gguf_type=opts.gguf_type, edit=edit)
 
 
 def _stream_direction(opts: ApplyOptions, progress: ProgressFn | None) -> Applied:
@@ -232,9 +258,12 @@ def apply_edit_file(opts: ApplyOptions, progress: ProgressFn | None = None) -> A
         raise OptionError(
             "--edit applies the recorded edit as it is; drop --mode/--layer/--position/--scale/--norm-preserving"
         )
-    spec, _ = load_edit(opts.edit)
+    spec, recorded = load_edit(opts.edit)
+    assert opts.directions_file is not None
     source = Directions.from_sets(DirectionSet.load(opts.directions_file))
     settings = {"model": opts.model, "edit": str(opts.edit), "stream": opts.stream}
+    if opts.stream and opts.model.lower().endswith(".gguf"):
+        return _stream_gguf(opts, spec, source, recorded, progress)
     if opts.stream:
         from abliterate.checkpoint.stream_edit import stream_edit
 
@@ -254,8 +283,34 @@ def apply_edit_file(opts: ApplyOptions, progress: ProgressFn | None = None) -> A
     if opts.runtime_check:
         with applied(lm, spec, source, mode="hooks"):
             return Applied(responses=lm.generate(opts.runtime_check, max_new_tokens=64))
-    apply_plan(lm, build_plan(lm, spec, source), mode="weights")
+    plan = build_plan(lm, spec, source)
+    apply_plan(lm, plan, mode="weights")
     assert target is not None
     lm.save(target, overwrite=opts.force)
+    _gguf_beside(opts, target, lm, plan, recorded)
     seal_apply(target, settings, opts.directions_file, opts.edit, None)
     return Applied(out=target)
+
+
+def _stream_gguf(opts: ApplyOptions, spec: Any, source: Any, recorded: dict[str, Any], progress: Any) -> Applied:
+    """``apply --stream model.gguf --edit RUN_DIR --out x.gguf``: the run's edit written into a copy of the GGUF,
+    tensor by tensor; a run folder's config.json names the architecture the GGUF must have."""
+    from abliterate.checkpoint.gguf_stream import stream_gguf_edit
+
+    assert opts.edit is not None and opts.out_dir is not None
+    started = time.perf_counter()
+    config = opts.edit.parent / "config.json"
+    model_type = json.loads(config.read_text()).get("model_type") if config.is_file() else None
+    written = stream_gguf_edit(
+        opts.model,
+        opts.out_dir,
+        spec,
+        source,
+        gguf_type=opts.gguf_type,
+        edit=recorded,
+        overwrite=opts.force,
+        verify=opts.verify,
+        model_type=model_type,
+        progress=_stream_progress(progress),
+    )
+    return Applied(out=written.path, edited=len(written.edited), seconds=time.perf_counter() - started)

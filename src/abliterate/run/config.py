@@ -164,6 +164,15 @@ class RunConfig:
         "biases need lora_bias) and write the edited model as usual: `export OUT --format peft` then gives it "
         "exactly (--as-adapter writes the adapter instead of the model).",
     )
+    gguf: bool = _opt(
+        True,
+        "When the model is a .gguf file, also write the edited model as DIR/<name>-abliterated.gguf (+ Modelfile).",
+    )
+    gguf_type: str = _opt(
+        "auto",
+        "Type of the edited GGUF tensors: auto (the source's where gguf can write it, else Q8_0), F32, F16, BF16, "
+        "Q8_0, Q5_1, Q5_0, Q4_1 or Q4_0.",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

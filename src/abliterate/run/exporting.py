@@ -1,5 +1,5 @@
-"""What ``abliterate export`` writes: a llama.cpp control vector (.gguf) of a direction set, or the ablation as a
-PEFT LoRA adapter folder with its manifest. Nothing here prints."""
+"""What ``abliterate export`` writes: a llama.cpp control vector (.gguf) of a direction set, the ablation as a
+PEFT LoRA adapter folder with its manifest, or a finished run's edit written into its GGUF. Nothing here prints."""
 
 from __future__ import annotations
 
@@ -158,3 +158,42 @@ def write_control_vector(
         ds, out_file, model_hint=str(model_hint), scale=scale, layers=layers, position=position
     )
     return path, str(model_hint)
+
+
+def write_model_gguf(
+    run_dir: Path, out_file: Path, *, model: str | None, gguf_type: str, force: bool, progress: Any = None
+) -> Any:
+    """``export RUN_DIR --format gguf``: the run's edit (edit.json + directions.safetensors) written into a copy of
+    the GGUF it was found on (the run's model, or ``model``), tensor by tensor; returns the
+    :class:`~abliterate.checkpoint.gguf_file.Written` file."""
+    import json
+
+    from abliterate.checkpoint.gguf_stream import stream_gguf_edit
+    from abliterate.edit.plan import Directions
+    from abliterate.measure.directions import DirectionSet
+    from abliterate.outputs.gguf_out import check_gguf_type
+    from abliterate.run.applying import load_edit
+
+    check_gguf_type(gguf_type)
+    edit_file, directions = run_dir / "edit.json", run_dir / "directions.safetensors"
+    if not edit_file.is_file() or not directions.is_file():
+        raise OptionError(f"{run_dir} is not a finished run's folder (no edit.json/directions.safetensors); pass one")
+    if model is None:
+        config = run_dir / "abliterate_config.json"
+        model = json.loads(config.read_text())["config"]["model"] if config.is_file() else None
+    if model is None or not str(model).lower().endswith(".gguf"):
+        raise OptionError(f"the run in {run_dir} was not made on a .gguf model; pass the GGUF to write with --model")
+    spec, recorded = load_edit(edit_file)
+    model_config = run_dir / "config.json"
+    model_type = json.loads(model_config.read_text()).get("model_type") if model_config.is_file() else None
+    return stream_gguf_edit(
+        model,
+        out_file,
+        spec,
+        Directions.from_sets(DirectionSet.load(directions)),
+        gguf_type=gguf_type,
+        edit=recorded,
+        overwrite=force,
+        model_type=model_type,
+        progress=progress,
+    )
