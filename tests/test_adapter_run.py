@@ -120,6 +120,10 @@ def test_model_override_and_a_missing_base(searched, tmp_path):
     (moved / MANIFEST).write_text(json.dumps(manifest))
     target = tmp_path / "b"
     one_line_error(invoke("export", str(moved), "--format", "peft", "--out", str(target)), "is gone", "--model")
+    (copy / "config.json").write_text((copy / "config.json").read_text() + "\n")  # the recorded base, changed
+    manifest["inputs"]["model"]["path"] = str(copy)
+    (moved / MANIFEST).write_text(json.dumps(manifest))
+    one_line_error(invoke("export", str(moved), "--format", "peft", "--out", str(target)), "has changed", "--model")
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(out / "directions.safetensors", bare)

@@ -10,8 +10,9 @@ so the edit *is* a LoRA adapter of rank ``k`` with ``lora_alpha = r`` (scaling 1
 * writer biases (``b' = b - s U^T U b``) ride on PEFT's ``lora_bias`` (a bias on ``lora_B``), which PEFT allows
   only when every target is a Linear/Conv1D layer with a bias of its own.
 
-What PEFT cannot carry exactly is refused with one line: norm-preserving edits (not low-rank), biased writers next to
-embedding or expert targets, biased fused experts, quantized or offloaded weights. With tied input/output embeddings
+What PEFT cannot carry exactly is refused with one line: norm-preserving edits (a per-input-unit rescaling, full rank;
+DoRA's magnitude rescales output features, the other axis: see :func:`check_spec`), biased writers next to embedding
+or expert targets, biased fused experts, quantized or offloaded weights. With tied input/output embeddings
 the adapter is exact as loaded; :func:`adapter_notes` says how to merge it (PEFT merges into the shared weight).
 """
 

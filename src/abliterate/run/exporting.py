@@ -53,7 +53,7 @@ def peft_source(path: Path, *, model: str | None, edit: Path | None, one_directi
 def recorded_model(folder: Path) -> str:
     """The base model an output folder was made from, as its manifest records it (a local path while that path
     exists, else the hub id) or, without a manifest, as its ``abliterate_config.json`` names it."""
-    from abliterate.outputs.manifest import MANIFEST, read_manifest
+    from abliterate.outputs.manifest import MANIFEST, ManifestError, check_inputs, read_manifest
 
     if (folder / MANIFEST).is_file():
         model = read_manifest(folder).get("inputs", {}).get("model") or {}
@@ -62,6 +62,11 @@ def recorded_model(folder: Path) -> str:
             raise OptionError(
                 f"the base model {folder} was made from, {local}, is gone; pass --model (the same model) to export"
             )
+        if local:  # the adapter is read off its weights: they must be the ones the run edited
+            try:
+                check_inputs({"inputs": {"model": model}})
+            except ManifestError as exc:
+                raise OptionError(f"{exc}, or pass --model to adapt another base") from None
         if local or model.get("source"):
             return str(local or model["source"])
     config = folder / "abliterate_config.json"
