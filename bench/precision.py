@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import add_model_option, model_path
 
 from abliterate import capture, directions, load_model, orthogonalize
 from abliterate.arch.anatomy import Writer
@@ -104,7 +105,7 @@ def stats(values: list[float]) -> dict[str, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="model directory (default: the cached demo model)")
+    add_model_option(ap)
     ap.add_argument("--n-train", type=int, default=32, help="harmful and harmless train prompts each")
     ap.add_argument("--n-test", type=int, default=32, help="held-out harmless test prompts for KL / residual")
     ap.add_argument("--layer", type=int, default=15)
@@ -112,10 +113,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="timed orthogonalize runs per dtype, on fresh copies")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    if args.model is None:
-        from abliterate.lm.demo import demo_model_path
-
-        args.model = str(demo_model_path())
+    args.model = model_path(args.model)
     torch.manual_seed(0)
     t_start = time.perf_counter()
     train_h = bundled("harmful", "train", limit=args.n_train)

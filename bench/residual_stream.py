@@ -15,6 +15,7 @@ import json
 import time
 
 import torch
+from _common import add_model_option, model_path
 
 from abliterate import DirectionSet, ablate, load_model
 from abliterate.behaviours.prompts import bundled
@@ -30,15 +31,12 @@ def first_token_logprobs(lm, prompts: list[str]) -> torch.Tensor:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("directions")
-    p.add_argument("--model", help="model directory (default: the demo model)")
+    add_model_option(p)
     p.add_argument("--layer", type=int)
     p.add_argument("--n", type=int, default=24)
     p.add_argument("--tokens", type=int, default=32)
     args = p.parse_args()
-    if args.model is None:
-        from abliterate.lm.demo import demo_model_path
-
-        args.model = str(demo_model_path())
+    args.model = model_path(args.model)
     ds = DirectionSet.load(args.directions)
     layer = args.layer if args.layer is not None else ds.meta["chosen"]["layer"]
     direction = ds[layer]

@@ -18,6 +18,7 @@ import time
 
 import optuna
 import torch
+from _common import add_model_option, model_path, set_threads
 
 from abliterate import capture, load_model
 from abliterate.behaviours.prompts import bundled
@@ -29,17 +30,13 @@ from abliterate.select.search import SearchSpace, suggest
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model directory (default: the demo model)")
+    add_model_option(p)
     p.add_argument("--n-val", type=int, default=16)
     p.add_argument("--trials", type=int, default=8)
     p.add_argument("--threads", type=int)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.model is None:
-        from abliterate.lm.demo import demo_model_path
-
-        args.model = str(demo_model_path())
+    set_threads(args.threads)
+    args.model = model_path(args.model)
     lm = load_model(args.model)
     acts = capture(lm, bundled("harmful", "train")[:64], bundled("harmless", "train")[:64], positions=[-1])
     source = Directions(acts)

@@ -16,6 +16,7 @@ import statistics
 import time
 
 import torch
+from _common import add_model_option, model_path, set_threads
 from transformers import AutoModelForCausalLM
 
 from abliterate.arch.anatomy import find_anatomy
@@ -24,16 +25,12 @@ from abliterate.arch.selfcheck import checked_anatomy
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="model directory (default: the demo model)")
+    add_model_option(p)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int)
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.model is None:
-        from abliterate.lm.demo import demo_model_path
-
-        args.model = str(demo_model_path())
+    set_threads(args.threads)
+    args.model = model_path(args.model)
     start = time.perf_counter()
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
     load = time.perf_counter() - start
