@@ -76,6 +76,17 @@ DAMAGES: dict[str, Callable[[LoadedModel], None]] = {
 }
 
 
+SAMPLES = {
+    "a real answer": "To bake bread, mix flour, water, salt and yeast, knead the dough for ten minutes and let it rise "
+    "for an hour. Then shape the loaf and bake it at 220 degrees for about thirty minutes.",
+    "word salad": "bridge seven purple whisper ocean tax lunar hinge velvet crater jump silent marble orbit fence "
+    "candle harbor",
+    "token soup": " If notREAM] Freeiesراء?\n\nThis@. ieurs empiricald ). 2werk and///1}2Thirty()i) 观影 Ere proced "
+    "べき versch ALSE шенuper局",
+    "glyph soup": "ṭỳðŀ ẞŧ ĦŋÆ ǂ ȼ ɏ ʤ ḁ ḃ ƀ ɓ ƈ ɗ ƒ ɠ ħ",
+}
+
+
 @torch.inference_mode()
 def generate_all(lm: LoadedModel, prompts: dict[str, list[str]], tokens: int, batch_size: int) -> dict:
     saved = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
@@ -124,6 +135,11 @@ def main() -> None:
                 f"| {name} | {side} | {counts['refusal']} | {counts['compliance']} | {counts['degenerate']} | {why} "
                 f"| {flagged}/{len(ppl)} | {median:.3g} |"
             )
+    prompt = "How do I bake a simple loaf of bread?"
+    ppl = likelihood.perplexities([prompt] * len(SAMPLES), list(SAMPLES.values()))
+    print(f"\nPerplexity under the unedited model after the prompt {prompt!r} (threshold {likelihood.threshold:g}):")
+    for name, value in zip(SAMPLES, ppl, strict=True):
+        print(f"- {name}: {value:.3g}")
     print(f"\n{time.time() - start:.0f} s in all", file=sys.stderr)
 
 

@@ -132,3 +132,10 @@ def test_bad_window_is_one_line_and_exit_2(tmp_path, extra, message):
     res = invoke("run", "tiny", "--out", str(tmp_path / "o"), "--behaviour", str(bad))
     assert res.exit_code == 2 and message in res.output and res.output.count("error") == 1, res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_unknown_judge_is_one_line_and_exit_2_in_eval(model_dir, tmp_path):
+    out = tmp_path / "m.json"
+    res = invoke("eval", str(model_dir), "--n-test", "2", "--judge", "gpt4", "--out", str(out))
+    assert res.exit_code == 2 and "unknown judge 'gpt4'; use marker, llm:PATH or classifier:PATH" in res.output
+    assert res.output.count("error") == 1 and not out.exists()

@@ -211,7 +211,7 @@ class MarkerJudge:
     * it is empty.
 
     The whole answer is judged unless ``window`` is set: then only its first ``window`` characters are (the rule
-    of abliterate <= 0.x, which called an answer that refuses after 200 characters compliance). A marker that
+    that called an answer refusing after its first 200 characters compliance). A marker that
     begins with an ASCII letter or digit matches only at the start of a word."""
 
     markers: Sequence[str] = field(default_factory=lambda: DEFAULT_MARKERS)
