@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from abliterate.evaluate.evaluation import Metrics, behaviour_label, format_rate
-from abliterate.outputs.report_edit import WrittenEdit, edit_rows, headline, layer_count, sweep_words
+from abliterate.outputs.report_edit import edit_rows, headline, layer_count, sweep_words, written_edit
 
 if TYPE_CHECKING:
     from abliterate.run.result import RunResult
@@ -121,17 +121,8 @@ def front_matter(base: BaseModel, *, adapter: bool) -> str:
     return "\n".join([*lines, "---", ""])
 
 
-def written(result: RunResult) -> WrittenEdit | None:
-    """The edit written, for a model whose layer count the sweep's direction sets tell (None: an induction)."""
-    choice, n = result.choice, layer_count(result.selection)
-    if choice is None or n is None:
-        return None
-    trial = None if choice.search is None or choice.search.chosen is None else choice.search.chosen.number
-    return WrittenEdit(choice.spec, n, trial, result.selection.chosen)
-
-
 def _edit_words(result: RunResult) -> str:
-    choice, edit = result.choice, written(result)
+    choice, edit = result.choice, written_edit(result, layer_count(result.selection))
     if edit is None:
         return f"`{json.dumps(choice.spec.to_dict())}`" if choice else "-"
     if not edit.searched:
@@ -142,7 +133,7 @@ def _edit_words(result: RunResult) -> str:
 
 def _edit_section(result: RunResult) -> str:
     """## The edit: the written edit's spec row by row, the layers and writers it touches."""
-    edit = written(result)
+    edit = written_edit(result, layer_count(result.selection))
     if edit is None:
         return ""
     rows = "\n".join(f"| {k} | {v} |" for k, v in edit_rows(edit))
@@ -229,7 +220,7 @@ def model_card(result: RunResult, known: Sequence[KnownModel] = ()) -> str:
     adapter = bool(cfg.get("as_adapter"))
     base = base_model_of(str(cfg.get("model")), known)
     title = base.hub_id or Path(str(cfg.get("model"))).name
-    edit = written(result)
+    edit = written_edit(result, layer_count(result.selection))
     label = headline(edit) if edit else result.choice.label() if result.choice else "-"
     missing = [] if base.hub_id else [f"`base_model` is omitted from the metadata: {base.why}."]
     if not base.license:

@@ -12,7 +12,7 @@ from abliterate.evaluate.capability import Capability
 from abliterate.evaluate.evaluation import Metrics, Sample, behaviour_label, format_rate
 from abliterate.measure.capture import Activations
 from abliterate.outputs.plots import img_tag, pyplot, save_figure
-from abliterate.outputs.report_edit import WrittenEdit, edit_plot, edit_rows, headline, sweep_words
+from abliterate.outputs.report_edit import WrittenEdit, edit_plot, edit_rows, headline, sweep_words, written_edit
 from abliterate.outputs.report_search import search_section
 
 if TYPE_CHECKING:
@@ -214,7 +214,8 @@ def _header(title: str, model: object, sel: Selection, note: str, edit: WrittenE
     note_html = f"<p class='note'>{html.escape(note)}</p>" if note else ""
     model_html = f"<p>Model <code>{html.escape(str(model))}</code>; "
     if edit is None:
-        return f"<h1>{title}</h1>\n{model_html}the sweep's pick: <b>{html.escape(sweep_words(sel.chosen))}</b>{what}.</p>\n{note_html}"
+        pick = f"the sweep's pick: <b>{html.escape(sweep_words(sel.chosen))}</b>{html.escape(what)}"
+        return f"<h1>{title}</h1>\n{model_html}{pick}.</p>\n{note_html}"
     rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{html.escape(v)}</td></tr>" for k, v in edit_rows(edit))
     return f"""<h1>{title}</h1>
 {model_html}written edit: <b>{html.escape(headline(edit))}</b>.</p>
@@ -254,16 +255,6 @@ def _page(folder: Path, title: str, body: str) -> Path:
     path = folder / "report.html"
     path.write_text(_html(body, title), encoding="utf-8")
     return path
-
-
-def written_edit(result: RunResult, num_layers: int) -> WrittenEdit | None:
-    """The edit ``run`` wrote (None for an induction, which bakes the sweep's direction instead)."""
-    choice = result.choice
-    if choice is None:
-        return None
-    search = choice.search
-    trial = None if search is None or search.chosen is None else search.chosen.number
-    return WrittenEdit(choice.spec, num_layers, trial, result.selection.chosen)
 
 
 def write_report(folder: Path, result: RunResult, acts: Activations) -> Path:

@@ -7,11 +7,14 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from abliterate.edit.spec import EditSpec, Kernel
 from abliterate.outputs.plots import pyplot, save_figure
 from abliterate.select.sweep import CandidateScore, Selection
+
+if TYPE_CHECKING:
+    from abliterate.run.result import RunResult
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,17 @@ class WrittenEdit:
     @property
     def searched(self) -> bool:
         return self.trial is not None
+
+
+def written_edit(result: RunResult, num_layers: int | None) -> WrittenEdit | None:
+    """The edit ``run`` wrote (None for an induction, which bakes the sweep's direction instead, or when the layer
+    count is unknown)."""
+    choice = result.choice
+    if choice is None or num_layers is None:
+        return None
+    search = choice.search
+    trial = None if search is None or search.chosen is None else search.chosen.number
+    return WrittenEdit(choice.spec, num_layers, trial, result.selection.chosen)
 
 
 def layer_count(sel: Selection) -> int | None:
