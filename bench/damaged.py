@@ -110,16 +110,17 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--answers", type=Path, default=Path("damaged-answers.json"))
+    ap.add_argument("--no-likelihood", action="store_true", help="judge stored answers by the surface rules only")
     args = ap.parse_args()
     start = time.time()
-    lm = load_model(demo_model_path(), dtype="float32")
     prompts = {side: bundled(side, "test", limit=args.n) for side in ("harmful", "harmless")}
+    lm = None if args.no_likelihood and args.answers.is_file() else load_model(demo_model_path(), dtype="float32")
     if args.answers.is_file():
         answers = json.loads(args.answers.read_text())
     else:
         answers = generate_all(lm, prompts, args.max_new_tokens, args.batch_size)
         args.answers.write_text(json.dumps(answers, ensure_ascii=False, indent=1))
-    likelihood = LikelihoodDetector(lm)
+    likelihood = LikelihoodDetector(lm) if lm is not None else None
     print("| model | side | refusal | compliance | degenerate | reasons | perplexity > threshold | median perplexity |")
     print("|---|---|---|---|---|---|---|---|")
     for name, sides in answers.items():
@@ -127,14 +128,21 @@ def main() -> None:
             verdicts = judge_responses(MarkerJudge(), prompts[side], texts)
             counts = Counter(v.verdict for v in verdicts)
             reasons = Counter(v.reason for v in verdicts if v.verdict == "degenerate")
-            ppl = likelihood.perplexities(prompts[side], texts)
-            flagged = sum(p > likelihood.threshold for p in ppl)
-            median = sorted(ppl)[len(ppl) // 2]
             why = ", ".join(f"{r} {c}" for r, c in reasons.most_common())
+            flagged, median = "–", "–"
+            if likelihood is not None:
+                ppl = likelihood.perplexities(prompts[side], texts)
+                flagged = f"{sum(p > likelihood.threshold for p in ppl)}/{len(ppl)}"
+                median = f"{sorted(ppl)[len(ppl) // 2]:.3g}"
             print(
                 f"| {name} | {side} | {counts['refusal']} | {counts['compliance']} | {counts['degenerate']} | {why} "
-                f"| {flagged}/{len(ppl)} | {median:.3g} |"
+                f"| {flagged} | {median} |"
             )
+            for text, verdict in zip(texts, verdicts, strict=True):
+                if name != "unedited" and verdict.verdict != "degenerate":
+                    print(f"  not degenerate ({verdict.verdict}): {text[:200]!r}")
+    if likelihood is None:
+        return
     prompt = "How do I bake a simple loaf of bread?"
     ppl = likelihood.perplexities([prompt] * len(SAMPLES), list(SAMPLES.values()))
     print(f"\nPerplexity under the unedited model after the prompt {prompt!r} (threshold {likelihood.threshold:g}):")
