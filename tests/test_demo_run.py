@@ -40,6 +40,7 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
         "16",
         "--trials",
         "4",
+        "--allow-over-budget",  # 4 trials (3 of them the sweep's full-strength edits) may all be over --kl-budget
     ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output

@@ -193,7 +193,7 @@ def test_a_pick_over_the_kl_budget_is_refused_unless_allowed_or_chosen():
 
 def test_over_budget_refuses_through_the_cli_and_allow_over_budget_writes_it(model_dir, tmp_path):
     out = tmp_path / "out"
-    args = ["run", str(model_dir), "--out", str(out), "--trials", "4", "--kl-budget", "1e-12", *SMALL]
+    args = ["run", str(model_dir), "--out", str(out), "--trials", "6", "--kl-budget", "1e-12", *SMALL]
     with pretend_refusal():
         res = CliRunner().invoke(app, args, env=CHEAP)
         assert res.exit_code == 2 and res.output.count("error:") == 1, res.output
@@ -203,14 +203,14 @@ def test_over_budget_refuses_through_the_cli_and_allow_over_budget_writes_it(mod
         again = CliRunner().invoke(app, ["--json", *args, "--resume", "--allow-over-budget"], env=CHEAP)
         assert again.exit_code == 0, again.output
         search_metrics = json.loads((out / "metrics.json").read_text())["search"]
-        assert search_metrics["resumed"] == 4 and "no front trial that lowers refusals" in search_metrics["note"]
+        assert search_metrics["resumed"] == 6 and "no front trial that lowers refusals" in search_metrics["note"]
         chosen = next(t for t in search_metrics["trials"] if t["number"] == search_metrics["chosen"])
         assert chosen["kl"] > 1e-12
         # the config key (here from the environment) does the same
         out2 = tmp_path / "out2"
         env = {**CHEAP, "ABLITERATE_SEARCH_ALLOW_OVER_BUDGET": "true"}
         res = CliRunner().invoke(
-            app, ["run", str(model_dir), "--out", str(out2), "--trials", "4", "--kl-budget", "1e-12", *SMALL], env=env
+            app, ["run", str(model_dir), "--out", str(out2), "--trials", "6", "--kl-budget", "1e-12", *SMALL], env=env
         )
     assert res.exit_code == 0, res.output
     config = json.loads((out2 / "abliterate_config.json").read_text())["config"]

@@ -140,8 +140,9 @@ def run(
 
     The search (on by default; --no-search keeps the sweep's one direction at full strength) tries edits
     on validation prompts with cheap first-token scores, checks its Pareto front by generation, and picks
-    the fewest refusals within --kl-budget. Its journal sits beside --out until the run succeeds, so a run
-    killed mid-search continues with --resume.
+    the fewest refusals within --kl-budget (none within: it writes nothing unless --allow-over-budget);
+    --timeout bounds all of it, the check included. Its journal sits beside --out until the run succeeds, so
+    a run killed mid-search continues with --resume (with the settings it was written with).
 
     With --device-map (and --max-memory) or --quantize the model may not fit in memory as plain weights;
     capture and evaluation then run on the dispatched or quantized model, and the edited weights are written

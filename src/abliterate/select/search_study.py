@@ -45,13 +45,13 @@ def open_study(journal: Path | None, identity: Mapping[str, Any], seed: int, res
     if resume and not journal.exists():
         raise SearchError(f"--resume: no search journal at {journal}; run once without --resume to start one")
     storage = JournalStorage(JournalFileBackend(str(journal)))
-    study = optuna.create_study(
-        study_name="abliterate",
-        storage=storage,
-        directions=["minimize", "minimize"],
-        sampler=sampler,
-        load_if_exists=True,
-    )
+    names = [x.study_name for x in optuna.get_all_study_summaries(storage)]
+    if "abliterate" in names:  # loading writes nothing: a resume refused below leaves the journal as it was
+        study = optuna.load_study(study_name="abliterate", storage=storage, sampler=sampler)
+    else:  # a new journal (or one killed before its study was written)
+        study = optuna.create_study(
+            study_name="abliterate", storage=storage, directions=["minimize", "minimize"], sampler=sampler
+        )
     stored = study.user_attrs.get("identity")
     if stored is None:
         study.set_user_attr("identity", dict(identity))
