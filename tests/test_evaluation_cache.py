@@ -175,8 +175,8 @@ def test_progress_per_generation_batch():
     done = [d for d, _ in seen]
     total = seen[-1][1]
     # the base's reference answers (3), both sides' answers (3 + 3) one batch each, then the damage measures
-    assert total == 3 + 3 + 3 + 1 and done == list(range(1, total + 1))
+    assert total == 3 + 3 + 3 + 1 and done == list(range(total + 1))
     assert {t for _, t in seen} == {total}
     seen.clear()
     ev.measure("again", progress=lambda d, t: seen.append((d, t)))  # references already made: not counted again
-    assert [d for d, _ in seen] == list(range(1, 8)) and seen[-1][1] == 7
+    assert [d for d, _ in seen] == list(range(8)) and seen[-1][1] == 7

@@ -28,6 +28,8 @@ class Steps:
 
     def __init__(self, progress: Progress | None, total: int) -> None:
         self.progress, self.total, self.done = progress, total, 0
+        if progress:
+            progress(0, total)  # the whole's size from the start
 
     def part(self, size: int) -> Progress | None:
         start, self.done = self.done, self.done + size

@@ -235,8 +235,6 @@ def evaluate(
         stage = f"evaluate {name}"
         report = (lambda d, t: progress(stage, d, t)) if progress else None
         with timer.stage(f"evaluate_{name}"):
-            if report:
-                report(0, 1)
             if name == "before":
                 cache = eval_cache_dir() if cfg.eval_cache else None
                 metrics = evaluator.measure_base(name, cache=cache, progress=report)

@@ -37,6 +37,7 @@ class StageTimer:
     @contextmanager
     def stage(self, name: str, splits: Mapping[str, str] | None = None) -> Iterator[None]:
         self._seen = {}
+        before = dict(self.seconds)  # what the stage's names held (a repeated stage adds; so_far's copy is replaced)
         start = time.perf_counter()
         self._running = (name, start)
         try:
@@ -47,7 +48,7 @@ class StageTimer:
             cuts = sorted((t, splits[s]) for s, t in self._seen.items() if splits and s in splits)
             bounds = [(start, name), *cuts, (end, "")]
             for (t, label), (t_next, _) in zip(bounds, bounds[1:], strict=False):
-                self.seconds[label] = self.seconds.get(label, 0.0) + (t_next - t)
+                self.seconds[label] = before.get(label, 0.0) + (t_next - t)
 
     def so_far(self) -> dict[str, float]:
         """The stages timed, the one running counted up to now, and ``"total"``: for a file written before the
