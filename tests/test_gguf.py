@@ -147,3 +147,14 @@ def test_bad_input_is_one_line_and_writes_nothing(source, pair, tmp_path):
         write_plan_gguf(source, tmp_path / "o.gguf", plan, lm.hidden_size, gguf_type="Q6_K")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]  # nothing partial left
     assert sha(source.read_bytes()) == digest
+
+
+def test_a_run_on_the_demo_model_writes_into_the_demo_gguf(tmp_path, monkeypatch):
+    from abliterate.outputs.gguf_out import gguf_source
+
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path))
+    (tmp_path / "qwen2.5-coder-0.5b-instruct").mkdir()
+    assert gguf_source(str(tmp_path / "qwen2.5-coder-0.5b-instruct")) is None  # no GGUF kept: none written
+    (tmp_path / "qwen2.5-coder-0.5b-instruct.gguf").write_bytes(b"GGUF")
+    assert gguf_source(str(tmp_path / "qwen2.5-coder-0.5b-instruct")) == tmp_path / "qwen2.5-coder-0.5b-instruct.gguf"
+    assert gguf_source(str(tmp_path)) is None
