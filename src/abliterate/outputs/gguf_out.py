@@ -12,6 +12,7 @@ from abliterate.checkpoint.gguf_file import WRITABLE, Written
 from abliterate.checkpoint.gguf_stream import write_plan_gguf
 from abliterate.edit.plan import EditPlan
 from abliterate.errors import OptionError
+from abliterate.lm.demo import demo_gguf
 
 RECORD = "gguf.json"
 MODELFILE = "Modelfile"
@@ -26,6 +27,11 @@ def check_gguf_type(gguf_type: str) -> str:
 
 def is_gguf(model: str) -> bool:
     return model.lower().endswith(".gguf") and Path(model).is_file()
+
+
+def gguf_source(model: str) -> Path | None:
+    """The GGUF a run writes its edit into: the model itself, or the GGUF the demo model was converted from."""
+    return Path(model) if is_gguf(model) else demo_gguf(model)
 
 
 def gguf_name(source: Path) -> str:

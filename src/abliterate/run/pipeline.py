@@ -27,7 +27,7 @@ from abliterate.measure.directions import DirectionSet
 from abliterate.measure.first_token import refusal_token_ids
 from abliterate.outputs.adapter import adapter_search_limits, write_run_adapter
 from abliterate.outputs.card import KnownModel
-from abliterate.outputs.gguf_out import check_gguf_type, is_gguf, write_run_gguf
+from abliterate.outputs.gguf_out import check_gguf_type, gguf_source, write_run_gguf
 from abliterate.run.choosing import Choice, choose_edit, edit_directions, journal_path, with_projection
 from abliterate.run.config import RunConfig
 from abliterate.run.context import RunContext, resolve
@@ -294,8 +294,9 @@ def save(
             directions.meta["behaviour"] = ctx.profile.name
         directions.save(tmp / "directions.safetensors")
         (tmp / "edit.json").write_text(json.dumps(result.induction or choice.to_dict(), indent=2) + "\n")
-        if cfg.gguf and is_gguf(cfg.model) and not cfg.as_adapter:
-            result.note = "; ".join([result.note, _gguf_into(tmp, cfg, lm, edit, choice, progress)]).strip("; ")
+        source = gguf_source(cfg.model)
+        if cfg.gguf and source is not None and not cfg.as_adapter:
+            result.note = "; ".join([result.note, _gguf_into(tmp, source, cfg, lm, edit, choice, progress)]).strip("; ")
         journal = journal_path(cfg.out)
         if choice is not None and choice.search is not None and journal.exists():
             os.replace(journal, tmp / "search_journal.log")  # the run succeeded: the journal goes inside
@@ -351,14 +352,20 @@ def _stream_into(tmp: Path, checkpoint: Path, choice: Choice, cfg: RunConfig, pr
 
 
 def _gguf_into(
-    tmp: Path, cfg: RunConfig, lm: LoadedModel, edit: AppliedEdit | None, choice: Choice | None, progress: Any
+    tmp: Path,
+    source: Path,
+    cfg: RunConfig,
+    lm: LoadedModel,
+    edit: AppliedEdit | None,
+    choice: Choice | None,
+    progress: Any,
 ) -> str:
     """The edited model as a GGUF beside the safetensors one (the run's own plan, from the source GGUF); a note."""
     if edit is None or choice is None:
         return "no GGUF written: an induced behaviour is baked into biases a GGUF model does not carry"
     written = write_run_gguf(
         tmp,
-        Path(cfg.model),
+        source,
         edit.plan,
         lm.hidden_size,
         gguf_type=cfg.gguf_type,
