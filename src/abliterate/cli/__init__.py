@@ -2,11 +2,8 @@
 
 import sys
 
-# Importing a command module registers its commands; --help lists them in this order.
-from abliterate.cli import share, tools  # noqa: F401  (verify, reproduce, push; measure, apply)
-
-# isort: split
-from abliterate.cli import chat, evaluate, export, run  # noqa: F401  (chat; eval; export; run, demo)
+# Importing a command module registers its commands; --help lists them in cli.common.COMMAND_ORDER.
+from abliterate.cli import chat, evaluate, export, run, share, tools  # noqa: F401  (registers every command)
 from abliterate.cli.common import app
 
 

@@ -7,25 +7,60 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
+from typer.core import TyperGroup, TyperOption
 
 from abliterate.errors import AbliterateError
 from abliterate.lm.model import CapabilityWarning
 from abliterate.run import config as config_mod
 
+T = TypeVar("T")
+
+# The commands in the order a user meets them: --help lists them so (the registration order is the import order).
+COMMAND_ORDER = ("demo", "run", "eval", "chat", "measure", "apply", "export", "verify", "reproduce", "push", "config")
+
+
+def no_flag_metavars(params: list[T]) -> list[T]:
+    """typer's help shows ``<bool>`` beside every plain flag (``--quiet``, ``--help``, ...); a flag takes no value,
+    so it shows none."""
+    for param in params:
+        if isinstance(param, TyperOption) and param.is_flag and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class CommandGroup(TyperGroup):
+    """A command group whose --help lists its commands in :data:`COMMAND_ORDER` (any other after them) and shows no
+    ``<bool>`` beside a flag, its own or a command's. (Types are typer's vendored click's, hence inferred here.)"""
+
+    def list_commands(self, ctx: typer.Context) -> list[str]:
+        ranked = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(super().list_commands(ctx), key=lambda name: ranked.get(name, len(COMMAND_ORDER)))
+
+    def get_command(self, ctx: typer.Context, cmd_name: str):
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            no_flag_metavars(command.get_params(ctx))  # its options and its --help
+        return command
+
+    def get_params(self, ctx: typer.Context):
+        return no_flag_metavars(super().get_params(ctx))
+
+
 app = typer.Typer(
+    cls=CommandGroup,
     help="Find and remove (or induce) the refusal direction of a Hugging Face causal LM.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-config_app = typer.Typer(help="Inspect the effective configuration.", no_args_is_help=True)
+config_app = typer.Typer(cls=CommandGroup, help="Inspect the effective configuration.", no_args_is_help=True)
 app.add_typer(config_app, name="config")
 
 STATE: dict[str, Any] = {"quiet": False, "verbose": False, "json": False}

@@ -7,12 +7,31 @@ import functools
 import json
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, ParamSpec, TypeVar
 
 import typer
+from huggingface_hub.utils import disable_progress_bars
 
 from abliterate.cli.common import STATE, Opt, app, err, fail, guarded, out, progress_bars, wrote
+from abliterate.lm.saving import check_output
+from abliterate.outputs.hub import HubTarget, UploadError, hub_target
+from abliterate.outputs.hub import check_folder as check_uploadable
+from abliterate.outputs.hub import push as push_folder
+from abliterate.outputs.manifest import (
+    check_inputs,
+    edit_difference,
+    first_tensor_difference,
+    read_manifest,
+    verify_folder,
+)
+from abliterate.run.pipeline import run as run_pipeline
+from abliterate.run.pipeline import versions
+from abliterate.run.run_manifest import run_config
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 PUSH_OPT = Annotated[
     str | None,
@@ -32,24 +51,22 @@ ENDPOINT_OPT = Annotated[
 ]
 
 
-def hub_destination(repo_id: str | None, public: bool, endpoint: str | None) -> Any:
+def hub_destination(repo_id: str | None, public: bool, endpoint: str | None) -> HubTarget | None:
     """The checked :class:`~abliterate.outputs.hub.HubTarget` of ``--push-to-hub`` (None without it), before any
     work."""
     if repo_id is None:
         if public or endpoint:
             fail("--public and --endpoint apply to an upload; add --push-to-hub REPO_ID")
         return None
-    from abliterate.outputs.hub import hub_target
-
     return hub_target(repo_id, private=not public, endpoint=endpoint)
 
 
-def pushes_output(fn: Any) -> Any:
+def pushes_output(fn: Callable[P, R]) -> Callable[P, R]:
     """For a command that writes an ``--out`` folder (``out_dir``) and takes the hub options: check them before the
     command runs, and upload the folder it wrote (``wrote``) once it has succeeded."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         hub = hub_destination(kwargs.get("push_to_hub"), bool(kwargs.get("public")), kwargs.get("endpoint"))
         if hub is not None and not kwargs.get("out_dir"):
             fail("--push-to-hub uploads the --out folder; pass --out DIR")
@@ -61,16 +78,12 @@ def pushes_output(fn: Any) -> Any:
     return wrapper
 
 
-def upload(folder: Path, target: Any) -> None:
+def upload(folder: Path, target: HubTarget) -> None:
     """Push a finished ``folder`` to ``target``; a failed upload is one line and exit 1, the folder kept."""
-    from abliterate.outputs.hub import UploadError, push
-
     if STATE["quiet"] or STATE["json"]:
-        from huggingface_hub.utils import disable_progress_bars
-
         disable_progress_bars()
     try:
-        pushed = push(folder, target)
+        pushed = push_folder(folder, target)
     except UploadError as exc:
         fail(str(exc), code=1)
     visibility = {True: "private", False: "public", None: "visibility unknown"}[pushed.private]
@@ -91,8 +104,6 @@ def verify(folder: Annotated[Path, typer.Argument(help="An output folder of run,
 
     Example: abliterate verify qwen-abliterated
     """
-    from abliterate.outputs.manifest import read_manifest, verify_folder
-
     problems = verify_folder(folder)
     if STATE["json"]:
         out().print_json(json.dumps({"ok": not problems, "problems": problems}))
@@ -121,15 +132,8 @@ def reproduce(
 
     Example: abliterate reproduce qwen-abliterated
     """
-    from abliterate.lm.saving import check_output
-    from abliterate.outputs.manifest import check_inputs, edit_difference, first_tensor_difference, read_manifest
-    from abliterate.outputs.manifest import verify_folder as check_folder
-    from abliterate.run.pipeline import run as run_pipeline
-    from abliterate.run.pipeline import versions
-    from abliterate.run.run_manifest import run_config
-
     manifest = read_manifest(folder)
-    problems = check_folder(folder)
+    problems = verify_folder(folder)
     if problems:
         fail(f"{folder} does not match its own manifest ({problems[0]}); see abliterate verify {folder}")
     check_inputs(manifest)
@@ -179,7 +183,5 @@ def push(
 
     Example: abliterate push qwen-abliterated me/qwen-abliterated
     """
-    from abliterate.outputs.hub import check_folder
-
-    check_folder(folder)  # before the token check: a folder that cannot go up is said first
+    check_uploadable(folder)  # before the token check: a folder that cannot go up is said first
     upload(folder, hub_destination(repo_id, public, endpoint))

@@ -14,9 +14,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from huggingface_hub import HfApi, get_token
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
 from abliterate.errors import AbliterateError
+from abliterate.outputs.manifest import read_manifest, verify_folder
 from abliterate.version import __version__
 
 
@@ -38,9 +41,7 @@ class HubTarget:
     private: bool = True
     user: str = ""
 
-    def api(self) -> Any:
-        from huggingface_hub import HfApi
-
+    def api(self) -> HfApi:
         return HfApi(endpoint=self.endpoint, token=self.token)
 
     @property
@@ -86,9 +87,6 @@ def hub_target(
 ) -> HubTarget:
     """The checked destination of an upload; raises :class:`HubError` naming the problem (malformed repo id, no
     token, a token the hub refuses or that cannot write to the namespace, an unreachable endpoint)."""
-    from huggingface_hub import HfApi, get_token
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(repo_id)
     except HFValidationError as exc:
@@ -129,8 +127,6 @@ def hub_target(
 def check_folder(folder: Path) -> int:
     """The number of files of ``folder`` after checking it against its manifest; raises :class:`HubError` when
     it has none or does not match it (an unfinished or changed folder is never uploaded)."""
-    from abliterate.outputs.manifest import read_manifest, verify_folder
-
     problems = verify_folder(folder)
     if problems:
         raise HubError(
