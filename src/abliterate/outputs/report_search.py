@@ -52,20 +52,39 @@ def search_section(folder: Path, result: SearchResult) -> str:
     rows = []
     for t in sorted((t for t in result.trials if t.on_front), key=lambda t: t.refusal):
         spec = t.spec
-        judged = "-" if t.refused is None else f"{t.refused}/{t.judged}"
+        judged = (
+            "-" if t.failures is None else f"{t.failures}/{t.judged} ({t.refused} refused, {t.degenerate} degenerate)"
+        )
+        damage = (
+            "<td>-</td>" * 3
+            if t.answer_kl is None
+            else (
+                f"<td>{t.answer_kl:.4f}</td><td>{t.harmless_degenerate}/{t.harmless_judged}</td><td>{t.perplexity:.2f}</td>"
+            )
+        )
         star = ' class="pass"' if result.chosen is not None and t.number == result.chosen.number else ""
         where = "own layer" if spec["direction_index"] is None else f"{spec['direction_index']:.2f}"
         emb = "on" if spec["embedding"] else "off"
         rows.append(
-            f"<tr{star}><td>{t.number}</td><td>{t.refusal:.2f}</td><td>{t.kl:.4f}</td><td>{judged}</td>"
+            f"<tr{star}><td>{t.number}</td><td>{t.refusal:.2f}</td><td>{t.kl:.4f}</td><td>{judged}</td>{damage}"
             f"<td>{html.escape(str(spec['method']))}</td><td>{where}</td>"
             f"<td>{spec['k']}</td><td>{emb}</td><td>{spec['norm_preserving']}</td></tr>"
         )
     base = result.base.get("refusal")
-    judged_base = "" if result.base_refused is None else f"; unedited judged refusals: {result.base_refused}"
+    b = result.base_check
+    judged_base = (
+        ""
+        if b is None
+        else (
+            f"; unedited, on the held-out check: {b['failures']}/{b['judged']} failures ({b['refused']} refused, "
+            f"{b['degenerate']} degenerate), {b['harmless_degenerate']}/{b['harmless_judged']} degenerate harmless "
+            f"answers, perplexity {b['perplexity']:.2f}"
+        )
+    )
     return (
         f"<h2>Search</h2><p>{html.escape(result.note)} ({result.seconds:.0f} s; unedited refusal score "
         f"{base if base is None else f'{base:.2f}'}{judged_base})</p>{img_tag(front_plot(folder, result))}\n"
-        "<table><tr><th>trial</th><th>refusal score</th><th>KL</th><th>judged refusals</th><th>method</th>"
+        "<table><tr><th>trial</th><th>refusal score</th><th>KL</th><th>judged failures</th><th>answer KL</th>"
+        "<th>degenerate harmless</th><th>perplexity</th><th>method</th>"
         "<th>direction</th><th>k</th><th>embedding</th><th>norm-preserving</th></tr>\n" + "\n".join(rows) + "</table>"
     )

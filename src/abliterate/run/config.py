@@ -58,6 +58,21 @@ class SearchConfig:
     direction_range: list[float] = _opt([0.3, 0.9], "Direction index range, as fractions of the layer count.")
     peak_range: list[float] = _opt([0.2, 1.0], "Kernel peak range, as fractions of the last layer index.")
     weight_range: list[float] = _opt([0.4, 1.5], "Kernel peak weight range.")
+    check_prompts: int = _opt(
+        32,
+        "Held-out prompts per side the front check generates on: drawn from what the train split leaves over, "
+        "never the validation prompts the objectives saw nor the evaluation's test prompts.",
+    )
+    answer_kl_budget: float = _opt(
+        0.02,
+        "The front check's budget on answer KL (teacher-forced along the unedited model's own answers to the "
+        "harmless check prompts): a checked trial above it is picked only when none is within every budget.",
+    )
+    degenerate_allowance: int = _opt(
+        1,
+        "A checked trial may give at most this many more degenerate (looping, garbled, empty) answers to the "
+        "harmless check prompts than the unedited model, else it is over budget.",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -266,6 +281,17 @@ def validate_search(sc: SearchConfig) -> None:
         pair = getattr(sc, key)
         if len(pair) != 2 or not 0 <= pair[0] <= pair[1]:
             raise ConfigError(f"search.{key} must be two numbers 0 <= low <= high, got {pair}")
+    validate_check(sc)
+
+
+def validate_check(sc: SearchConfig) -> None:
+    """The front check's keys: its prompt count and its two budgets."""
+    if sc.check_prompts < 1:
+        raise ConfigError(f"search.check_prompts must be at least 1, got {sc.check_prompts}")
+    if not 0 < sc.answer_kl_budget < float("inf"):
+        raise ConfigError(f"search.answer_kl_budget must be a positive number, got {sc.answer_kl_budget}")
+    if sc.degenerate_allowance < 0:
+        raise ConfigError(f"search.degenerate_allowance must be >= 0, got {sc.degenerate_allowance}")
 
 
 def profile_defaults(behaviour: str) -> dict[str, Any]:

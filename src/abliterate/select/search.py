@@ -7,12 +7,14 @@ never reloads the model. The study starts from the sweep's best candidates (enqu
 random trials. Every finished trial is appended to an Optuna journal on disk, so a search killed outright
 resumes with no finished trial lost.
 
-Then, multi-fidelity: the Pareto front's most promising trials are checked by generation (greedy answers
-to the harmful validation prompts, judged), and a documented policy picks one (:func:`choose`): the fewest
-judged refusals among trials whose KL is within ``kl_budget``, ties to lower KL.
+Then, multi-fidelity: the Pareto front's most promising trials are checked by generation on held-out prompts
+(answers judged like the final evaluation's, degenerate ones counted as failures; answer KL and degenerate
+harmless answers measured), and a documented policy picks one (:func:`abliterate.select.front.choose`): the fewest
+judged failures (refusals + degenerate) among checked trials within the KL, answer-KL and degenerate budgets,
+ties to lower KL. The front, the check and the policy live in :mod:`abliterate.select.front`.
 
 This module knows nothing of models: the caller passes ``objective(spec) -> dict`` (with at least
-``"refusal"`` and ``"kl"``) and optionally ``verify(spec) -> (refused, n)``.
+``"refusal"`` and ``"kl"``) and optionally a :class:`~abliterate.select.front.Verify` (the check).
 """
 
 from __future__ import annotations
@@ -23,145 +25,40 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from abliterate.edit.spec import EditSpec
+from abliterate.select.front import (
+    Pick,
+    SearchProgress,
+    SearchResult,
+    TrialRecord,
+    Verify,
+    check_front,
+    choose,
+    pareto_front,
+    pick_trial,
+    result_budgets,
+)
 from abliterate.select.search_space import SearchError, SearchSettings, SearchSpace, full_params, suggest
 
 Objective = Callable[[EditSpec], Mapping[str, float]]
-Verify = Callable[[EditSpec], tuple[int, int]]
-SearchProgress = Callable[[str, int, int], None]
 __all__ = [
+    "Pick",
     "SearchError",
     "SearchResult",
     "SearchSettings",
     "SearchSpace",
     "TrialRecord",
+    "Verify",
     "choose",
     "full_params",
     "pareto_front",
     "search",
     "suggest",
 ]
-
-
-@dataclass
-class TrialRecord:
-    """One finished trial: its edit, cheap scores and (when checked) judged refusals on generated answers."""
-
-    number: int
-    spec: dict[str, Any]
-    refusal: float
-    kl: float
-    scores: dict[str, float] = field(default_factory=dict)
-    refused: int | None = None  # judged refusals among `judged` generated answers (multi-fidelity check)
-    judged: int | None = None
-    seconds: float = 0.0
-    on_front: bool = False
-
-    def edit(self) -> EditSpec:
-        return EditSpec.from_dict(self.spec)
-
-
-@dataclass
-class SearchResult:
-    trials: list[TrialRecord]
-    front: list[int]  # trial numbers on the Pareto front of (refusal, kl)
-    chosen: TrialRecord | None
-    note: str
-    base: dict[str, float]
-    kl_budget: float
-    seconds: float
-    journal: str | None
-    resumed: int = 0  # finished trials found in the journal when the search started
-    base_refused: int | None = None  # the unedited model's judged refusals (same prompts as the checks)
-    space: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "chosen": None if self.chosen is None else self.chosen.number,
-            "note": self.note,
-            "base": self.base,
-            "kl_budget": self.kl_budget,
-            "seconds": self.seconds,
-            "journal": self.journal,
-            "resumed": self.resumed,
-            "base_refused": self.base_refused,
-            "front": self.front,
-            "space": self.space,
-            "trials": [asdict(t) for t in self.trials],
-        }
-
-
-Pick = Callable[[Sequence[TrialRecord], TrialRecord, str], "int | None"]  # (front, default pick, note) -> number
-
-
-def pareto_front(records: Sequence[TrialRecord]) -> list[TrialRecord]:
-    """Trials no other trial beats on both refusal and KL (and strictly on one), by refusal."""
-    front = [
-        r
-        for r in records
-        if not any(o.refusal <= r.refusal and o.kl <= r.kl and (o.refusal < r.refusal or o.kl < r.kl) for o in records)
-    ]
-    return sorted(front, key=lambda r: (r.refusal, r.kl, r.number))
-
-
-def choose(
-    records: Sequence[TrialRecord],
-    base_refusal: float,
-    kl_budget: float,
-    trial: int | None = None,
-    base_refused: int | None = None,
-) -> tuple[TrialRecord, str]:
-    """The documented default policy, or ``trial`` when given (it must be on the front).
-
-    Among front trials with KL <= ``kl_budget``: the fewest judged refusals where trials were checked by
-    generation (unchecked trials are ranked after checked ones), else the lowest refusal score; ties go to
-    the lower KL. With no front trial inside the budget, the lowest-KL front trial, and the note says so.
-    A choice that does not lower refusals below the unedited model's (its refusal score, and its judged
-    refusals ``base_refused`` where both were judged) is refused (:class:`SearchError`).
-    """
-    front = pareto_front(records)
-    if not front:
-        raise SearchError("the search finished no trial; give it more --trials or a longer --timeout")
-    if trial is not None:
-        pick = next((r for r in front if r.number == trial), None)
-        if pick is None:
-            raise SearchError(
-                f"trial {trial} is not on the Pareto front; pick one of {sorted(r.number for r in front)}"
-            )
-        return pick, f"trial {trial} chosen by --trial"
-
-    def lowers(r: TrialRecord) -> bool:
-        judged = r.refused is not None and base_refused is not None
-        return r.refusal < base_refusal and (not judged or r.refused < base_refused)
-
-    useful = [r for r in front if lowers(r)]
-    if not useful:
-        best = min(front, key=lambda r: (r.refusal, r.kl))
-        what = (
-            f"{best.refused} judged refusals, unedited {base_refused}"
-            if best.refused is not None and base_refused is not None
-            else f"refusal score {best.refusal:.2f}, unedited {base_refusal:.2f}"
-        )
-        raise SearchError(
-            f"no trial lowers refusals (trial {best.number}: {what}); nothing was written — "
-            "widen the search space, give it more trials or raise --kl-budget"
-        )
-    inside = [r for r in useful if r.kl <= kl_budget]
-    if inside:
-        pick = min(inside, key=lambda r: (r.refused is None, r.refusal if r.refused is None else r.refused, r.kl))
-        how = "fewest judged refusals" if pick.refused is not None else "lowest refusal score"
-        note = f"trial {pick.number}: {how} among {len(inside)} front trial(s) with KL <= {kl_budget:g}"
-    else:
-        pick = min(useful, key=lambda r: r.kl)
-        note = (
-            f"trial {pick.number}: no front trial that lowers refusals has KL <= {kl_budget:g}; chose the lowest "
-            f"KL ({pick.kl:.3f}) among those that do"
-        )
-    return pick, note
 
 
 def identity_of(fields: Mapping[str, Any]) -> str:
@@ -243,7 +140,7 @@ def search(
     e.g. ``trials=20, seed=3``) replacing its own. ``trials`` is the total number of finished trials wanted (a
     resumed journal counts its own), ``timeout`` a wall-clock limit in seconds for this call; at least one must
     be given. ``warm_start``: Optuna parameter dicts (:func:`full_params`) tried first in a new study.
-    ``verify(spec) -> (refused, n)`` judges generated answers for the ``verify_top`` most promising front trials.
+    ``verify`` (a :class:`Verify`) checks the unedited model and the ``verify_top`` most promising front trials.
     ``base``: the unedited model's scores. ``pick(front, default, note)``: asked for a trial number once the
     default policy has chosen (not when ``trial`` is given); None keeps the default, a number must be on the
     front.
@@ -272,12 +169,8 @@ def search(
         for r in front:
             r.on_front = True
         base_refusal = float((base or {}).get("refusal", math.inf))
-        checked = _check_front(study, front, verify, s, base_refusal, progress)
-        for r in records:
-            if str(r.number) in checked:
-                r.refused, r.judged = checked[str(r.number)]
-        base_refused = checked["base"][0] if "base" in checked else None
-        chosen, note = _pick(records, front, base_refusal, s, base_refused, pick)
+        base_check = check_front(study, records, front, verify, s, base_refusal, progress)
+        chosen, note = pick_trial(records, front, base_refusal, s, base_check, verify, pick)
     finally:
         optuna.logging.set_verbosity(verbosity)
     return SearchResult(
@@ -291,7 +184,7 @@ def search(
         journal=None if path is None else str(path),
         resumed=resumed,
         space=space.to_dict(),
-        base_refused=base_refused,
+        **result_budgets(verify, base_check),
     )
 
 
@@ -339,55 +232,3 @@ def _run_trials(
             study.tell(t, state=TrialState.FAIL)
     if progress:
         progress("search", done, done if s.trials is None else total)
-
-
-def _check_front(
-    study: Any,
-    front: Sequence[TrialRecord],
-    verify: Verify | None,
-    s: SearchSettings,
-    base_refusal: float,
-    progress: SearchProgress | None,
-) -> dict[str, list[int]]:
-    """Judged refusals by trial number (and ``"base"``: the unedited model), kept in the journal's study."""
-    checked = dict(study.user_attrs.get("verified", {}))
-    if verify is None:
-        return checked
-    todo = _to_verify(front, s.kl_budget, s.verify_top, base_refusal)
-    if "base" not in checked:
-        checked["base"] = list(verify(EditSpec()))  # the unedited model, judged the same way
-    for i, r in enumerate(todo):
-        if progress:
-            progress("check front", i, len(todo))
-        if str(r.number) not in checked:
-            checked[str(r.number)] = list(verify(r.edit()))
-            study.set_user_attr("verified", checked)  # in the journal: a resume does not judge twice
-    if progress:
-        progress("check front", len(todo), len(todo))
-    return checked
-
-
-def _pick(
-    records: Sequence[TrialRecord],
-    front: Sequence[TrialRecord],
-    base_refusal: float,
-    s: SearchSettings,
-    base_refused: int | None,
-    pick: Pick | None,
-) -> tuple[TrialRecord, str]:
-    """The policy's choice (or ``s.trial``), then the one ``pick`` asks for, if another."""
-    chosen, note = choose(records, base_refusal, s.kl_budget, s.trial, base_refused)
-    if pick is not None and s.trial is None:
-        number = pick(front, chosen, note)
-        if number is not None and number != chosen.number:
-            chosen, _ = choose(records, base_refusal, s.kl_budget, number, base_refused)
-            note = f"trial {number} picked at the prompt (the default policy's: {note})"
-    return chosen, note
-
-
-def _to_verify(front: Sequence[TrialRecord], kl_budget: float, top: int, base_refusal: float) -> list[TrialRecord]:
-    """The front trials worth generating for: among those whose refusal score is below the unedited model's,
-    the lowest scores inside the KL budget (else the lowest-KL ones), at most ``top``."""
-    lower = [r for r in front if r.refusal < base_refusal] or list(front)
-    pool = [r for r in lower if r.kl <= kl_budget] or sorted(lower, key=lambda r: r.kl)[: max(top, 1)]
-    return sorted(pool, key=lambda r: (r.refusal, r.kl))[: max(top, 0)]
