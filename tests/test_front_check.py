@@ -15,6 +15,7 @@ import contextlib
 import json
 from collections.abc import Iterator
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 from tiny import pretend_refusal, tiny_lm
@@ -164,3 +165,20 @@ def test_the_check_through_the_cli(model_dir, tmp_path):
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
     assert chosen["failures"] == 1 and chosen["judged"] == 3 and chosen["answer_kl"] > 1e-12
     assert "within every budget" in search["note"] and "answer KL" in search["note"]
+
+
+def test_a_check_that_cannot_be_held_out_says_so():
+    """No prompts left over from the train split (a one-set profile such as flowery uses all of its train
+    questions): the front is checked on the validation prompts and the note says so; fewer left: says how many."""
+    ctx = resolve(config.load(flags={**FLAGS, "search.check_prompts": 6}, env={}), judge=True)
+    scorer = SimpleNamespace(refusal_ids=[1])
+    held, where = choosing.front_check(ctx, None, scorer, None)
+    assert where == "" and held.answer_kl_budget == 1000.0 and held.degenerate_allowance == 1
+    empty = replace(ctx, harmful=replace(ctx.harmful, check=[]))
+    _, where = choosing.front_check(empty, None, scorer, None)
+    assert "checked on the validation prompts (in-sample)" in where
+    fewer = replace(ctx, harmless=replace(ctx.harmless, check=ctx.harmless.check[:2]))
+    verify, where = choosing.front_check(fewer, None, scorer, None)
+    assert "checked on 6 + 2 held-out prompts (fewer were left)" in where and verify.key != held.key
+    off = replace(ctx, cfg=config.load(flags={**FLAGS, "search.verify_top": 0}, env={}))
+    assert choosing.front_check(off, None, scorer, None) == (None, "")
