@@ -165,6 +165,9 @@ def test_the_check_through_the_cli(model_dir, tmp_path):
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
     assert chosen["failures"] == 1 and chosen["judged"] == 3 and chosen["answer_kl"] > 1e-12
     assert "within every budget" in search["note"] and "answer KL" in search["note"]
+    page = (out / "report.html").read_text()  # the report's front table shows the check's numbers
+    assert "judged failures" in page and f"<td>{chosen['answer_kl']:.4f}</td>" in page
+    assert f"<td>{chosen['perplexity']:.2f}</td>" in page and "unedited, on the held-out check: 3/3 failures" in page
 
 
 def test_a_check_that_cannot_be_held_out_says_so():
