@@ -75,7 +75,7 @@ def main() -> None:
         )
     t = time.perf_counter()
     with applied(lm, build_plan(lm, suggest(study.ask(), SearchSpace(), lm.num_layers), source), mode="weights"):
-        refused, n = scorer.refusal_counts(MarkerJudge(), max_new_tokens=24)
+        n = len(scorer.judged(MarkerJudge(), max_new_tokens=24))
     check = time.perf_counter() - t
     med = {k: statistics.median(r[k] for r in rows) for k in ("build", "apply", "score", "revert", "total")}
     print(f"model {args.model}, {args.n_val}+{args.n_val} validation prompts, torch threads {torch.get_num_threads()}")

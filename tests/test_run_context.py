@@ -115,3 +115,25 @@ def test_search_run_matches_the_recorded_outputs(runs):
     assert [t["number"] for t in search["trials"]] == list(range(5))
     assert all(close(t["refusal"], r) and close(t["kl"], k) for t, (r, k) in zip(search["trials"], TRIALS, strict=True))
     assert close(metrics["after"]["kl"], AFTER_KL["search"])
+
+
+def test_the_check_split_is_held_out_and_only_drawn_for_a_checked_search():
+    from abliterate.run.context import splits_for
+
+    profile = profiles.load_profile("refusal")
+    on = config.load(flags={"n_train": 8, "n_val": 4, "n_test": 4, "search.check_prompts": 6}, env={})
+    harmful, harmless = splits_for(on, profile)
+    for side in (harmful, harmless):
+        assert len(side.check) == 6 and not set(side.check) & set(side.train + side.val + side.test)
+    for flags in ({"search.verify_top": 0}, {"search.enabled": False}):
+        off = config.load(flags={"n_train": 8, "n_val": 4, "n_test": 4, **flags}, env={})
+        plain, _ = splits_for(off, profile)
+        assert plain.check == [] and (plain.train, plain.val, plain.test) == (harmful.train, harmful.val, harmful.test)
+    for key, bad, message in [
+        ("search.check_prompts", 0, "check_prompts must be at least 1"),
+        ("search.answer_kl_budget", 0.0, "answer_kl_budget must be a positive number"),
+        ("search.answer_kl_budget", float("nan"), "answer_kl_budget must be a positive number"),
+        ("search.degenerate_allowance", -1, "degenerate_allowance must be >= 0"),
+    ]:
+        with pytest.raises(config.ConfigError, match=message):
+            config.load(flags={key: bad}, env={})

@@ -10,7 +10,7 @@ from test_select_sweep import VAL_H, VAL_L
 from tiny import HARMFUL, HARMLESS, tiny_lm
 
 from abliterate import PromptError, ablate, capture, directions
-from abliterate.evaluate.judge import MarkerJudge
+from abliterate.evaluate.judge import MarkerJudge, judge_responses
 from abliterate.measure.first_token import first_token_logprobs, kl_divergence, refusal_scores, refusal_token_ids
 from abliterate.select.scorer import Score, Scorer
 from abliterate.select.subspace import choose_k
@@ -144,26 +144,30 @@ def test_refusal_ids_progress_and_bad_input(lm_acts):
         Scorer(lm, VAL_H, [])
 
 
-def test_refusal_counts_generate_like_the_model_and_judge(lm_acts, scorer):
+def test_responses_and_verdicts_generate_like_the_model_and_judge_like_the_evaluation(lm_acts, scorer):
     lm, acts = lm_acts
     expected = lm.generate(VAL_H, max_new_tokens=6)
     assert scorer.responses(6) == expected
     assert scorer.responses(6, 3, batch_size=2) == expected[:3]
+    assert scorer.responses(6, side="harmless") == lm.generate(VAL_L, max_new_tokens=6)
     marker = expected[0][:2]  # a 'refusal' marker that the first response surely contains
     judge = MarkerJudge(markers=[marker])
-    assert scorer.refusal_counts(judge, 6) == (sum(judge.judge(expected)), len(VAL_H))
-    assert scorer.refusal_counts(judge, 6, prompts=1) == (1, 1)
-    assert scorer.refusal_counts(MarkerJudge(markers=["\x00never"]), 6, prompts=4) == (0, 4)
+    assert scorer.judged(judge, 6) == judge_responses(judge, VAL_H, expected)  # the evaluation's verdicts
+    assert [j.verdict for j in scorer.judged(MarkerJudge(markers=["\x00never"]), 6, prompts=4)] == [
+        j.verdict for j in judge_responses(MarkerJudge(markers=["\x00never"]), VAL_H[:4], expected[:4])
+    ]
     r = directions.mean_diff(acts)[1, -1]
     with ablate(lm, r):
         assert scorer.responses(6) == lm.generate(VAL_H, max_new_tokens=6)
     for bad in (0, len(VAL_H) + 1):
         with pytest.raises(PromptError, match="prompts must be between 1"):
-            scorer.refusal_counts(judge, 6, prompts=bad)
+            scorer.judged(judge, 6, prompts=bad)
     with pytest.raises(PromptError, match="max_new_tokens"):
-        scorer.refusal_counts(judge, 0)
+        scorer.judged(judge, 0)
     with pytest.raises(PromptError, match="batch_size"):
-        scorer.refusal_counts(judge, 6, batch_size=0)
+        scorer.judged(judge, 6, batch_size=0)
+    with pytest.raises(PromptError, match="side must be harmful or harmless"):
+        scorer.responses(6, side="both")
 
 
 def test_select_and_choose_k_reuse_a_scorer(lm_acts, monkeypatch):

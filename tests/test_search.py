@@ -22,6 +22,7 @@ from abliterate.select.search import (
     SearchError,
     SearchSpace,
     TrialRecord,
+    Verify,
     choose,
     full_params,
     pareto_front,
@@ -81,61 +82,75 @@ def test_front_and_default_policy():
     assert data["chosen"] == res.chosen.number and len(data["trials"]) == 25 and data["front"] == res.front
 
 
-def rec(number, refusal, kl, refused=None):
-    return TrialRecord(
-        number, EditSpec().to_dict(), refusal, kl, refused=refused, judged=None if refused is None else 10
-    )
+def rec(number, refusal, kl, refused=None, degenerate=0, **check):
+    """A trial record; ``refused`` given: checked, with ``degenerate`` degenerate answers of 10."""
+    if refused is not None:
+        check |= {"judged": 10, "degenerate": degenerate, "failures": refused + degenerate}
+    return TrialRecord(number, EditSpec().to_dict(), refusal, kl, refused=refused, **check)
 
 
-def test_choose_prefers_judged_refusals_then_lower_kl():
+def numbers(refused, degenerate=0, n=10, answer_kl=0.001, loops=0):
+    """What a front check measures (abliterate.select.check.FrontCheck.measure), made up."""
+    return {
+        "refused": refused,
+        "degenerate": degenerate,
+        "failures": refused + degenerate,
+        "judged": n,
+        "harmless_degenerate": loops,
+        "harmless_refused": 0,
+        "harmless_judged": n,
+        "check_kl": 0.01,
+        "answer_kl": answer_kl,
+        "perplexity": 12.0,
+    }
+
+
+def test_choose_prefers_judged_failures_then_lower_kl():
     records = [rec(0, -1.0, 0.02, refused=4), rec(1, -2.0, 0.04, refused=2), rec(2, -3.0, 0.09), rec(3, -1.5, 0.05)]
-    pick, note = choose(records, base_refusal=1.0, kl_budget=0.05, base_refused=8)
-    assert pick.number == 1 and "fewest judged refusals" in note
+    pick, note = choose(records, base_refusal=1.0, kl_budget=0.05, base_check=numbers(8))
+    assert pick.number == 1 and "fewest judged failures (refusals + degenerate: 2/10)" in note
     tie = [rec(0, -1.0, 0.02, refused=2), rec(1, -2.0, 0.04, refused=2)]
-    assert choose(tie, 1.0, 0.05, base_refused=8)[0].number == 0  # ties go to the lower KL
+    assert choose(tie, 1.0, 0.05, base_check=numbers(8))[0].number == 0  # ties go to the lower KL
     pick, note = choose(records, base_refusal=1.0, kl_budget=0.01)
-    assert pick.number == 0 and "no front trial that lowers refusals has KL <= 0.01" in note
+    assert pick.number == 0 and "no front trial that lowers refusals is within every budget" in note
+    assert "first-token KL 0.020 > 0.01" in note
     assert choose(records, 1.0, 0.05, trial=2)[0].number == 2
     with pytest.raises(SearchError, match=r"trial 3 is not on the Pareto front; pick one of \[0, 1, 2\]"):
         choose(records, 1.0, 0.05, trial=3)
     with pytest.raises(SearchError, match="no trial lowers refusals"):
         choose([rec(0, 2.0, 0.01)], base_refusal=1.0, kl_budget=0.05)
-    with pytest.raises(SearchError, match="3 judged refusals, unedited 3"):
-        choose([rec(0, -2.0, 0.01, refused=3)], base_refusal=1.0, kl_budget=0.05, base_refused=3)
+    with pytest.raises(SearchError, match=r"3 judged failures \(refusals \+ degenerate\), unedited 3"):
+        choose([rec(0, -2.0, 0.01, refused=3)], base_refusal=1.0, kl_budget=0.05, base_check=numbers(3))
     assert [r.number for r in pareto_front(records)] == [2, 1, 0]
     # inside the budget only a trial that does not refuse less when judged: the cheapest one that does is taken
     weak = [rec(0, -0.5, 0.01, refused=8), rec(1, -2.0, 0.2, refused=1), rec(2, -2.5, 0.4, refused=0)]
-    pick, note = choose(weak, base_refusal=1.0, kl_budget=0.05, base_refused=8)
-    assert pick.number == 1 and "no front trial that lowers refusals has KL <= 0.05" in note
+    pick, note = choose(weak, base_refusal=1.0, kl_budget=0.05, base_check=numbers(8))
+    assert pick.number == 1 and "no front trial that lowers refusals is within every budget" in note
 
 
-def test_verification_judges_the_front_once_and_is_kept_in_the_journal(tmp_path):
+def test_verification_checks_the_front_once_and_is_kept_in_the_journal(tmp_path):
     calls = []
 
-    def verify(spec):
+    def measure(spec):
         calls.append(spec)
-        return (0, 10) if spec.edits_anything else (7, 10)
+        return numbers(0) if spec.edits_anything else numbers(7)
 
     journal = tmp_path / "j.log"
-    res = search(
-        objective, num_layers=L, trials=10, journal=journal, verify=verify, verify_top=2, base=BASE, kl_budget=1
-    )
-    assert res.base_refused == 7 and len(calls) == 3  # the unedited model + 2 front trials
+    kwargs = {"num_layers": L, "trials": 10, "journal": journal, "verify_top": 2, "base": BASE, "kl_budget": 1}
+    res = search(objective, verify=Verify(measure, "k1"), **kwargs)
+    assert res.base_refused == 7 and res.base_check == numbers(7) and len(calls) == 3  # unedited + 2 front trials
     judged = [t for t in res.trials if t.refused is not None]
     assert len(judged) == 2 and all(t.on_front for t in judged) and res.chosen in judged
+    assert all(t.answer_kl == 0.001 and t.perplexity == 12.0 and t.harmless_judged == 10 for t in judged)
+    saved = res.to_dict()
+    assert saved["answer_kl_budget"] == 0.02 and saved["degenerate_allowance"] == 1
+    assert {"answer_kl", "check_kl", "perplexity", "harmless_degenerate"} <= set(saved["trials"][0])
     calls.clear()
-    again = search(
-        objective,
-        num_layers=L,
-        trials=10,
-        journal=journal,
-        resume=True,
-        verify=verify,
-        verify_top=2,
-        base=BASE,
-        kl_budget=1,
-    )
+    again = search(objective, verify=Verify(measure, "k1"), resume=True, **kwargs)
     assert calls == [] and again.chosen.number == res.chosen.number and again.resumed == 10
+    # numbers measured under another check (other prompts, judge or lengths) are measured again
+    other = search(objective, verify=Verify(measure, "k2"), resume=True, **kwargs)
+    assert len(calls) == 3 and other.chosen.number == res.chosen.number
 
 
 def test_bad_budgets_and_journal_misuse(tmp_path):

@@ -178,10 +178,14 @@ def over_budget(spec):
 
 
 def test_a_pick_over_the_kl_budget_is_refused_unless_allowed_or_chosen():
-    with pytest.raises(SearchError, match=r"no front trial that lowers refusals has KL <= 0.5 \(the lowest: trial"):
+    with pytest.raises(
+        SearchError,
+        match=r"no front trial that lowers refusals is within every budget "
+        r"\(the closest: trial \d+, first-token KL [\d.]+ > 0.5\)",
+    ):
         search(over_budget, num_layers=L, trials=8, base=BASE, kl_budget=0.5)
     allowed = search(over_budget, num_layers=L, trials=8, base=BASE, kl_budget=0.5, allow_over_budget=True)
-    assert allowed.chosen.kl > 0.5 and "no front trial that lowers refusals has KL <= 0.5" in allowed.note
+    assert allowed.chosen.kl > 0.5 and "is within every budget" in allowed.note and "> 0.5" in allowed.note
     assert allowed.chosen.kl == min(t.kl for t in allowed.trials if t.number in allowed.front)
     by_hand = search(over_budget, num_layers=L, trials=8, base=BASE, kl_budget=0.5, trial=allowed.front[0])
     assert by_hand.chosen.number == allowed.front[0]
@@ -197,13 +201,13 @@ def test_over_budget_refuses_through_the_cli_and_allow_over_budget_writes_it(mod
     with pretend_refusal():
         res = CliRunner().invoke(app, args, env=CHEAP)
         assert res.exit_code == 2 and res.output.count("error:") == 1, res.output
-        assert "no front trial that lowers refusals has KL <= 1e-12" in res.output
+        assert "no front trial that lowers refusals is within every budget" in res.output and "> 1e-12" in res.output
         assert "--allow-over-budget" in res.output
         assert not out.exists() and choosing.journal_path(out).is_file(), "nothing written; the journal kept"
         again = CliRunner().invoke(app, ["--json", *args, "--resume", "--allow-over-budget"], env=CHEAP)
         assert again.exit_code == 0, again.output
         search_metrics = json.loads((out / "metrics.json").read_text())["search"]
-        assert search_metrics["resumed"] == 6 and "no front trial that lowers refusals" in search_metrics["note"]
+        assert search_metrics["resumed"] == 6 and "is within every budget" in search_metrics["note"]
         chosen = next(t for t in search_metrics["trials"] if t["number"] == search_metrics["chosen"])
         assert chosen["kl"] > 1e-12
         # the config key (here from the environment) does the same

@@ -1,11 +1,12 @@
-"""Prompt sets: the bundled harmful/harmless instructions with a fixed train/val/test split."""
+"""Prompt sets: the bundled harmful/harmless instructions with a fixed train/val/test split, and a held-out
+"check" part drawn from what the train split leaves over (the search's front check)."""
 
 from __future__ import annotations
 
 import csv
 import json
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Literal
@@ -129,6 +130,7 @@ class PromptSplits:
     train: list[str]
     val: list[str]
     test: list[str]
+    check: list[str] = field(default_factory=list)  # held out from train, val and test (the search's front check)
 
 
 def dedupe(prompts: list[str]) -> list[str]:
@@ -152,19 +154,26 @@ class SplitSizes:
     seed: int | None = 0
     prefix: str = ""
     suffix: str = ""
+    n_check: int = 0  # at most this many "check" prompts from what the train part leaves over
 
 
 def make_splits(kind: Kind | str, sources: list[str], sizes: SplitSizes) -> PromptSplits:
-    """Train/validation/test prompts of one kind.
+    """Train/validation/test prompts of one kind, and up to ``sizes.n_check`` "check" prompts.
 
     The bundled set (source ``bundled``) keeps its fixed splits. Other sources are mixed,
     deduplicated, shuffled with ``sizes.seed`` and cut into the three parts. Each part is sampled down
     to its size with that seed; ``sizes.prefix``/``sizes.suffix`` wrap every prompt.
+
+    The check prompts are what the train part leaves over (the bundled train split's prompts not sampled
+    for training; for other sources the shuffled pool after the three parts), drawn with a generator of its
+    own: asking for them changes neither the train, the validation nor the test prompts. There may be fewer
+    than asked for (none when the train part is used up); the caller says what it does then.
     """
     n_train, n_val, n_test = sizes.n_train, sizes.n_val, sizes.n_test
     rng = random.Random(sizes.seed)
     if sources == ["bundled"]:
         parts = [bundled(kind, s) for s in SPLITS]  # type: ignore[arg-type]
+        left: list[str] | None = None  # the train split's prompts not sampled (below)
     else:
         pool = dedupe([p for spec in sources for p in (bundled(kind) if spec == "bundled" else load_source(spec))])
         rng.shuffle(pool)
@@ -175,12 +184,20 @@ def make_splits(kind: Kind | str, sources: list[str], sizes: SplitSizes) -> Prom
                 f"({n_train} train + {n_val} val + {n_test} test); add prompts or lower the counts"
             )
         parts = [pool[:n_train], pool[n_train : n_train + n_val], pool[n_train + n_val : need]]
+        left = pool[need : need + max(sizes.n_check, 0)]
     out = []
-    for part, n in zip(parts, (n_train, n_val, n_test), strict=True):
+    for i, (part, n) in enumerate(zip(parts, (n_train, n_val, n_test), strict=True)):
         if len(part) < n:
             raise PromptError(
                 f"{kind} prompts: a split has {len(part)} prompts but {n} were asked for; lower the count"
             )
-        chosen = part if len(part) == n else [part[i] for i in sorted(rng.sample(range(len(part)), n))]
-        out.append([f"{sizes.prefix}{p}{sizes.suffix}" for p in chosen])
-    return PromptSplits(*out)
+        rows = range(len(part)) if len(part) == n else sorted(rng.sample(range(len(part)), n))
+        if i == 0 and left is None:
+            taken = set(rows)
+            rest = [p for j, p in enumerate(part) if j not in taken]
+            check_rng = random.Random(None if sizes.seed is None else f"check:{sizes.seed}")
+            count = min(max(sizes.n_check, 0), len(rest))
+            left = [rest[j] for j in sorted(check_rng.sample(range(len(rest)), count))]
+        out.append([f"{sizes.prefix}{part[j]}{sizes.suffix}" for j in rows])
+    check = [f"{sizes.prefix}{p}{sizes.suffix}" for p in left or []]
+    return PromptSplits(*out, check=check)

@@ -25,13 +25,14 @@ def asks(stdin: TextIO, shown_on: TextIO, wait: float, trial: int | None, json_o
 
 def front_table(front: Sequence[TrialRecord], default: TrialRecord) -> Table:
     table = Table(title="Pareto front (validation prompts)", title_justify="left")
-    for name in ("trial", "refusal score", "judged refusals", "KL", "edit"):
+    for name in ("trial", "refusal score", "judged failures", "KL", "answer KL", "edit"):
         table.add_column(name, justify="left" if name == "edit" else "right")
     for r in front:
-        judged = f"{r.refused}/{r.judged}" if r.refused is not None else "–"
+        judged = f"{r.failures}/{r.judged}" if r.failures is not None else "–"
+        answer = f"{r.answer_kl:.4f}" if r.answer_kl is not None else "–"
         mark = " *" if r.number == default.number else ""
         label = EditSpec.from_dict(r.spec).label()
-        table.add_row(f"{r.number}{mark}", f"{r.refusal:.2f}", judged, f"{r.kl:.4f}", escape(label))
+        table.add_row(f"{r.number}{mark}", f"{r.refusal:.2f}", judged, f"{r.kl:.4f}", answer, escape(label))
     return table
 
 

@@ -4,6 +4,7 @@ generation (with what the check measured of each) and the front's trials."""
 from __future__ import annotations
 
 import html
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,15 @@ def _value(value: Any, kind: str) -> str:
     return f"{value:.4f}" if kind == "kl" else f"{value:.2f}"
 
 
+def _judged(t: dict[str, Any]) -> str:
+    """A checked trial's judged failures ("3/32 (2 refused, 1 degenerate)"), or refusals where that is all it has."""
+    if t.get("refused") is None:
+        return "-"
+    if t.get("failures") is not None:
+        return f"{t['failures']}/{t['judged']} ({t['refused']} refused, {t.get('degenerate', 0)} degenerate)"
+    return f"{t['refused']}/{t['judged']}" if t.get("judged") is not None else str(t["refused"])
+
+
 def checked_table(result: dict[str, Any]) -> str:
     """HTML: every trial checked by generation (``SearchResult.to_dict()``), with judged refusals, first-token KL
     and, where the check measured them, answer KL, perplexity and degenerate counts; empty when none was checked."""
@@ -97,7 +107,7 @@ def checked_table(result: dict[str, Any]) -> str:
     rows = []
     for t in sorted(trials, key=lambda t: t["number"]):
         chosen = t["number"] == result.get("chosen")
-        judged = f"{t['refused']}/{t['judged']}" if t.get("judged") is not None else str(t["refused"])
+        judged = _judged(t)
         cells = "".join(f"<td>{_value(measured(t, key), kind)}</td>" for _, key, kind in columns)
         star, mark = (' class="pass"', " (chosen)") if chosen else ("", "")
         rows.append(
@@ -105,9 +115,10 @@ def checked_table(result: dict[str, Any]) -> str:
         )
     base = result.get("base_refused")
     unedited = "" if base is None else f" The unedited model: {base} judged refusals on the same prompts."
+    what = "judged failures (refusals + degenerate)" if trials[0].get("failures") is not None else "judged refusals"
     return (
         f"<h3>Trials checked by generation ({len(trials)})</h3><p>Greedy answers judged by the run's judge.{unedited}"
-        "</p>\n<table class='checked'><tr><th>trial</th><th>judged refusals</th><th>first-token KL</th>"
+        f"</p>\n<table class='checked'><tr><th>trial</th><th>{what}</th><th>first-token KL</th>"
         f"{head}</tr>\n" + "\n".join(rows) + "</table>"
     )
 
@@ -117,7 +128,7 @@ def search_section(folder: Path, result: SearchResult) -> str:
     trial is in metrics.json)."""
     rows = []
     for t in sorted((t for t in result.trials if t.on_front), key=lambda t: t.refusal):
-        judged = "-" if t.refused is None else f"{t.refused}/{t.judged}"
+        judged = _judged(asdict(t))
         chosen = result.chosen is not None and t.number == result.chosen.number
         star, mark = (' class="pass"', " (chosen)") if chosen else ("", "")
         rows.append(
@@ -125,11 +136,20 @@ def search_section(folder: Path, result: SearchResult) -> str:
             f"<td>{html.escape(EditSpec.from_dict(t.spec).label())}</td></tr>"
         )
     base = result.base.get("refusal")
-    judged_base = "" if result.base_refused is None else f"; unedited judged refusals: {result.base_refused}"
+    b = result.base_check
+    judged_base = (
+        ""
+        if b is None
+        else (
+            f"; unedited, on the held-out check: {b['failures']}/{b['judged']} failures ({b['refused']} refused, "
+            f"{b['degenerate']} degenerate), {b['harmless_degenerate']}/{b['harmless_judged']} degenerate harmless "
+            f"answers, perplexity {b['perplexity']:.2f}"
+        )
+    )
     return (
         f"<h2>Search</h2><p>{html.escape(result.note)} ({result.seconds:.0f} s; unedited refusal score "
         f"{base if base is None else f'{base:.2f}'}{judged_base})</p>{img_tag(front_plot(folder, result))}\n"
         f"{checked_table(result.to_dict())}\n<h3>The Pareto front</h3>"
-        "<table><tr><th>trial</th><th>refusal score</th><th>first-token KL</th><th>judged refusals</th>"
-        "<th>edit</th></tr>\n" + "\n".join(rows) + "</table>"
+        "<table><tr><th>trial</th><th>refusal score</th><th>first-token KL</th>"
+        "<th>judged failures (refusals + degenerate)</th><th>edit</th></tr>\n" + "\n".join(rows) + "</table>"
     )

@@ -4,7 +4,8 @@
   (the classic abliteration, as an :class:`~abliterate.edit.spec.EditSpec`).
 * default: the search (:mod:`abliterate.select.search`) over the edit space, warm-started with the sweep's best
   candidates, each trial applied in place and reverted (:func:`abliterate.edit.plan.applied`) and scored by one
-  :class:`~abliterate.select.scorer.Scorer`; the front is checked by generation with the marker judge.
+  :class:`~abliterate.select.scorer.Scorer`; the front is checked by generation on the held-out check prompts
+  (:class:`~abliterate.select.check.FrontCheck`) with the run's judge, as the final evaluation judges.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -24,9 +26,10 @@ from abliterate.lm.model import LoadedModel
 from abliterate.measure.capture import Activations
 from abliterate.measure.directions import DirectionSet, compute
 from abliterate.run.config import RunConfig
-from abliterate.run.context import RunContext
+from abliterate.run.context import RunContext, judge_for
+from abliterate.select.check import FrontCheck, check_key
 from abliterate.select.scorer import Scorer
-from abliterate.select.search import Pick, SearchResult, SearchSettings, SearchSpace, full_params, search
+from abliterate.select.search import Pick, SearchResult, SearchSettings, SearchSpace, Verify, full_params, search
 from abliterate.select.sweep import Method, Selection
 
 StageProgress = Callable[[str, int, int], None]
@@ -114,8 +117,8 @@ def choose_edit(
     pick: Pick | None = None,
 ) -> Choice:
     """The edit to make: the sweep's (``cfg.search.enabled`` false) or the search's pick, scored by ``scorer``
-    (the validation prompts, built on the unedited model); the front is checked with the behaviour profile's
-    markers."""
+    (the validation prompts, built on the unedited model); the front is checked on the held-out check prompts with
+    the run's judge (:func:`front_check`)."""
     cfg, source = ctx.cfg, Directions(acts)
     if not cfg.search.enabled:
         spec = sweep_spec(sel, ctx.methods, cfg.scale, cfg.norm_preserving)
@@ -125,15 +128,12 @@ def choose_edit(
     mode = "hooks" if lm.offloaded or lm.quantized else "weights"  # weights can only be edited in memory
     if mode == "hooks" and any(w.weight.dim() == 3 for w in lm.anatomy.all_writers()):
         space = replace(space, norm_preserving=(False,))  # fused experts have no runtime norm-preserving twin
-    judge = ctx.profile.marker_judge()
 
     def objective(spec: EditSpec) -> dict[str, float]:
         with applied(lm, spec, source, mode=mode):
             return scorer.score().to_dict()
 
-    def verify(spec: EditSpec) -> tuple[int, int]:
-        with applied(lm, spec, source, mode=mode):
-            return scorer.refusal_counts(judge, max_new_tokens=sc.verify_tokens)
+    verify, where = front_check(ctx, lm, scorer, lambda spec: applied(lm, spec, source, mode=mode))
 
     settings = SearchSettings(
         space=space,
@@ -155,13 +155,47 @@ def choose_edit(
         num_layers=lm.num_layers,
         settings=settings,
         warm_start=warm,
-        verify=verify if sc.verify_top else None,
+        verify=verify,
         base=scorer.base.to_dict(),
         progress=progress,
         pick=pick,
     )
     assert result.chosen is not None
+    result.note += where
     return Choice(result.chosen.edit(), source, result, result.note)
+
+
+def front_check(
+    ctx: RunContext, lm: LoadedModel, scorer: Scorer, edited: Callable[[EditSpec], AbstractContextManager[Any]]
+) -> tuple[Verify | None, str]:
+    """The search's front check (None with ``verify_top`` 0) and a note when it is not held out: the run's judge
+    (``ctx.judge``, else the config's) on the check prompts, built on the unedited model when first needed (a
+    resume whose checks are all in the journal builds nothing); ``edited(spec)`` applies a trial's edit."""
+    cfg, sc = ctx.cfg, ctx.cfg.search
+    if not sc.verify_top:
+        return None, ""
+    harmful, harmless, where = ctx.harmful.check, ctx.harmless.check, ""
+    if not harmful or not harmless:  # e.g. a profile whose train split is all its prompts
+        harmful, harmless = ctx.harmful.val, ctx.harmless.val
+        where = (
+            "; the front was checked on the validation prompts (in-sample): no prompts are left over from the "
+            "train split for a held-out check (lower --n-train or add prompts)"
+        )
+    elif min(len(ctx.harmful.check), len(ctx.harmless.check)) < sc.check_prompts:
+        where = f"; the front was checked on {len(harmful)} + {len(harmless)} held-out prompts (fewer were left)"
+    judge = ctx.judge or judge_for(cfg, ctx.profile)
+    settings = {"system": cfg.system, "max_new_tokens": sc.verify_tokens, "kl_tokens": cfg.kl_tokens}
+    settings |= {"batch_size": cfg.batch_size, "refusal_ids": scorer.refusal_ids}
+    built: list[FrontCheck] = []
+
+    def measure(spec: EditSpec) -> dict[str, Any]:
+        if not built:  # before the edit below: the check's reference is the unedited model's
+            built.append(FrontCheck(lm, harmful, harmless, judge, **settings))
+        with edited(spec):
+            return built[0].measure()
+
+    key = check_key(harmful, harmless, judge, **settings)
+    return Verify(measure, key, sc.answer_kl_budget, sc.degenerate_allowance), where
 
 
 def warm_start(
@@ -183,7 +217,7 @@ def warm_start(
 # change them. Every other key is part of the journal's identity (a new key is, unless listed here).
 RESUMABLE_KEYS = frozenset(
     {"enabled", "trials", "timeout", "kl_budget", "trial", "resume", "pick_wait", "warm_start", "verify_top"}
-    | {"allow_over_budget"}
+    | {"allow_over_budget", "answer_kl_budget", "degenerate_allowance"}  # policy only: no number depends on them
 )
 PROFILE_NOTES = frozenset({"path", "description", "defaults"})  # profile keys no score depends on (defaults: in cfg)
 

@@ -81,6 +81,21 @@ class SearchConfig:
         _SETTINGS.allow_over_budget,
         "With no front trial inside --kl-budget, write the lowest-KL one anyway (default: refuse, writing nothing).",
     )
+    check_prompts: int = _opt(
+        32,
+        "Held-out prompts per side the front check generates on: drawn from what the train split leaves over, "
+        "never the validation prompts the objectives saw nor the evaluation's test prompts.",
+    )
+    answer_kl_budget: float = _opt(
+        0.02,
+        "The front check's budget on answer KL (teacher-forced along the unedited model's own answers to the "
+        "harmless check prompts): a checked trial above it is picked only when none is within every budget.",
+    )
+    degenerate_allowance: int = _opt(
+        1,
+        "A checked trial may give at most this many more degenerate (looping, garbled, empty) answers to the "
+        "harmless check prompts than the unedited model, else it is over budget.",
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -310,6 +325,17 @@ def validate_search(sc: SearchConfig) -> None:
         if len(pair) != 2 or not (0 <= pair[0] <= pair[1] <= top[0] and math.isfinite(pair[1])):
             bound = f" <= {top[0]:g} ({top[1]})" if math.isfinite(top[0]) else " (finite)"
             raise ConfigError(f"search.{key} must be two numbers 0 <= low <= high{bound}, got {pair}")
+    validate_check(sc)
+
+
+def validate_check(sc: SearchConfig) -> None:
+    """The front check's keys: its prompt count and its two budgets."""
+    if sc.check_prompts < 1:
+        raise ConfigError(f"search.check_prompts must be at least 1, got {sc.check_prompts}")
+    if not 0 < sc.answer_kl_budget < float("inf"):
+        raise ConfigError(f"search.answer_kl_budget must be a positive number, got {sc.answer_kl_budget}")
+    if sc.degenerate_allowance < 0:
+        raise ConfigError(f"search.degenerate_allowance must be >= 0, got {sc.degenerate_allowance}")
 
 
 def profile_defaults(behaviour: str) -> dict[str, Any]:

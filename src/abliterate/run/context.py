@@ -1,6 +1,7 @@
-"""A run resolved once: the behaviour profile, the prompt splits (templated, with the prefix and suffix) and
-the final-evaluation judge, read from the config a single time and handed, frozen, to every stage of
-:mod:`abliterate.run.pipeline` (measure, choose, evaluate, save) instead of each stage loading them again."""
+"""A run resolved once: the behaviour profile, the prompt splits (templated, with the prefix and suffix; the
+search's held-out check prompts among them) and the run's judge, read from the config a single time and handed,
+frozen, to every stage of :mod:`abliterate.run.pipeline` (measure, choose, evaluate, save) instead of each stage
+loading them again."""
 
 from __future__ import annotations
 
@@ -81,6 +82,9 @@ def judge_for(cfg: RunConfig, profile: Profile) -> Judge:
 
 
 def splits_for(cfg: RunConfig, profile: Profile) -> tuple[PromptSplits, PromptSplits]:
-    """(behaviour side, plain side) prompts: for refusal the harmful and harmless sets."""
-    sizes = SplitSizes(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed, cfg.prompt_prefix, cfg.prompt_suffix)
+    """(behaviour side, plain side) prompts: for refusal the harmful and harmless sets; with the search's front
+    check on, each with up to ``search.check_prompts`` held-out check prompts (see :func:`make_splits`)."""
+    sc = cfg.search
+    n_check = sc.check_prompts if sc.enabled and sc.verify_top else 0
+    sizes = SplitSizes(cfg.n_train, cfg.n_val, cfg.n_test, cfg.seed, cfg.prompt_prefix, cfg.prompt_suffix, n_check)
     return profile_splits(profile, sizes, harmful=cfg.harmful, harmless=cfg.harmless)

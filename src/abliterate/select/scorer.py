@@ -7,7 +7,8 @@ scores whatever state the model is in now (runtime hooks or in-place weight edit
 * cheap, generation-free objectives from the first response token: refusal log-odds on harmful
   prompts (and the fraction above even odds), KL(base || current) over the full vocabulary on
   harmless prompts, refusal log-odds on harmless prompts (over-refusal);
-* an expensive one, for promising candidates only: greedy generation judged by a :class:`Judge`.
+* an expensive one, for promising candidates only: greedy generation on either side, judged by the run's
+  :class:`Judge` through :func:`~abliterate.evaluate.judge.judge_responses` (the final evaluation's verdicts).
 
 Each pass re-runs the shared chat-template prefix (an edit changes its KV cache) but never
 re-tokenizes or re-sorts; only the last position's logits are computed, and only per-prompt
@@ -20,12 +21,12 @@ import copy
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from abliterate.errors import PromptError
-from abliterate.evaluate.judge import Judge
+from abliterate.evaluate.judge import Judge, Judgement, judge_responses
 from abliterate.lm.model import LoadedModel, Progress
 from abliterate.measure.batching import BatchRunner
 from abliterate.measure.capture import check_prompts
@@ -33,6 +34,7 @@ from abliterate.measure.first_token import kl_divergence, refusal_scores, refusa
 
 SCORE_BATCH = 32  # prompts per forward pass: on the demo model's CPU run ~20% cheaper than 16
 GENERATION_BATCH = 32  # decoding re-reads every weight per step: wide batches amortize it
+Side = Literal["harmful", "harmless"]
 
 
 @dataclass
@@ -153,38 +155,54 @@ class Scorer:
     # -- expensive objective --------------------------------------------------------------------
 
     def responses(
-        self, max_new_tokens: int = 32, prompts: int | None = None, *, batch_size: int | None = None
+        self,
+        max_new_tokens: int = 32,
+        prompts: int | None = None,
+        *,
+        batch_size: int | None = None,
+        side: Side = "harmful",
     ) -> list[str]:
-        """Greedy responses of the current state to the first ``prompts`` harmful prompts (default all),
+        """Greedy responses of the current state to the first ``prompts`` prompts of ``side`` (default all),
         in order, as :meth:`LoadedModel.generate` gives them. Batches (``batch_size``, default
         :data:`GENERATION_BATCH`) are length-sorted and share the chat-template prefix's KV cache."""
-        n = len(self.harmful) if prompts is None else prompts
-        if not 1 <= n <= len(self.harmful):
-            raise PromptError(f"prompts must be between 1 and {len(self.harmful)} (the harmful set), got {prompts}")
+        if side not in ("harmful", "harmless"):
+            raise PromptError(f"side must be harmful or harmless, got {side!r}")
+        texts = self.harmful if side == "harmful" else self.harmless
+        n = len(texts) if prompts is None else prompts
+        if not 1 <= n <= len(texts):
+            raise PromptError(f"prompts must be between 1 and {len(texts)} (the {side} set), got {prompts}")
         if max_new_tokens < 1:
             raise PromptError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         size = GENERATION_BATCH if batch_size is None else batch_size
         if size < 1:
             raise PromptError(f"batch_size must be at least 1, got {size}")
-        runner = self._harmful
+        runner = self._harmful if side == "harmful" else self._harmless
         order = [r for r in runner.order if r < n]
         out: list[str] = [""] * n
         with torch.inference_mode():
             runner.prefill()
             for start in range(0, n, size):
                 rows = order[start : start + size]
-                texts = self._generate(runner, rows, max_new_tokens)
-                for r, text in zip(rows, texts, strict=True):
+                decoded = self._generate(runner, rows, max_new_tokens)
+                for r, text in zip(rows, decoded, strict=True):
                     out[r] = text
         return out
 
-    def refusal_counts(
-        self, judge: Judge, max_new_tokens: int = 32, prompts: int | None = None, *, batch_size: int | None = None
-    ) -> tuple[int, int]:
-        """(refused, n): how many of the first ``prompts`` harmful prompts (default all) the current
-        state refuses when generating greedily, as ``judge`` decides."""
-        responses = self.responses(max_new_tokens, prompts, batch_size=batch_size)
-        return sum(bool(v) for v in judge.judge(responses)), len(responses)
+    def judged(
+        self,
+        judge: Judge,
+        max_new_tokens: int = 32,
+        prompts: int | None = None,
+        *,
+        batch_size: int | None = None,
+        side: Side = "harmful",
+    ) -> list[Judgement]:
+        """The verdicts on :meth:`responses` exactly as the final evaluation gives them
+        (:func:`~abliterate.evaluate.judge.judge_responses`: thinking removed, degenerate answers, an empty one
+        among them, set aside before ``judge`` sees the rest)."""
+        responses = self.responses(max_new_tokens, prompts, batch_size=batch_size, side=side)
+        texts = self.harmful if side == "harmful" else self.harmless
+        return judge_responses(judge, texts[: len(responses)], responses)
 
     def _generate(self, runner: BatchRunner, rows: list[int], max_new_tokens: int) -> list[str]:
         lm = self.lm
