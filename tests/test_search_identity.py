@@ -17,7 +17,7 @@ from test_search import BASE, L, objective
 from tiny import CHATML, pretend_refusal
 from typer.testing import CliRunner
 
-from abliterate import from_pretrained_objects
+from abliterate.lm import from_pretrained_objects
 from abliterate.cli import app
 from abliterate.lm.fingerprint import revision_of, weights_digest
 from abliterate.run import choosing
