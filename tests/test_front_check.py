@@ -147,12 +147,12 @@ def test_degenerate_allowance_reaches_the_pick(measured, tmp_path):
 
 def test_the_check_through_the_cli(model_dir, tmp_path):
     """``abliterate run`` with the front check on: the config's check keys reach the pick and metrics.json (an
-    answer-KL budget nothing meets: the pick says which budget it is over)."""
+    answer-KL budget nothing meets, kept by allow_over_budget: the pick says which budget it is over)."""
     out = tmp_path / "out"
     cfg = tmp_path / "c.toml"
     cfg.write_text(
         "[search]\ntrials = 16\nstartup = 2\nkl_budget = 100.0\nverify_top = 2\ncheck_prompts = 3\n"
-        "answer_kl_budget = 1e-12\ndegenerate_allowance = 4\n"
+        "answer_kl_budget = 1e-12\ndegenerate_allowance = 4\nallow_over_budget = true\n"
     )
     small = ["--n-train", "4", "--n-val", "8", "--n-test", "2", "--max-new-tokens", "2", "--config", str(cfg)]
     answers = ([ANSWER, ANSWER, REFUSE], [HELP] * 3)

@@ -13,7 +13,7 @@ from optuna.storages import JournalStorage
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from test_run_search import CHEAP, SMALL
-from test_search import BASE, L, objective
+from test_search import BASE, L, numbers, objective
 from tiny import pretend_refusal
 from typer.testing import CliRunner
 
@@ -21,7 +21,7 @@ from abliterate.cli import app
 from abliterate.errors import AbliterateError
 from abliterate.run import choosing
 from abliterate.run.config import ConfigError, SearchConfig, load
-from abliterate.select.search import SearchError, SearchSettings, SearchSpace, search
+from abliterate.select.search import SearchError, SearchSettings, SearchSpace, Verify, search
 from abliterate.select.search_study import CHECK_SHARE, MAX_FAILED_IN_A_ROW
 
 
@@ -40,12 +40,12 @@ def timed(clock: FakeClock, trial_s: float, check_s: float, calls: list):
         clock.t += trial_s
         return objective(spec)
 
-    def slow_verify(spec):
+    def slow_measure(spec):
         calls.append((clock.t, spec))
         clock.t += check_s
-        return (0, 10) if spec.edits_anything else (8, 10)
+        return numbers(0) if spec.edits_anything else numbers(8)
 
-    return slow_objective, slow_verify
+    return slow_objective, Verify(slow_measure, "timed")
 
 
 def study_of(journal):
