@@ -116,3 +116,9 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(f32_run, tmp_path):
         assert message in res.output and len(res.output.strip().splitlines()) == 1, res.output
     assert not (tmp_path / "x.gguf").exists() and not list(tmp_path.glob(".*partial*"))
     assert sha(source) == digest
+
+
+def test_apply_without_directions_or_run_folder_is_one_line(tmp_path):
+    res = invoke("apply", str(tmp_path / "m.gguf"), "--out", str(tmp_path / "o"))
+    assert res.exit_code == 2 and "no directions" in res.output, res.output
+    assert not (tmp_path / "o").exists()
