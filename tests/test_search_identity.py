@@ -13,15 +13,15 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_run_search import CHEAP, SMALL
-from test_search import BASE, L, objective
+from test_search import BASE, L, numbers, objective
 from tiny import CHATML, pretend_refusal
 from typer.testing import CliRunner
 
-from abliterate.lm import from_pretrained_objects
 from abliterate.cli import app
+from abliterate.lm import from_pretrained_objects
 from abliterate.lm.fingerprint import revision_of, weights_digest
 from abliterate.run import choosing
-from abliterate.select.search import SearchError, search
+from abliterate.select.search import SearchError, Verify, search
 
 REFUSAL = Path(choosing.__file__).parents[1] / "data" / "profiles" / "refusal.toml"
 
@@ -108,7 +108,7 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(model_dir, tmp_pat
         kept = journal.read_bytes()
         for flags, message in [
             (["--dtype", "bfloat16"], "its dtype is 'torch.float32', this run's is 'torch.bfloat16'"),
-            (["--behaviour", str(profile_with(tmp_path, window=500))], "its window is 200, this run's is 500"),
+            (["--behaviour", str(profile_with(tmp_path, window=500))], "its window is None, this run's is 500"),
         ]:
             res = invoke(*args, "--resume", "--allow-over-budget", *flags, env=check)
             assert res.exit_code == 2 and res.output.count("error:") == 1, res.output
@@ -124,12 +124,13 @@ def test_a_resume_with_a_changed_setting_is_refused_naming_it(model_dir, tmp_pat
 def test_cached_verdicts_are_never_reused_across_a_change(tmp_path):
     calls = []
 
-    def verify(spec):
+    def measure(spec):
         calls.append(spec)
-        return (0, 10) if spec.edits_anything else (7, 10)
+        return numbers(0) if spec.edits_anything else numbers(7)
 
     journal = tmp_path / "j.log"
-    kw = {"num_layers": L, "trials": 6, "journal": journal, "verify": verify, "verify_top": 2, "base": BASE}
+    kw = {"num_layers": L, "trials": 6, "journal": journal, "verify": Verify(measure, "k"), "verify_top": 2}
+    kw["base"] = BASE
     search(objective, identity={"markers": "a"}, kl_budget=10, **kw)
     assert len(calls) == 3
     calls.clear()
