@@ -293,6 +293,8 @@ def main() -> None:
         summary["abliterix"] = run_abliterix(args.model, files, work, args)
         models.append((summary["abliterix"]["model"], "abliterix"))
         save()
+    elif "abliterix" in summary:  # run earlier in this --work: judged with the others
+        models.append((summary["abliterix"]["model"], "abliterix"))
     if not args.skip_ours:
         summary["machine"]["load_before_ours"] = os.getloadavg()
         summary["ours"] = run_ours(args.model, work / "ours" / "model", args)
