@@ -43,6 +43,41 @@ def setup_venv(venv: Path, spec: str, exe: str) -> Path:
     return venv / "bin" / exe
 
 
+SENTINEL = "\x1fSYSTEM\x1f"
+
+
+def template_default_system(model: str) -> str | None:
+    """The system text that, given as an explicit system message, renders this model's chat template exactly as no
+    system message does (Qwen2.5: "You are Qwen, created by Alibaba Cloud. ..."), ``""`` when a template without a
+    default renders an empty system message as none, else None (no explicit system message matches "none").
+
+    heretic 1.4.0 always sends a system message (its ``system_prompt``, default "You are a helpful assistant.");
+    abliterix 1.12.2 sends one unless its ``system_prompt`` is empty; abliterate and bench/heldout.py send none. This
+    is what to give the peers so that all three, and the judge, see the same prompt text."""
+    from transformers import AutoTokenizer  # only here: the rest of this module never loads a model
+
+    tok = AutoTokenizer.from_pretrained(model)
+
+    def render(system: str | None) -> str:
+        msgs = ([{"role": "system", "content": system}] if system is not None else []) + [
+            {"role": "user", "content": "Hello"}
+        ]
+        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+
+    none = render(None)
+    try:
+        marked = render(SENTINEL)
+        empty = render("")
+    except Exception:  # noqa: BLE001 - a template that rejects system messages (e.g. Gemma 2): no text matches
+        return None
+    pre, _, post = marked.partition(SENTINEL)
+    if none.startswith(pre) and none.endswith(post) and len(none) >= len(pre) + len(post):
+        default = none[len(pre) : len(none) - len(post)]
+        if render(default) == none:
+            return default
+    return "" if empty == none else None
+
+
 def write_prompts(folder: Path) -> dict[str, Path]:
     """The bundled train and val splits as ``KIND_SPLIT.txt`` (one prompt a line) and, for tools that read
     prompt folders through ``datasets.load_dataset``, as ``KIND_SPLIT/train.jsonl`` (column ``text``)."""
@@ -133,8 +168,10 @@ def pareto(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def run_abliterix(model: str, files: dict[str, Path], work: Path, args: Any) -> dict[str, Any]:
     """abliterix 1.12.2, ``--non-interactive`` with an output folder: it exports its fewest-refusals trial.
 
-    ``abliterix.toml`` sets the model, trials, ``max_gen_tokens``, sampler seed and the four prompt folders (the
-    bundled TRAIN split for the steering vectors, VAL for its scoring); everything else is abliterix's default,
+    ``abliterix.toml`` sets the model, trials, ``max_gen_tokens``, sampler seed, ``system_prompt``
+    (``args.system_prompt``, the template's default: its prompts read as with no system message) and the four
+    prompt folders (the bundled TRAIN split for the steering vectors, VAL for its scoring); everything else is
+    abliterix's default,
     ``--abliterix-set TABLE.KEY=VALUE`` overrides any key.
     """
     venv = args.abliterix_venv
@@ -149,6 +186,7 @@ def run_abliterix(model: str, files: dict[str, Path], work: Path, args: Any) -> 
 
     cfg = {
         "seed": args.seed,
+        "system_prompt": args.system_prompt,
         "model": {"model_id": model},
         "inference": {"max_gen_tokens": args.max_response_length},
         "optimization": {"num_trials": args.abliterix_trials, "sampler_seed": args.seed},

@@ -1,4 +1,4 @@
-"""Head-to-head on the demo model: abliterate's search vs heretic 1.4.0 (and abliterix 1.12.2), judged by heldout.py.
+"""Head-to-head on one model: abliterate's search vs heretic 1.4.0 (and abliterix 1.12.2), judged by heldout.py.
 
     python bench/vs_heretic.py [--work DIR] [--heretic-trials N] [--ours "FLAGS"] [--heretic-save lowest|all|K]
         [--heretic-set KEY=TOML_VALUE ...] [--abliterix-trials N] [--abliterix-set TABLE.KEY=TOML_VALUE ...]
@@ -21,6 +21,24 @@ its response-prefix check skipped, a small abliterate run, the judge on 16+16 pr
         --heretic-set 'good_prompts.split="[:64]"' --heretic-set 'bad_evaluation_prompts.split="[:16]"' \
         --heretic-set 'good_evaluation_prompts.split="[:16]"' --ours "--n-train 16 --n-val 8 --n-test 8" \
         --no-judge-base --judge-args "--limit 16"
+
+``--model DIR`` picks the model (default: the demo model; the second model of issue 23 is
+``--model "$(python bench/second_model.py | tail -1)"``). One command per tool, same ``--work``::
+
+    python bench/vs_heretic.py --model M --work W --heretic-trials 40 --skip-ours --no-judge
+    python bench/vs_heretic.py --model M --work W --skip-heretic --abliterix-trials 15 --skip-ours --no-judge
+    python bench/vs_heretic.py --model M --work W --skip-heretic            # ours, then the judge on every pick
+
+Fairness (issue 23, point 8): every tool optimizes, and the judge judges, on the same prompt text. abliterate and
+heldout.py send no system message (the template's default applies); heretic always sends one, so its
+``system_prompt`` is set to the text that renders exactly as none (``peers.template_default_system``: for Qwen2.5
+its default "You are Qwen, created by Alibaba Cloud. You are a helpful assistant.", not heretic's own "You are a
+helpful assistant."), and abliterix's likewise. Where no text renders as none (a template without a system role),
+the script says so in one line and records ``system_prompt.matched: false`` in ``summary.json``. Every pick is
+judged by heldout.py's one verdict function (``judge_responses`` with the refusal profile's judge: degenerate
+answers apart, think blocks removed), with first-token KL and answer KL. Wall times are measured by this script
+around each tool's command, one tool at a time; ``summary.json`` records the CPUs this process may use and
+the load average before each tool, so a contended run shows.
 
 What it does, in ``--work`` (default ``/tmp/vs_heretic``):
 
@@ -61,6 +79,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shlex
 import subprocess
@@ -69,6 +88,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from _common import add_model_option, model_path
 from peers import (
     apply_overrides,
     journal_trials,
@@ -76,6 +96,7 @@ from peers import (
     pareto,
     run_abliterix,
     setup_venv,
+    template_default_system,
     toml_dump,
     write_prompts,
 )
@@ -93,6 +114,7 @@ def heretic_config(model: str, files: dict[str, Path], args: argparse.Namespace)
         "max_response_length": args.max_response_length,
         "seed": args.seed,
         "export_strategy": "merge",
+        "system_prompt": args.system_prompt,
         "good_prompts": {"dataset": str(files["harmless_train"])},
         "bad_prompts": {"dataset": str(files["harmful_train"])},
         "good_evaluation_prompts": {"dataset": str(files["harmless_val"])},
@@ -204,7 +226,7 @@ def judge(models: list[tuple[str, str]], base: str, work: Path, extra: str) -> l
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=None, help="model directory (default: the cached demo model)")
+    add_model_option(ap)
     ap.add_argument("--work", type=Path, default=Path("/tmp/vs_heretic"))
     ap.add_argument("--heretic-venv", type=Path, default=Path("/tmp/heretic-venv"))
     ap.add_argument("--heretic-trials", type=int, default=2)
@@ -223,28 +245,41 @@ def main() -> None:
     ap.add_argument("--judge-args", default="", help="extra flags for bench/heldout.py")
     ap.add_argument("--no-judge-base", action="store_true", help="do not judge the unedited model again")
     args = ap.parse_args()
-    if args.model is None:
-        from abliterate.lm.demo import demo_model_path
-
-        args.model = str(demo_model_path())
+    args.model = model_path(args.model)
+    default_system = template_default_system(args.model)
+    args.system_prompt = default_system or ""
+    if default_system is None:
+        print(
+            "# warning: no system text renders this model's template as no system message; heretic's prompts will "
+            "carry an empty system message that abliterate's and the judge's do not",
+            file=sys.stderr,
+        )
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     files = write_prompts(work / "prompts")
     # a rerun in the same --work (e.g. --skip-heretic with a new --ours) keeps the earlier tools' results
     old = json.loads((work / "summary.json").read_text()) if (work / "summary.json").exists() else {}
     summary: dict[str, Any] = old | {"model": args.model, "args": vars(args) | {"work": str(work)}}
+    summary["system_prompt"] = {
+        "peers": args.system_prompt,
+        "ours_and_judge": None,
+        "matched": default_system is not None,
+    }
+    summary.setdefault("machine", {})["cpus"] = len(os.sched_getaffinity(0))
     models: list[tuple[str, str]] = []
 
     def save() -> None:
         (work / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
-    exe = setup_venv(args.heretic_venv, HERETIC, "heretic")
     run_dir = work / "heretic"
+    need_heretic = not args.skip_heretic or (not args.no_evaluate and (run_dir / "config.toml").exists())
+    exe = setup_venv(args.heretic_venv, HERETIC, "heretic") if need_heretic else args.heretic_venv / "bin" / "heretic"
     if not args.skip_heretic:
         if run_dir.exists():
             raise SystemExit(f"{run_dir} exists (heretic would offer to resume its study); remove it or change --work")
         run_dir.mkdir()
         (run_dir / "config.toml").write_text(toml_dump(heretic_config(args.model, files, args)))
+        summary["machine"]["load_before_heretic"] = os.getloadavg()
         with (run_dir / "heretic.log").open("w") as log:
             saved, wall = run_heretic(exe, run_dir, args, log)
         trials = journal_trials(args.heretic_venv, run_dir, "heretic")
@@ -254,10 +289,14 @@ def main() -> None:
     elif "heretic" in summary:  # saved by an earlier run in this --work: cross-check and judge them too
         models += [(m, f"heretic {Path(m).name}") for m in summary["heretic"]["saved"]]
     if args.abliterix_trials > 0:
+        summary["machine"]["load_before_abliterix"] = os.getloadavg()
         summary["abliterix"] = run_abliterix(args.model, files, work, args)
         models.append((summary["abliterix"]["model"], "abliterix"))
         save()
+    elif "abliterix" in summary:  # run earlier in this --work: judged with the others
+        models.append((summary["abliterix"]["model"], "abliterix"))
     if not args.skip_ours:
+        summary["machine"]["load_before_ours"] = os.getloadavg()
         summary["ours"] = run_ours(args.model, work / "ours" / "model", args)
         models.append((summary["ours"]["model"], "abliterate"))
         save()
@@ -294,7 +333,8 @@ def print_table(summary: dict[str, Any]) -> None:
     """One row per judged model: the tool's trials and wall time, its own view of its pick, the judge's numbers."""
     held = {r["model"]: r for r in summary.get("heldout", [])}
     cross = {r["model"]: r for r in summary.get("heretic_evaluate", [])}
-    cols = ["model", "trials", "wall time", "its own pick (its prompts)", "held-out refusals", "held-out KL"]
+    cols = ["model", "trials", "wall time", "its own pick (its prompts)", "held-out refusals", "degenerate"]
+    cols += ["first-token KL", "answer KL"]
     print("\n| " + " | ".join([*cols, "heretic's metric"]) + " |")
     print("|" + "---|" * (len(cols) + 1))
     rows: list[tuple[str, str, str, str, float | None]] = [(summary["model"], "unedited", "-", "-", None)]
@@ -318,10 +358,11 @@ def print_table(summary: dict[str, Any]) -> None:
     for model, label, n, pick, wall in rows:
         j, c = held.get(model), cross.get(model)
         ref = f"{j['refusals']}/{j['n_harmful']}" if j else "-"
-        kl = f"{j['kl_mean']:.4f}" if j else "-"
+        deg = f"{j['degenerate']}/{j['n_harmful']}" if j else "-"
+        kl = f"{j['kl_mean']:.4f} | {j['answer_kl_mean']:.4f}" if j else "- | -"
         hm = f"{c['refusals']} @ {c['kl']}" if c and c["kl"] is not None else "-"
         w = "-" if wall is None else f"{wall:.0f} s"
-        print(f"| {label} | {n} | {w} | {pick} | {ref} | {kl} | {hm} |")
+        print(f"| {label} | {n} | {w} | {pick} | {ref} | {deg} | {kl} | {hm} |")
 
 
 if __name__ == "__main__":
