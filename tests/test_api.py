@@ -119,3 +119,16 @@ def test_evaluate_is_what_abliterate_eval_writes(model_dir: Path, tmp_path: Path
     assert set(result.rows) == {"model"} and result.rows["model"].n_harmful == 3
     with pytest.raises(abliterate.OutputError, match="already exists"):
         abliterate.evaluate(options)
+
+
+@pytest.mark.parametrize("package", SUBPACKAGES)
+def test_no_subpackage_export_hides_one_of_its_modules(package: str) -> None:
+    """A subpackage's exported name that is also one of its modules would replace the module as the package's
+    attribute (``from abliterate.checkpoint import stream_edit`` would give a function, and patching the module
+    by path would patch nothing): every module stays reachable as the attribute of its name."""
+    module = importlib.import_module(f"abliterate.{package}")
+    folder = Path(module.__file__).parent
+    for path in folder.glob("*.py"):
+        if path.stem != "__init__":
+            importlib.import_module(f"abliterate.{package}.{path.stem}")
+            assert inspect.ismodule(getattr(module, path.stem)), f"abliterate.{package}.{path.stem} is hidden"

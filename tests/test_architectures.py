@@ -17,6 +17,7 @@ UNBUILDABLE: dict[str, str] = {
     "gemma3n": "its vision tower needs the timm package",
     "gemma4_assistant": "a draft model: its config requires the target model's shared KV cache layout",
     "gemma4_unified_assistant": "a draft model: its forward needs the target model's shared KV states",
+    "kolibri1_1": "its config validation (validate_architecture) rejects every tiny layout tried",
 }
 
 # Types refused with a clear ArchitectureError, and what the error must say: no weight edit is exact for them.
@@ -41,6 +42,8 @@ REFUSED: dict[str, str] = {
     "musicgen_melody": r"input embeddings are a ModuleList, not one embedding table",
     "rwkv": r"layer 0 of RwkvForCausalLM: .* of its residual update is not written",  # gated writes, pre_ln
     "longcat_flash": r"layer 0 of LongcatFlashForCausalLM: .* not written",  # identity ("zero") experts
+    # a norm after each routed expert's down projection (mlp.experts.post_expert_norm), then the gate's weights
+    "ergo": r"layer 1 of ErgoForCausalLM: after ablating a random direction from its writers .* is still in",
     # encoders and encoder-decoders exposed as causal LMs
     "bart": _EMBEDDING_NORM,
     "blenderbot-small": _EMBEDDING_NORM,

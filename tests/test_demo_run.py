@@ -20,6 +20,8 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
     from abliterate.cli import app
 
     out = tmp_path / "run"
+    check = tmp_path / "check.toml"  # the real front check, small: 2 front trials on 8 + 8 held-out prompts
+    check.write_text("[search]\nverify_top = 2\ncheck_prompts = 8\nverify_tokens = 16\n")
     args = [
         "--json",
         "run",
@@ -41,6 +43,8 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
         "--trials",
         "4",
         "--allow-over-budget",  # 4 trials (3 of them the sweep's full-strength edits) may all be over --kl-budget
+        "--config",
+        str(check),
     ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
@@ -51,8 +55,9 @@ def test_cli_run_end_to_end_on_the_demo_model(tmp_path):
     assert len(search["trials"]) == 4 and search["chosen"] in search["front"]
     chosen = next(t for t in search["trials"] if t["number"] == search["chosen"])
     assert chosen["refusal"] < search["base"]["refusal"], "the pick lowers the refusal score"
-    if chosen["refused"] is not None:  # checked by generation: it refuses less than the unedited model
-        assert chosen["refused"] < search["base_refused"]
+    # checked by generation on held-out prompts: it fails (refuses or degenerates) less than the unedited model
+    assert chosen["failures"] is not None and search["base_check"]["judged"] == 8
+    assert chosen["failures"] < search["base_check"]["failures"]
     assert metrics["after"]["refusal_rate"] < metrics["before"]["refusal_rate"]
     assert metrics["after"]["over_refusal"] <= metrics["before"]["over_refusal"] + 0.125
     for name in (

@@ -130,11 +130,15 @@ def test_judge_and_detector_changes_rejudge_the_cached_answers(calls, tmp_path):
         def verdicts(self, prompts, answers):
             return ["unparsed"] * len(answers)
 
-    def lenient(answers):
-        return [""] * len(answers)  # nothing is degenerate
+    class Lenient:  # a degenerate-answer detector (evaluate.degenerate.Detector) that flags nothing
+        def reasons(self, prompts, answers):
+            return [""] * len(answers)
 
-    def strict(answers):
-        return ["test: all degenerate"] * len(answers)
+    class Strict:  # ... and one that flags everything
+        def reasons(self, prompts, answers):
+            return ["test: all degenerate"] * len(answers)
+
+    lenient, strict = Lenient(), Strict()
 
     lm = tiny_lm("qwen2")
     marker = evaluator(lm, detector=lenient).measure_base("before", cache=tmp_path)

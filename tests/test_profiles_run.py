@@ -59,9 +59,10 @@ def run(model_dir, out, *extra):
 
 
 def numbers(metrics: dict) -> dict:
-    """Everything but wall times."""
+    """Everything but wall times and whether the unedited model's evaluation came from the cache."""
     out = {k: v for k, v in metrics.items() if k != "timings_s"}
     out["selection"] = {k: v for k, v in metrics["selection"].items() if k != "seconds"}
+    out["before"] = {k: v for k, v in metrics["before"].items() if k != "from_cache"}
     return out
 
 
@@ -69,6 +70,7 @@ def test_refusal_is_the_default_and_unchanged(model_dir, tmp_path):
     plain, _ = run(model_dir, tmp_path / "a", *SMALL)
     flagged, _ = run(model_dir, tmp_path / "b", *SMALL, "--behaviour", "refusal")
     assert numbers(plain) == numbers(flagged)
+    assert not plain["before"]["from_cache"] and flagged["before"]["from_cache"], "the same unedited evaluation"
     a, b = load_file(tmp_path / "a" / "directions.safetensors"), load_file(tmp_path / "b" / "directions.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a) and a.keys() == b.keys()
     assert (tmp_path / "a" / "edit.json").read_text() == (tmp_path / "b" / "edit.json").read_text()

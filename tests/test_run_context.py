@@ -85,8 +85,13 @@ def test_one_profile_load_per_run(runs, name):
     assert len(runs[name][2]) == 1, runs[name][2]
 
 
-def close(a: float, b: float) -> bool:
-    return math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+def close(a: float, b: float, rel_tol: float = 1e-5) -> bool:
+    return math.isclose(a, b, rel_tol=rel_tol, abs_tol=1e-7)
+
+
+# The after-edit KL runs through generation and a teacher-forced pass, whose float sums moved by 1.5e-5 (relative)
+# between transformers 5.24 and 5.25 with nothing of ours changed; the scores above are single forward passes.
+AFTER_KL_TOL = 1e-4
 
 
 def test_sweep_run_matches_the_recorded_outputs(runs):
@@ -97,7 +102,7 @@ def test_sweep_run_matches_the_recorded_outputs(runs):
     assert close(sel["base_bypass"], BASE[0]) and close(sel["base_induce"], BASE[1])
     zero, one = sel["candidates"]
     assert math.isnan(zero["bypass"]) and close(one["bypass"], CANDIDATE[0]) and close(one["kl"], CANDIDATE[1])
-    assert close(metrics["after"]["kl"], AFTER_KL["sweep"])
+    assert close(metrics["after"]["kl"], AFTER_KL["sweep"], AFTER_KL_TOL)
     assert metrics["search"] is None and metrics["behaviour"]["name"] == "refusal"
 
 
@@ -114,7 +119,7 @@ def test_search_run_matches_the_recorded_outputs(runs):
     assert search["front"] == [4] and search["chosen"] == 4 and edit["searched"]
     assert [t["number"] for t in search["trials"]] == list(range(5))
     assert all(close(t["refusal"], r) and close(t["kl"], k) for t, (r, k) in zip(search["trials"], TRIALS, strict=True))
-    assert close(metrics["after"]["kl"], AFTER_KL["search"])
+    assert close(metrics["after"]["kl"], AFTER_KL["search"], AFTER_KL_TOL)
 
 
 def test_the_check_split_is_held_out_and_only_drawn_for_a_checked_search():

@@ -44,6 +44,7 @@ ITT_UNBUILDABLE: dict[str, str] = {
     "nemotron_h_omni": "its config validation rejects every tiny layout tried",
     "perception_lm": "its vision tower needs the timm package",
     "pi0": "a robot policy: its forward needs the robot state",
+    "pi05": "a robot policy: its forward needs the robot state",
     "pix2struct": _PIXELS,
     "pp_formulanet": "an encoder-decoder without text input embeddings",
     "qwen2_5_omni_thinker": "its multimodal rotary sections do not fit a tiny head size",

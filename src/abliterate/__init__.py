@@ -18,7 +18,8 @@ from abliterate.errors import (
     PromptError,
 )
 from abliterate.lm import LoadedModel, load_model
-from abliterate.measure import Activations, Direction, DirectionSet, capture, directions
+from abliterate.measure import Activations, Direction, DirectionSet, directions
+from abliterate.measure.capture import capture
 from abliterate.run import EvalOptions, RunConfig, RunResult, evaluate, run
 from abliterate.version import __version__ as __version__
 

@@ -4,7 +4,6 @@ verification of it on the model itself, miniatures, hyper-connection streams, wr
 
 from abliterate.arch.anatomy import Anatomy, find_anatomy
 from abliterate.arch.discovery import discover_writers
-from abliterate.arch.miniature import miniature
 from abliterate.arch.selfcheck import checked_anatomy
 from abliterate.arch.verify import Verification, verify_anatomy
 from abliterate.arch.writer import Writer
@@ -14,7 +13,6 @@ __all__ = [
     "checked_anatomy",
     "discover_writers",
     "find_anatomy",
-    "miniature",
     "Verification",
     "verify_anatomy",
     "Writer",

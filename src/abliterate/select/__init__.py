@@ -3,7 +3,7 @@ and search_space.py never touch a model).
 """
 
 from abliterate.select.scorer import Score, Scorer
-from abliterate.select.search import SearchResult, search
+from abliterate.select.search import SearchResult
 from abliterate.select.search_space import SearchSpace
 from abliterate.select.subspace import choose_k
 from abliterate.select.sweep import Selection, select
@@ -12,7 +12,6 @@ __all__ = [
     "choose_k",
     "Score",
     "Scorer",
-    "search",
     "SearchResult",
     "SearchSpace",
     "select",
